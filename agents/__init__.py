@@ -1,0 +1,19 @@
+"""The faust app of inferlane: ``faust -A agents worker -l info``.
+
+Settings come from the environment (``INFERLANE_*``, see README). The worker serves the lanes
+named in ``INFERLANE_LANES`` (default: all); each lane module here only wires library pieces.
+"""
+
+from __future__ import annotations
+
+from agents import archive, fraud
+from pipeline.app import create_app
+from pipeline.settings import load_settings
+
+__all__ = ["app", "settings"]
+
+settings = load_settings()
+app = create_app(settings)
+
+fraud.register(app, settings)
+archive.register(app, settings)

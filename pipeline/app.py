@@ -1,0 +1,49 @@
+"""The faust app factory: one configured :class:`faust.App` per worker process.
+
+faust owns the worker lifecycle (signals, logging, ``faust -A agents worker``), its web server
+and, in later lanes, tables. Settings that matter on every broker are tuned here once:
+
+* static group membership (``consumer_group_instance_id`` from ``INFERLANE_WORKER_ID``): a worker
+  restarted with the same id gets its partitions back at once;
+* a short session timeout (the default 60 s makes group joins slow on some brokers).
+
+The real-time lanes do not use faust streams (see :mod:`pipeline.lane` and docs/design.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import faust
+
+from pipeline.settings import Settings
+
+__all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
+    """Build the faust app for ``settings`` (no lanes attached; see :mod:`agents`)."""
+    workdir = datadir or settings.state_dir / "faust" / settings.worker_id
+    workdir.parent.mkdir(parents=True, exist_ok=True)
+    brokers = [f"kafka://{host.strip()}" for host in settings.kafka_bootstrap.split(",")]
+    session_timeout_s = settings.session_timeout_ms / 1000.0
+    return faust.App(
+        settings.app_id,
+        broker=brokers,
+        consumer_group_instance_id=f"{settings.worker_id}-faust",
+        broker_session_timeout=session_timeout_s,
+        broker_heartbeat_interval=max(session_timeout_s / 5, 0.5),
+        broker_request_timeout=max(session_timeout_s * 3, 40.0),
+        broker_commit_interval=settings.commit_interval_ms / 1000.0,
+        topic_partitions=settings.realtime_partitions,
+        topic_replication_factor=settings.replication_factor,
+        web_port=settings.web_port,
+        web_enabled=settings.web_enabled,
+        datadir=str(workdir),
+        store="memory://",
+        value_serializer="raw",
+        key_serializer="raw",
+    )

@@ -1,0 +1,217 @@
+"""The micro-batcher: the one place where rows from many Kafka fetches meet the model.
+
+Callers ``await batcher.submit(rows)`` with a 2-D feature matrix and get back exactly one output
+per row, in order. A single runner task forms batches with these rules:
+
+* **greedy**: when a model slot is free and anything waits, flush at once (a lone event under low
+  load is scored immediately; it never waits for a timer);
+* **full**: never more than ``batch_max_rows`` rows in one call; under load batches grow by
+  themselves while the previous batch runs (continuous batching);
+* **max wait**: with ``max_in_flight_batches > 1`` a second batch starts before the first one
+  returns only when it is full or its oldest row has waited ``max_wait_ms``.
+
+The model function runs in an executor thread (onnxruntime releases the GIL), never on the loop.
+If it raises, every caller whose rows were in that batch gets the exception; the caller decides
+(see :mod:`pipeline.lane`, which bisects a failed batch to isolate a poison record).
+Deadlines use :func:`time.monotonic`. ``stop()`` flushes what is pending before returning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = ["BatchStats", "MicroBatcher", "ModelFn"]
+
+ModelFn = Callable[[NDArray[np.float32]], NDArray[np.float32]]
+
+
+@dataclass
+class _Pending:
+    rows: NDArray[np.float32]
+    future: asyncio.Future[NDArray[np.float32]]
+    enqueued: float
+    parts: dict[int, NDArray[np.float32]] = field(default_factory=dict)
+    """Outputs by start row: slices may come back from batches out of order."""
+    taken: int = 0
+    delivered: int = 0
+
+
+@dataclass
+class BatchStats:
+    """Counters of what the batcher did (read by metrics and the benchmark)."""
+
+    batches: int = 0
+    rows: int = 0
+    failures: int = 0
+    size_histogram: dict[int, int] = field(default_factory=dict)
+    """Batches per power-of-two size bucket (1, 2, 4, ... batch_max_rows)."""
+
+    def record(self, size: int) -> None:
+        self.batches += 1
+        self.rows += size
+        bucket = 1 << max(size - 1, 0).bit_length()
+        self.size_histogram[bucket] = self.size_histogram.get(bucket, 0) + 1
+
+
+class MicroBatcher:
+    """Adaptive micro-batching of feature rows in front of a synchronous model function."""
+
+    def __init__(
+        self,
+        fn: ModelFn,
+        *,
+        batch_max_rows: int,
+        max_wait_ms: float,
+        executor: Executor | None = None,
+        max_in_flight_batches: int = 1,
+    ) -> None:
+        if batch_max_rows < 1:
+            raise ValueError(f"batch_max_rows must be >= 1, got {batch_max_rows}")
+        if not 0 <= max_wait_ms <= 100:
+            raise ValueError(f"max_wait_ms must be within [0, 100], got {max_wait_ms}")
+        if max_in_flight_batches < 1:
+            raise ValueError(f"max_in_flight_batches must be >= 1, got {max_in_flight_batches}")
+        self._fn = fn
+        self.batch_max_rows = batch_max_rows
+        self.max_wait_s = max_wait_ms / 1000.0
+        self._executor = executor
+        self._max_in_flight = max_in_flight_batches
+        self._running = 0
+        self._queue: deque[_Pending] = deque()
+        self._queued_rows = 0
+        self._wakeup = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+        self._batches: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self.stats = BatchStats()
+
+    async def start(self) -> None:
+        if self._runner is None:
+            self._closing = False
+            self._runner = asyncio.create_task(self._run(), name="micro-batcher")
+
+    async def stop(self) -> None:
+        """Flush everything pending, wait for running batches, then end the runner. Idempotent."""
+        if self._runner is None:
+            return
+        self._closing = True
+        self._wakeup.set()
+        await self._runner
+        self._runner = None
+
+    async def __aenter__(self) -> MicroBatcher:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def submit(self, rows: NDArray[np.float32]) -> NDArray[np.float32]:
+        """Score ``rows`` (n x features); return n outputs in the same order."""
+        if rows.ndim != 2:
+            raise ValueError(f"rows must be a 2-D matrix, got shape {rows.shape}")
+        if len(rows) == 0:
+            return np.empty(0, dtype=np.float32)
+        if self._runner is None or self._closing:
+            raise RuntimeError("MicroBatcher is not running")
+        future: asyncio.Future[NDArray[np.float32]] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(rows, future, time.monotonic()))
+        self._queued_rows += len(rows)
+        self._wakeup.set()
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    break
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if self._running >= self._max_in_flight:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if not self._should_flush_now():
+                await self._wait_for_flush_condition()
+                continue
+            self._launch(self._take_batch())
+        if self._batches:
+            await asyncio.gather(*self._batches, return_exceptions=True)
+
+    def _should_flush_now(self) -> bool:
+        if self._running == 0 or self._closing or self._queued_rows >= self.batch_max_rows:
+            return True
+        return time.monotonic() - self._queue[0].enqueued >= self.max_wait_s
+
+    async def _wait_for_flush_condition(self) -> None:
+        remaining = self.max_wait_s - (time.monotonic() - self._queue[0].enqueued)
+        self._wakeup.clear()
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), timeout=max(remaining, 0.0))
+        except asyncio.TimeoutError:
+            pass
+
+    def _take_batch(self) -> list[tuple[_Pending, int, int]]:
+        """Pop up to ``batch_max_rows`` rows from the queue: (pending, start, stop) slices."""
+        taken: list[tuple[_Pending, int, int]] = []
+        room = self.batch_max_rows
+        while self._queue and room > 0:
+            pending = self._queue[0]
+            start = pending.taken
+            stop = min(len(pending.rows), start + room)
+            taken.append((pending, start, stop))
+            pending.taken = stop
+            room -= stop - start
+            self._queued_rows -= stop - start
+            if stop == len(pending.rows):
+                self._queue.popleft()
+        return taken
+
+    def _launch(self, taken: list[tuple[_Pending, int, int]]) -> None:
+        self._running += 1
+        task = asyncio.create_task(self._score(taken))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    async def _score(self, taken: list[tuple[_Pending, int, int]]) -> None:
+        try:
+            matrix = np.concatenate([p.rows[a:b] for p, a, b in taken]) if len(taken) > 1 \
+                else taken[0][0].rows[taken[0][1]:taken[0][2]]
+            loop = asyncio.get_running_loop()
+            try:
+                outputs = await loop.run_in_executor(self._executor, self._fn, matrix)
+                if len(outputs) != len(matrix):
+                    raise RuntimeError(
+                        f"model returned {len(outputs)} outputs for {len(matrix)} rows"
+                    )
+            except Exception as exc:  # noqa: BLE001 - fanned out to every caller of the batch
+                self.stats.failures += 1
+                for pending, _, _ in taken:
+                    if not pending.future.done():
+                        pending.future.set_exception(exc)
+                return
+            self.stats.record(len(matrix))
+            self._deliver(taken, outputs)
+        finally:
+            self._running -= 1
+            self._wakeup.set()
+
+    @staticmethod
+    def _deliver(taken: list[tuple[_Pending, int, int]], outputs: NDArray[np.float32]) -> None:
+        offset = 0
+        for pending, start, stop in taken:
+            pending.parts[start] = outputs[offset : offset + stop - start]
+            pending.delivered += stop - start
+            offset += stop - start
+            if pending.delivered == len(pending.rows) and not pending.future.done():
+                parts = [pending.parts[key] for key in sorted(pending.parts)]
+                pending.future.set_result(parts[0] if len(parts) == 1 else np.concatenate(parts))

@@ -1,0 +1,187 @@
+"""The ``inferlane`` command line (typer): stack, topics, models, schemas, settings, worker, demo.
+
+Every command reads settings from the environment (``INFERLANE_*``) unless an option says
+otherwise, and exits non-zero with a one-line reason on a known error (no traceback).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from pipeline.errors import InferlaneError
+from pipeline.settings import load_settings
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(help="inferlane: serve INT8 ONNX models on Kafka streams.",
+                  no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False)
+stack_app = typer.Typer(help="The embedded local stack (broker + S3) for demos and tests.",
+                        no_args_is_help=True)
+topics_app = typer.Typer(help="Kafka topics of the pipeline.", no_args_is_help=True)
+models_app = typer.Typer(help="Model artifacts (train, export, quantize).", no_args_is_help=True)
+schemas_app = typer.Typer(help="Event schemas.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+app.add_typer(topics_app, name="topics")
+app.add_typer(models_app, name="models")
+app.add_typer(schemas_app, name="schemas")
+
+console = Console()
+_DEFAULT_STACK_DIR = Path(".inferlane") / "stack"
+
+StackDir = Annotated[Path, typer.Option("--dir", help="Where the stack keeps data, logs, state.")]
+
+
+@stack_app.command("up")
+def stack_up(
+    root: StackDir = _DEFAULT_STACK_DIR,
+    kafka_port: Annotated[int, typer.Option(help="Broker port (0 = a free one).")] = 0,
+    s3_port: Annotated[int, typer.Option(help="S3 server port (0 = a free one).")] = 0,
+    fresh: Annotated[bool, typer.Option(help="Wipe the broker's data first.")] = False,
+) -> None:
+    """Start the broker and S3 server in the background and print the environment to use."""
+    from pipeline.stack import LocalStack
+
+    if (existing := LocalStack.attach(root)) is not None:
+        raise InferlaneError(f"a stack already runs from {root}: `inferlane stack down` first")
+    endpoints = LocalStack(root, kafka_port=kafka_port, s3_port=s3_port, fresh=fresh).start()
+    del existing
+    console.print(f"[green]stack up[/] (state in {root / 'stack.json'}); use:")
+    for key, value in endpoints.env().items():
+        typer.echo(f"export {key}={value}")
+
+
+@stack_app.command("down")
+def stack_down(root: StackDir = _DEFAULT_STACK_DIR) -> None:
+    """Stop the processes that `stack up` started (and only those)."""
+    from pipeline.stack import LocalStack
+
+    stack = LocalStack.attach(root)
+    if stack is None:
+        console.print(f"no stack runs from {root}")
+        return
+    stack.stop()
+    console.print("[green]stack down[/]")
+
+
+@stack_app.command("status")
+def stack_status(root: StackDir = _DEFAULT_STACK_DIR) -> None:
+    """Show whether the broker and S3 server run and answer; exit 1 if not."""
+    from pipeline.stack import LocalStack
+
+    stack = LocalStack.attach(root)
+    if stack is None:
+        console.print(f"no stack runs from {root}")
+        raise typer.Exit(1)
+    status = stack.status()
+    typer.echo(json.dumps(status, indent=2))
+    healthy = all(isinstance(s, dict) and s.get("alive") and not s.get("error")
+                  for name, s in status.items() if name in ("broker", "s3"))
+    raise typer.Exit(0 if healthy else 1)
+
+
+@topics_app.command("create")
+def topics_create() -> None:
+    """Create every missing topic (partitions and configs from pipeline/topics.py)."""
+    from pipeline.topics import ensure_topics
+
+    settings = load_settings()
+    created = asyncio.run(ensure_topics(settings))
+    console.print(f"created {created}" if created else "all topics exist")
+
+
+@topics_app.command("list")
+def topics_list() -> None:
+    """Print the declared topics with the current prefix and partition counts."""
+    from pipeline.topics import TOPICS
+
+    settings = load_settings()
+    for spec in TOPICS:
+        partitions = spec.partitions or settings.realtime_partitions
+        typer.echo(f"{settings.topic(spec.name)}\tpartitions={partitions}\tlane={spec.lane}")
+
+
+@models_app.command("build")
+def models_build(
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("models/fraud"),
+    seed: Annotated[int, typer.Option(help="Seed of data and training.")] = 7,
+    n_train: Annotated[int, typer.Option(help="Training rows.")] = 200_000,
+    n_test: Annotated[int, typer.Option(help="Held-out rows.")] = 50_000,
+) -> None:
+    """Generate data, train, export FP32 + INT8 ONNX, write card.json and CARD.md."""
+    from pipeline.training.fraud import build_fraud_model
+
+    card = build_fraud_model(out, seed=seed, n_train=n_train, n_test=n_test,
+                             progress=lambda msg: console.print(f"  {msg}"))
+    metrics = card["metrics"]
+    console.print(f"[green]built[/] {out}: ROC-AUC fp32 {metrics['fp32']['roc_auc']:.4f} "
+                  f"int8 {metrics['int8']['roc_auc']:.4f}")
+
+
+@schemas_app.command("export")
+def schemas_export(
+    out: Annotated[Path, typer.Argument(help="Folder for <Shape>.schema.json files.")] = Path(
+        "schemas/json"),
+) -> None:
+    """Write the JSON Schema of every event shape."""
+    from schemas import export_json_schemas
+
+    for path in export_json_schemas(out):
+        typer.echo(str(path))
+
+
+@app.command("settings")
+def show_settings() -> None:
+    """Print the effective settings (secrets masked)."""
+    settings = load_settings()
+    typer.echo(settings.model_dump_json(indent=2))
+
+
+@app.command("worker", context_settings={"allow_extra_args": True,
+                                         "ignore_unknown_options": True})
+def worker(ctx: typer.Context) -> None:
+    """Run `faust -A agents worker -l info` (extra arguments are passed to faust)."""
+    load_settings()  # fail fast with a clear message on bad settings
+    argv = [sys.executable, "-m", "faust", "-A", "agents", "worker", "-l", "info", *ctx.args]
+    os.execv(sys.executable, argv)  # noqa: S606 - replaces this process by the worker
+
+
+@app.command("demo")
+def demo(
+    duration: Annotated[float, typer.Option(help="Seconds of traffic.", envvar="DURATION")] = 30,
+    rate: Annotated[float, typer.Option(help="Events per second.", envvar="RATE")] = 500,
+    invalid: Annotated[float, typer.Option(help="Fraction of invalid events.")] = 0.03,
+    root: Annotated[Path, typer.Option("--dir", help="Working folder (wiped).")] = Path(
+        ".inferlane/demo"),
+) -> None:
+    """Run the fraud lane end to end on the local stack and print a summary."""
+    from pipeline.demo import render_summary, run_demo
+
+    summary = run_demo(root, duration_s=duration, rate_per_s=rate, invalid_fraction=invalid,
+                       console=console)
+    console.print(render_summary(summary, duration, rate))
+    if not summary.ok:
+        console.print("[red]demo FAILED: not every event is accounted for[/]")
+        raise typer.Exit(1)
+    console.print("[green]demo OK[/]: every event was scored or dead-lettered, and archived")
+
+
+def main() -> None:
+    """Entry point: run the CLI, turning known errors into a one-line message and exit 2."""
+    try:
+        app()
+    except InferlaneError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

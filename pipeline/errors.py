@@ -1,0 +1,65 @@
+"""The exception tree of inferlane.
+
+Every error the library raises on purpose derives from one root, and carries a ``retriable``
+flag so callers decide retry-or-give-up with a lookup instead of a guess::
+
+    InferlaneError                  (retriable = False)
+    ├── ConfigError                 bad or missing settings
+    ├── StackError                  the embedded local stack cannot start or stop
+    │   ├── BinaryNotFoundError     a required executable is not installed
+    │   └── PortInUseError          a requested port is already taken
+    ├── ModelLoadError              a model file is missing, corrupt or does not match its card
+    ├── TopicError                  topics cannot be created or do not match their spec
+    └── SinkError                   a sink (S3) write failed          (retriable = True)
+
+Bad *input* is never an exception: it becomes a :class:`schemas.DeadLetter` record.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BinaryNotFoundError",
+    "ConfigError",
+    "InferlaneError",
+    "ModelLoadError",
+    "PortInUseError",
+    "SinkError",
+    "StackError",
+    "TopicError",
+]
+
+
+class InferlaneError(Exception):
+    """Root of every error inferlane raises on purpose."""
+
+    retriable: bool = False
+
+
+class ConfigError(InferlaneError):
+    """Settings are invalid or incomplete."""
+
+
+class StackError(InferlaneError):
+    """The embedded local stack (broker, S3) could not be started, reached or stopped."""
+
+
+class BinaryNotFoundError(StackError):
+    """A required executable (e.g. the noida-db broker) is not installed."""
+
+
+class PortInUseError(StackError):
+    """A port asked for explicitly is already bound by another process."""
+
+
+class ModelLoadError(InferlaneError):
+    """A model file is missing, corrupt (sha256 mismatch) or inconsistent with its card."""
+
+
+class TopicError(InferlaneError):
+    """Topics could not be created, or exist with an incompatible layout."""
+
+
+class SinkError(InferlaneError):
+    """Writing to a sink failed; the write may succeed if retried."""
+
+    retriable = True

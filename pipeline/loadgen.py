@@ -1,0 +1,199 @@
+"""Open-loop traffic and result reading, shared by the demo, the benchmarks and the tests.
+
+* :func:`produce_transactions` sends synthetic transactions at a steady rate (open loop: the
+  schedule never waits for results, so slow results cannot slow the offered load), stamping
+  ``sent_at`` at send time; a fraction can be deliberately invalid, one kind after another.
+* :class:`ResultReader` reads a topic from given offsets without a consumer group (it never
+  disturbs the pipeline's groups) and keeps what arrived, keyed by ``event_id``, with the
+  end-to-end latency from ``sent_at`` to the moment it was read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from pipeline.kafka import client_kwargs, make_producer
+from pipeline.produce import BatchSender
+from pipeline.settings import Settings
+from pipeline.synth import INVALID_KINDS, TransactionGenerator, make_invalid
+
+__all__ = ["ProduceReport", "ResultReader", "produce_transactions", "snapshot_end_offsets"]
+
+
+@dataclass
+class ProduceReport:
+    """What the generator sent: valid event ids and invalid records by kind."""
+
+    valid_ids: list[str] = field(default_factory=list)
+    invalid_by_kind: dict[str, int] = field(default_factory=dict)
+    invalid_keys: list[bytes] = field(default_factory=list)
+
+    @property
+    def sent(self) -> int:
+        return len(self.valid_ids) + sum(self.invalid_by_kind.values())
+
+
+async def produce_transactions(
+    settings: Settings,
+    *,
+    rate_per_s: float,
+    count: int | None = None,
+    duration_s: float | None = None,
+    invalid_fraction: float = 0.0,
+    seed: int = 0,
+    tick_s: float = 0.005,
+    report: ProduceReport | None = None,
+    stop: asyncio.Event | None = None,
+) -> ProduceReport:
+    """Produce to ``fraud.requests`` at ``rate_per_s`` until ``count`` or ``duration_s``.
+
+    ``report`` (filled in place, so a caller can watch progress) is returned at the end; every
+    record in it has been acknowledged by the broker when this returns.
+    """
+    if count is None and duration_s is None:
+        raise ValueError("give count or duration_s")
+    topic = settings.topic("fraud.requests")
+    generator = TransactionGenerator(seed=seed, start_ts=time.time())
+    rng = np.random.default_rng(seed + 1)
+    report = report if report is not None else ProduceReport()
+    producer = make_producer(settings, linger_ms=2)
+    await producer.start()
+    sender = BatchSender(producer)
+    started = time.monotonic()
+    pending: set[asyncio.Task[None]] = set()
+    try:
+        while stop is None or not stop.is_set():
+            elapsed = time.monotonic() - started
+            due = int(elapsed * rate_per_s) if count is None else min(
+                int(elapsed * rate_per_s), count)
+            records = [_next_record(generator, rng, invalid_fraction, report)
+                       for _ in range(due - report.sent)]
+            if records:
+                task = asyncio.create_task(sender.send(topic, records))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            if (count is not None and report.sent >= count) or (
+                    duration_s is not None and elapsed >= duration_s):
+                break
+            await asyncio.sleep(tick_s)
+        if pending:
+            await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return report
+
+
+def _next_record(generator: TransactionGenerator, rng: np.random.Generator,
+                 invalid_fraction: float, report: ProduceReport) -> tuple[bytes | None, bytes]:
+    txn, _label = generator.next()
+    key = str(txn["card_id"]).encode()
+    if invalid_fraction and rng.random() < invalid_fraction:
+        kind = INVALID_KINDS[sum(report.invalid_by_kind.values()) % len(INVALID_KINDS)]
+        report.invalid_by_kind[kind] = report.invalid_by_kind.get(kind, 0) + 1
+        report.invalid_keys.append(key)
+        return key, make_invalid(kind, rng, txn)
+    txn["sent_at"] = time.time()
+    report.valid_ids.append(str(txn["event_id"]))
+    return key, orjson.dumps(txn)
+
+
+async def snapshot_end_offsets(settings: Settings, topic: str) -> dict[TopicPartition, int]:
+    """Current end offset of every partition of ``topic`` (read results from there on)."""
+    consumer = AIOKafkaConsumer(**client_kwargs(settings, client_id="inferlane-reader"))
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic)
+        if partitions is None:
+            await consumer.topics()
+            partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        return dict(await consumer.end_offsets(tps)) if tps else {}
+    finally:
+        await consumer.stop()
+
+
+class ResultReader:
+    """Read a result topic from given start offsets (no group) and index values by event id."""
+
+    def __init__(self, settings: Settings, topic: str, start: dict[TopicPartition, int]) -> None:
+        self.settings = settings
+        self.topic = topic
+        self.start_offsets = start
+        self.results: dict[str, dict[str, Any]] = {}
+        self.latencies_ms: list[float] = []
+        self.duplicates = 0
+        self.records = 0
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._consumer = AIOKafkaConsumer(
+            **client_kwargs(self.settings, client_id="inferlane-reader"),
+            enable_auto_commit=False, fetch_max_wait_ms=50)
+        await self._consumer.start()
+        self._consumer.assign(list(self.start_offsets))
+        for tp, offset in self.start_offsets.items():
+            self._consumer.seek(tp, offset)
+        self._task = asyncio.create_task(self._run(), name=f"reader-{self.topic}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+    async def __aenter__(self) -> ResultReader:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def _run(self) -> None:
+        assert self._consumer is not None  # noqa: S101
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=20, max_records=10_000)
+            now = time.time()
+            for records in batches.values():
+                for record in records:
+                    self._add(orjson.loads(record.value or b"{}"), now)
+            if not batches and self.settings.is_local_broker:
+                await asyncio.sleep(0.002)
+
+    def _add(self, value: dict[str, Any], now: float) -> None:
+        self.records += 1
+        event_id = value.get("event_id")
+        if not isinstance(event_id, str):
+            return
+        if event_id in self.results:
+            self.duplicates += 1
+            return
+        self.results[event_id] = value
+        sent_at = value.get("sent_at")
+        if isinstance(sent_at, (int, float)):
+            self.latencies_ms.append((now - sent_at) * 1000.0)
+
+    async def wait_for(self, event_ids: set[str], timeout_s: float) -> set[str]:
+        """Wait until every id has a result or the timeout passes; return the missing ids."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            missing = event_ids - self.results.keys()
+            if not missing:
+                return set()
+            await asyncio.sleep(0.05)
+        return event_ids - self.results.keys()
+
+    async def wait_for_count(self, count: int, timeout_s: float) -> int:
+        """Wait until ``count`` records were read or the timeout passes; return records read."""
+        deadline = time.monotonic() + timeout_s
+        while self.records < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.records

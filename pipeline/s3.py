@@ -1,0 +1,96 @@
+"""S3 access through aioboto3, the same code path for AWS S3, MinIO and the local moto server.
+
+:class:`S3Store` is a long-lived async client (``start``/``stop``/``async with``) with the
+few operations the pipeline needs. Retries with exponential backoff and jitter are botocore's
+(``standard`` mode); an error that survives them becomes :class:`~pipeline.errors.SinkError`
+(``retriable = True``). Credentials come from settings when given, else the standard AWS chain;
+they are never logged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from typing import Any
+
+import aioboto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from pipeline.errors import SinkError
+from pipeline.settings import Settings
+
+__all__ = ["S3Store"]
+
+
+class S3Store:
+    """Put, get and list objects in the configured bucket."""
+
+    def __init__(self, settings: Settings, *, max_attempts: int = 6) -> None:
+        self.bucket = settings.s3_bucket
+        self._settings = settings
+        self._config = Config(retries={"max_attempts": max_attempts, "mode": "standard"},
+                              connect_timeout=5, read_timeout=30)
+        self._stack: AsyncExitStack | None = None
+        self._client: Any = None
+
+    async def start(self) -> None:
+        if self._client is not None:
+            return
+        s = self._settings
+        kwargs: dict[str, Any] = {"region_name": s.s3_region, "config": self._config}
+        if s.s3_endpoint_url:
+            kwargs["endpoint_url"] = s.s3_endpoint_url
+        if s.s3_access_key_id is not None and s.s3_secret_access_key is not None:
+            kwargs["aws_access_key_id"] = s.s3_access_key_id.get_secret_value()
+            kwargs["aws_secret_access_key"] = s.s3_secret_access_key.get_secret_value()
+        self._stack = AsyncExitStack()
+        self._client = await self._stack.enter_async_context(
+            aioboto3.Session().client("s3", **kwargs))
+
+    async def stop(self) -> None:
+        if self._stack is not None:
+            await self._stack.aclose()
+        self._stack = None
+        self._client = None
+
+    async def __aenter__(self) -> S3Store:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            raise RuntimeError("S3Store not started")
+        return self._client
+
+    async def put(self, key: str, body: bytes, *, content_type: str = "application/octet-stream",
+                  content_encoding: str | None = None) -> None:
+        extra = {"ContentEncoding": content_encoding} if content_encoding else {}
+        try:
+            await self.client.put_object(Bucket=self.bucket, Key=key, Body=body,
+                                         ContentType=content_type, **extra)
+        except (BotoCoreError, ClientError) as exc:
+            raise SinkError(f"put s3://{self.bucket}/{key} failed: {exc}") from exc
+
+    async def get(self, key: str) -> bytes:
+        try:
+            response = await self.client.get_object(Bucket=self.bucket, Key=key)
+            async with response["Body"] as body:
+                data: bytes = await body.read()
+                return data
+        except (BotoCoreError, ClientError) as exc:
+            raise SinkError(f"get s3://{self.bucket}/{key} failed: {exc}") from exc
+
+    async def list_keys(self, prefix: str) -> AsyncIterator[str]:
+        """Every key under ``prefix``, in lexicographic order."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for item in page.get("Contents", ()):
+                    yield item["Key"]
+        except (BotoCoreError, ClientError) as exc:
+            raise SinkError(f"list s3://{self.bucket}/{prefix} failed: {exc}") from exc

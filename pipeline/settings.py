@@ -1,0 +1,137 @@
+"""One frozen settings object, read from the environment (prefix ``INFERLANE_``) once at start-up.
+
+Every knob of the pipeline lives here, with its unit in its name. Nothing else in the library
+reads ``os.environ`` for configuration; components receive a :class:`Settings` instance.
+See the settings table in README.md (``inferlane settings`` prints the effective values).
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from pipeline.errors import ConfigError
+
+__all__ = ["KNOWN_LANES", "Settings", "load_settings"]
+
+#: Lanes (consumer loops) a worker can serve; ``INFERLANE_LANES`` picks a subset.
+KNOWN_LANES: tuple[str, ...] = ("fraud", "archive")
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _default_worker_id() -> str:
+    # Stable across restarts of the same host/container: static group membership depends on it.
+    return f"{socket.gethostname()}-0"
+
+
+class Settings(BaseSettings):
+    """Effective configuration of one inferlane process (frozen: build a new one to change it)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="INFERLANE_", frozen=True, extra="ignore", case_sensitive=False
+    )
+
+    # --- Kafka -----------------------------------------------------------------------------
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    """Comma-separated ``host:port`` list of the Kafka bootstrap brokers."""
+    broker_flavor: Literal["kafka", "local"] = "kafka"
+    """``local`` = the embedded noida-db broker: bounded topic retention, idle-fetch backoff."""
+    topic_prefix: str = ""
+    """Prepended to every topic name (``staging.`` -> ``staging.fraud.requests``)."""
+    app_id: str = "inferlane"
+    """faust app id; consumer group ids derive from it (``<app_id>-<lane>``)."""
+    worker_id: str = Field(default_factory=_default_worker_id)
+    """Stable id of this worker, used for static group membership (``group.instance.id``)."""
+    realtime_partitions: int = Field(default=4, ge=1)
+    """Partition count for real-time topics created by ``inferlane topics create``."""
+    replication_factor: int = Field(default=1, ge=1)
+    local_retention_ms: int = Field(default=30 * 60 * 1000, ge=60_000)
+    """Topic retention on the local broker, which keeps every record in memory."""
+    session_timeout_ms: int = Field(default=10_000, ge=1000)
+    commit_interval_ms: int = Field(default=200, ge=10)
+    """How often completed offsets are committed (only offsets whose results are acked)."""
+    commit_on_revoke: bool = True
+    """Commit finished work when partitions are revoked, so the next owner does not redo it."""
+    idle_fetch_sleep_ms: int = Field(default=5, ge=0)
+    """Local broker only: pause after an empty fetch (it has no long-poll and would spin)."""
+    max_in_flight_records: int = Field(default=20_000, ge=1)
+    """Backpressure: stop fetching while this many records are consumed but not yet done."""
+
+    state_dir: Path = Path(".inferlane")
+    """Local working files: faust data dirs, local stack logs and data."""
+
+    # --- S3 ---------------------------------------------------------------------------------
+    s3_endpoint_url: str | None = None
+    """S3-compatible endpoint (MinIO, moto); unset = AWS S3 with the standard credential chain."""
+    s3_bucket: str = "inferlane"
+    s3_region: str = "us-east-1"
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+
+    # --- lanes ------------------------------------------------------------------------------
+    lanes: Annotated[tuple[str, ...], NoDecode] = KNOWN_LANES
+    """Comma-separated lanes this worker serves (default: all)."""
+    web_port: int = Field(default=6066, ge=0, le=65535)
+    web_enabled: bool = True
+
+    fraud_batch_max_rows: int = Field(default=256, ge=1, le=65_536)
+    fraud_max_wait_ms: float = Field(default=5.0, ge=0.0, le=100.0)
+    fraud_budget_ms: float = Field(default=50.0, gt=0.0)
+    """End-to-end latency budget from ``sent_at``; results past it are counted as late."""
+    fraud_model_dir: Path = _REPO_ROOT / "models" / "fraud"
+    fraud_model_precision: Literal["int8", "fp32"] = "int8"
+    fraud_review_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    """Score at or above which a transaction is sent to review (default: the model card's)."""
+    fraud_decline_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    """Score at or above which a transaction is declined (default: the model card's)."""
+    inference_threads: int = Field(default=1, ge=1, le=64)
+    """onnxruntime intra-op threads per session."""
+
+    archive_max_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    """Archive window: close an object when its uncompressed JSONL reaches this size ..."""
+    archive_max_age_ms: int = Field(default=60_000, ge=100)
+    """... or when its first record has waited this long."""
+
+    @field_validator("lanes", mode="before")
+    @classmethod
+    def _split_lanes(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("lanes")
+    @classmethod
+    def _known_lanes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(value) - set(KNOWN_LANES))
+        if unknown:
+            raise ValueError(f"unknown lane(s) {unknown}; known: {list(KNOWN_LANES)}")
+        return value
+
+    def topic(self, name: str) -> str:
+        """Full topic name for a logical one (``fraud.scores``) with the configured prefix."""
+        return f"{self.topic_prefix}{name}"
+
+    def group_id(self, lane: str) -> str:
+        """Consumer group id of a lane; each lane commits its own offsets."""
+        return f"{self.app_id}-{lane}"
+
+    @property
+    def is_local_broker(self) -> bool:
+        return self.broker_flavor == "local"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build :class:`Settings` from the environment; raise :class:`ConfigError` with every problem."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"INFERLANE_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from exc

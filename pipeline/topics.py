@@ -1,0 +1,91 @@
+"""Every topic of the pipeline, declared once with its partitions and configs, and the admin
+step that creates them (``inferlane topics create``; workers also ensure them at start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from pipeline.errors import TopicError
+from pipeline.kafka import client_kwargs
+from pipeline.settings import Settings
+
+__all__ = ["TOPICS", "TopicSpec", "ensure_topics", "topic_specs"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """A logical topic: ``name`` before the prefix, ``lane`` it belongs to, how it is laid out."""
+
+    name: str
+    lane: str
+    realtime: bool = True
+    partitions: int | None = None
+    """Fixed partition count; ``None`` = ``Settings.realtime_partitions``."""
+    configs: dict[str, str] = field(default_factory=dict)
+
+
+TOPICS: tuple[TopicSpec, ...] = (
+    TopicSpec("fraud.requests", lane="fraud"),
+    TopicSpec("fraud.scores", lane="fraud"),
+    TopicSpec("fraud.requests.dlq", lane="fraud", partitions=1),
+)
+
+
+def topic_specs(lanes: Iterable[str] | None = None) -> list[TopicSpec]:
+    """Specs of the topics the given lanes use (all when ``None``); the archive reads results."""
+    wanted = set(lanes) if lanes is not None else None
+    if wanted is not None and "archive" in wanted:
+        wanted.add("fraud")
+    return [spec for spec in TOPICS if wanted is None or spec.lane in wanted]
+
+
+def _new_topic(spec: TopicSpec, settings: Settings) -> NewTopic:
+    configs = dict(spec.configs)
+    if settings.is_local_broker:
+        # The local broker keeps every record in memory: bound what each topic can hold.
+        configs.setdefault("retention.ms", str(settings.local_retention_ms))
+    return NewTopic(
+        name=settings.topic(spec.name),
+        num_partitions=spec.partitions or settings.realtime_partitions,
+        replication_factor=settings.replication_factor,
+        topic_configs=configs,
+    )
+
+
+async def ensure_topics(
+    settings: Settings, specs: Iterable[TopicSpec] | None = None, *, timeout_s: float = 30.0
+) -> list[str]:
+    """Create the missing topics; return the names created. Existing topics are left as they are.
+
+    Raises :class:`TopicError` when the broker cannot be reached or refuses a creation.
+    """
+    wanted = [_new_topic(spec, settings) for spec in (specs if specs is not None else TOPICS)]
+    admin = AIOKafkaAdminClient(**client_kwargs(settings), request_timeout_ms=int(timeout_s * 1000))
+    try:
+        await asyncio.wait_for(admin.start(), timeout_s)
+        existing = set(await admin.list_topics())
+        missing = [topic for topic in wanted if topic.name not in existing]
+        if missing:
+            await _create(admin, missing)
+        return [topic.name for topic in missing]
+    except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+        raise TopicError(f"cannot ensure topics on {settings.kafka_bootstrap}: {exc!r}") from exc
+    finally:
+        await admin.close()
+
+
+async def _create(admin: AIOKafkaAdminClient, topics: list[NewTopic]) -> None:
+    response = await admin.create_topics(topics)
+    for name, code, *rest in getattr(response, "topic_errors", ()):
+        if code and code != TopicAlreadyExistsError.errno:
+            raise TopicError(f"creating topic {name!r} failed: error {code} {rest}")
+    log.info("created topics %s", [t.name for t in topics])

@@ -1,0 +1,21 @@
+"""Event shapes of inferlane (one source of truth), their validation and JSON Schema export."""
+
+from __future__ import annotations
+
+from schemas.events import Channel, DeadLetter, Decision, FraudScore, Transaction
+from schemas.jsonschema import SHAPES, export_json_schemas, json_schema
+from schemas.validation import Rejection, encode_raw, validate_record
+
+__all__ = [
+    "SHAPES",
+    "Channel",
+    "DeadLetter",
+    "Decision",
+    "FraudScore",
+    "Rejection",
+    "Transaction",
+    "encode_raw",
+    "export_json_schemas",
+    "json_schema",
+    "validate_record",
+]

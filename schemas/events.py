@@ -1,0 +1,83 @@
+"""Event shapes on the wire: the single source of truth for every topic's value.
+
+Each shape is a frozen :class:`msgspec.Struct` whose annotations carry the constraints, so the
+same class validates incoming JSON (see :mod:`schemas.validation`) and exports the JSON Schema
+(see :mod:`schemas.jsonschema`). Values travel as UTF-8 JSON encoded with orjson; unknown extra
+fields are ignored (producers may add fields without breaking consumers).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+__all__ = ["Channel", "Decision", "DeadLetter", "FraudScore", "Transaction"]
+
+Channel = Literal["pos", "ecom", "atm"]
+Decision = Literal["approve", "review", "decline"]
+
+_Id = Annotated[str, Meta(min_length=1, max_length=128)]
+_Country = Annotated[str, Meta(pattern="^[A-Z]{2}$")]
+# Epoch seconds; bounded so a millisecond timestamp sent by mistake is rejected, not misread.
+_EpochS = Annotated[float, Meta(ge=0.0, le=1e10)]
+_Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
+
+
+class Transaction(msgspec.Struct, frozen=True, kw_only=True):
+    """A card transaction to score, value of ``fraud.requests`` (key: ``card_id``)."""
+
+    event_id: _Id
+    """Unique id of the event; results carry it back."""
+    card_id: _Id
+    merchant_id: _Id
+    amount: Annotated[float, Meta(ge=0.0, le=1e9)]
+    """Amount in ``currency`` units; finite, >= 0 (NaN and Infinity are rejected)."""
+    currency: Annotated[str, Meta(pattern="^[A-Z]{3}$")]
+    """ISO 4217 code, three upper-case letters."""
+    mcc: Annotated[int, Meta(ge=0, le=9999)]
+    """Merchant category code."""
+    country: _Country
+    """Merchant country, ISO 3166 alpha-2."""
+    card_country: _Country
+    """Card issuing country, ISO 3166 alpha-2."""
+    channel: Channel
+    ts: _EpochS
+    """When the transaction happened, epoch seconds."""
+    sent_at: _EpochS | None = None
+    """When the event was produced, epoch seconds; end-to-end latency is counted from it."""
+
+
+class FraudScore(msgspec.Struct, frozen=True, kw_only=True):
+    """The fraud lane's answer for one transaction, value of ``fraud.scores`` (key: ``card_id``)."""
+
+    event_id: _Id
+    card_id: _Id
+    score: _Probability
+    """Model probability that the transaction is fraud."""
+    decision: Decision
+    """``score`` mapped through the lane's review/decline thresholds."""
+    model_version: str
+    degraded: bool
+    """True when slow-path history was missing or stale and defaults were used."""
+    scored_at: _EpochS
+    sent_at: _EpochS | None = None
+    """Copied from the request so readers can measure end-to-end latency."""
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    """A record the pipeline could not process, value of ``<topic>.dlq`` (original key kept)."""
+
+    error: str
+    """Machine-readable class of failure: ``invalid_json``, ``schema``, ``inference``, ..."""
+    reason: str
+    """Human-readable reason naming the field and the problem."""
+    topic: str
+    partition: int
+    offset: int
+    raw: str
+    """The original value: UTF-8 text, or base64 when ``raw_encoding`` says so."""
+    raw_encoding: Literal["utf-8", "base64"] = "utf-8"
+    lane: str = ""
+    failed_at: _EpochS = 0.0

@@ -1,0 +1,79 @@
+"""Validation of raw Kafka values against the event shapes; never raises into the agent loop.
+
+``validate_record(raw, Shape)`` returns ``(value, None)`` for a good record and ``(None,
+Rejection)`` for a bad one, where the rejection names the field and the problem. The hot path
+keeps the parsed ``dict`` (features read it directly); the Struct conversion is the check.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import orjson
+
+__all__ = ["Rejection", "encode_raw", "validate_record"]
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why a record was refused: ``error`` is the class, ``reason`` the human sentence."""
+
+    error: str
+    reason: str
+
+
+def _schema_reason(exc: msgspec.ValidationError) -> str:
+    # msgspec says "Expected `float` >= 0.0 - at `$.amount`"; lead with the field name.
+    message = str(exc)
+    if " - at `$." in message:
+        text, _, path = message.rpartition(" - at `$.")
+        return f"{path.rstrip('`')}: {text}"
+    if message.startswith("Object missing required field `"):
+        field = message.split("`")[1]
+        return f"{field}: missing required field"
+    return message
+
+
+def validate_record(
+    raw: bytes | None, shape: type[msgspec.Struct]
+) -> tuple[dict[str, Any] | None, Rejection | None]:
+    """Parse ``raw`` as JSON and check it against ``shape``; return the dict or the rejection."""
+    if not raw:
+        return None, Rejection("invalid_json", "value: empty record value")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return None, _lenient_rejection(raw, shape, exc)
+    if not isinstance(data, dict):
+        return None, Rejection("schema", f"value: expected a JSON object, got {type(data).__name__}")
+    try:
+        msgspec.convert(data, shape)
+    except msgspec.ValidationError as exc:
+        return None, Rejection("schema", _schema_reason(exc))
+    return data, None
+
+
+def _lenient_rejection(raw: bytes, shape: type[msgspec.Struct], exc: Exception) -> Rejection:
+    """Explain a JSON parse failure; name the field when the culprit is NaN or Infinity."""
+    try:
+        # The stdlib accepts NaN/Infinity tokens, which lets us name the offending field.
+        data = json.loads(raw)
+        msgspec.convert(data, shape)
+    except (ValueError, msgspec.ValidationError) as lenient:
+        if isinstance(lenient, msgspec.ValidationError):
+            return Rejection("schema", f"{_schema_reason(lenient)} (got NaN or Infinity, which JSON does not allow)")
+    return Rejection("invalid_json", f"value: not valid JSON ({exc})")
+
+
+def encode_raw(raw: bytes | None) -> tuple[str, str]:
+    """Represent an arbitrary record value as text for a dead letter: (text, encoding)."""
+    if raw is None:
+        return "", "utf-8"
+    try:
+        return raw.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        return base64.b64encode(raw).decode("ascii"), "base64"
