@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import faust
 
 from pipeline.archive import ArchiveHandler
@@ -18,5 +20,5 @@ def register(app: faust.App, settings: Settings) -> Lane | None:
     # Windows hold up to archive_max_bytes per partition until written: let that much be read.
     lane = Lane(settings, LANE, ArchiveHandler(settings),
                 max_in_flight_records=max(settings.max_in_flight_records, 500_000))
-    app.service(lane)
+    app.service(cast(type[Lane], lane))  # faust also accepts a Service instance
     return lane

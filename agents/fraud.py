@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import faust
 
 from pipeline.fraud import FraudHandler
@@ -16,5 +18,5 @@ def register(app: faust.App, settings: Settings) -> Lane | None:
     if LANE not in settings.lanes:
         return None
     lane = Lane(settings, LANE, FraudHandler(settings))
-    app.service(lane)
+    app.service(cast(type[Lane], lane))  # faust also accepts a Service instance
     return lane

@@ -73,7 +73,9 @@ class ArchiveHandler:
         self._windows: dict[TopicPartition, _Window] = {}
         self._check_existing: set[TopicPartition] = set()
         self._seen: set[TopicPartition] = set()
-        self._locks: dict[TopicPartition, asyncio.Lock] = {}
+        # One lock for all appends and writes: handle() calls run concurrently, and taking it
+        # first thing (FIFO) keeps every partition's records in fetch order.
+        self._lock = asyncio.Lock()
         self._ctx: LaneContext | None = None
         self._timer: asyncio.Task[None] | None = None
         self.objects_written = 0
@@ -101,7 +103,7 @@ class ArchiveHandler:
         """
         for tp in tps:
             try:
-                async with self._lock(tp):
+                async with self._lock:
                     await self._flush(tp)
             except SinkError as exc:
                 log.warning("archive: could not write %s on revoke (%s); next owner will", tp, exc)
@@ -109,12 +111,9 @@ class ArchiveHandler:
             self._seen.discard(tp)
 
     async def handle(self, batch: Sequence[PartitionRecords]) -> None:
-        for part in batch:
-            async with self._lock(part.tp):
+        async with self._lock:
+            for part in batch:
                 await self._append(part)
-
-    def _lock(self, tp: TopicPartition) -> asyncio.Lock:
-        return self._locks.setdefault(tp, asyncio.Lock())
 
     async def _append(self, part: PartitionRecords) -> None:
         tp = part.tp
@@ -183,7 +182,7 @@ class ArchiveHandler:
             now = time.monotonic()
             for tp, window in list(self._windows.items()):
                 if now - window.opened >= self.max_age_s:
-                    async with self._lock(tp):
+                    async with self._lock:
                         if self._windows.get(tp) is window:
                             await self._flush(tp)
 

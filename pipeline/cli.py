@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -165,6 +166,8 @@ def demo(
     """Run the fraud lane end to end on the local stack and print a summary."""
     from pipeline.demo import render_summary, run_demo
 
+    # SIGTERM unwinds like Ctrl-C, so the demo always stops the stack and worker it started.
+    signal.signal(signal.SIGTERM, _interrupt)
     summary = run_demo(root, duration_s=duration, rate_per_s=rate, invalid_fraction=invalid,
                        console=console)
     console.print(render_summary(summary, duration, rate))
@@ -172,6 +175,10 @@ def demo(
         console.print("[red]demo FAILED: not every event is accounted for[/]")
         raise typer.Exit(1)
     console.print("[green]demo OK[/]: every event was scored or dead-lettered, and archived")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main() -> None:

@@ -83,8 +83,10 @@ def run_demo(root: Path, *, duration_s: float, rate_per_s: float, invalid_fracti
 async def _traffic(settings: Settings, worker: WorkerProcess, duration_s: float,
                    rate_per_s: float, invalid_fraction: float, console: Console) -> DemoSummary:
     scores_topic, dlq_topic = settings.topic("fraud.scores"), settings.topic("fraud.requests.dlq")
-    scores = ResultReader(settings, scores_topic, await snapshot_end_offsets(settings, scores_topic))
-    dlq = ResultReader(settings, dlq_topic, await snapshot_end_offsets(settings, dlq_topic))
+    scores_from = await snapshot_end_offsets(settings, scores_topic)
+    dlq_from = await snapshot_end_offsets(settings, dlq_topic)
+    scores = ResultReader(settings, scores_topic, scores_from)
+    dlq = ResultReader(settings, dlq_topic, dlq_from)
     async with scores, dlq:
         report = ProduceReport()
         with Live(_progress(report, scores, dlq, 0.0, duration_s), console=console,

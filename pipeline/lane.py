@@ -20,13 +20,20 @@ so the lane crashes the worker instead of committing past lost work: at-least-on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka import (
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    ConsumerRecord,
+    TopicPartition,
+)
 from aiokafka.errors import KafkaError
 from mode import Service
 
@@ -40,7 +47,7 @@ __all__ = ["Handler", "Lane", "LaneContext", "LaneStats", "PartitionRecords"]
 
 log = logging.getLogger(__name__)
 
-Record = ConsumerRecord[bytes, bytes]
+Record: TypeAlias = "ConsumerRecord[bytes, bytes]"
 
 
 @dataclass(frozen=True)
@@ -85,7 +92,8 @@ class Handler(Protocol):
     crashes rather than commit. Nothing is guaranteed about ordering between two ``handle`` calls.
     """
 
-    topics: Sequence[str]
+    @property
+    def topics(self) -> Sequence[str]: ...
 
     async def start(self, ctx: LaneContext) -> None: ...
 
@@ -105,7 +113,8 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         self._lane._rebalancing = False
-        log.info("%s: assigned %s", self._lane.name, sorted((t.topic, t.partition) for t in assigned))
+        log.info("%s: assigned %s", self._lane.name,
+                 sorted((t.topic, t.partition) for t in assigned))
 
 
 class Lane(Service):  # type: ignore[misc]
@@ -116,8 +125,8 @@ class Lane(Service):  # type: ignore[misc]
     stats_interval_s = 10.0
 
     def __init__(self, settings: Settings, name: str, handler: Handler, *,
-                 max_in_flight_records: int | None = None, **kwargs: object) -> None:
-        super().__init__(**kwargs)
+                 max_in_flight_records: int | None = None) -> None:
+        super().__init__()
         self.max_in_flight_records = max_in_flight_records or settings.max_in_flight_records
         self.settings = settings
         self.name = name
@@ -126,9 +135,10 @@ class Lane(Service):  # type: ignore[misc]
         self.tracker = OffsetTracker()
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._handling: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._capacity = asyncio.Event()
+        self._progress = asyncio.Event()
         self._stopping = False
         self._rebalancing = False
         self.ready = asyncio.Event()
@@ -162,8 +172,8 @@ class Lane(Service):  # type: ignore[misc]
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=self.revoke_timeout_s)
+        if self._handling:
+            await asyncio.wait(list(self._handling), timeout=self.revoke_timeout_s)
         await self.handler.stop()
         await self._commit()
         if self._consumer is not None:
@@ -221,11 +231,11 @@ class Lane(Service):  # type: ignore[misc]
                 batch.append(PartitionRecords(tp, records, chunk))
                 self.stats.consumed += len(records)
         task = asyncio.create_task(self.handler.handle(batch))
-        self._tasks.add(task)
+        self._handling.add(task)
         task.add_done_callback(self._on_handled)
 
     def _on_handled(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+        self._handling.discard(task)
         if task.cancelled():
             return
         exc = task.exception()
@@ -236,6 +246,7 @@ class Lane(Service):  # type: ignore[misc]
 
     def _chunk_done(self, chunk: Chunk) -> None:
         self.tracker.done(chunk)
+        self._progress.set()
         if self.tracker.total_in_flight < self.max_in_flight_records:
             self._capacity.set()
 
@@ -268,7 +279,9 @@ class Lane(Service):  # type: ignore[misc]
         deadline = time.monotonic() + self.revoke_timeout_s
         await self.handler.on_revoked(revoked)
         while self.tracker.in_flight(revoked) and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
+            self._progress.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), deadline - time.monotonic())
         if self.settings.commit_on_revoke:
             await self._commit(revoked)
         self.tracker.forget(revoked)

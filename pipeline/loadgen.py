@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,6 +133,7 @@ class ResultReader:
         self.records = 0
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
+        self._arrived = asyncio.Event()
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
@@ -165,6 +167,8 @@ class ResultReader:
             for records in batches.values():
                 for record in records:
                     self._add(orjson.loads(record.value or b"{}"), now)
+            if batches:
+                self._arrived.set()
             if not batches and self.settings.is_local_broker:
                 await asyncio.sleep(0.002)
 
@@ -195,5 +199,7 @@ class ResultReader:
         """Wait until ``count`` records were read or the timeout passes; return records read."""
         deadline = time.monotonic() + timeout_s
         while self.records < count and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+            self._arrived.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), deadline - time.monotonic())
         return self.records

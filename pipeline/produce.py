@@ -64,7 +64,8 @@ class BatchSender:
                 acks.append(await self._producer.send_batch(batch, topic, partition=partition))
                 batch = self._producer.create_batch()
                 if batch.append(key=key, value=value, timestamp=timestamp_ms) is None:
-                    raise ValueError(f"record of {len(value)} bytes exceeds the producer batch size")
+                    raise ValueError(
+                        f"record of {len(value)} bytes exceeds the producer batch size")
         batch.close()
         acks.append(await self._producer.send_batch(batch, topic, partition=partition))
         return acks

@@ -126,7 +126,7 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides: object) -> Settings:
-    """Build :class:`Settings` from the environment; raise :class:`ConfigError` with every problem."""
+    """Build :class:`Settings` from the environment; :class:`ConfigError` lists every problem."""
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:

@@ -27,7 +27,8 @@ def json_schema(shape: type[msgspec.Struct]) -> dict[str, object]:
     schema = msgspec.json.schema(shape)
     definitions = schema.pop("$defs")
     body = dict(definitions[shape.__name__])
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": shape.__name__, **body}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": shape.__name__,
+            **body}
 
 
 def export_json_schemas(directory: Path) -> list[Path]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import orjson
@@ -49,7 +49,8 @@ def validate_record(
     except orjson.JSONDecodeError as exc:
         return None, _lenient_rejection(raw, shape, exc)
     if not isinstance(data, dict):
-        return None, Rejection("schema", f"value: expected a JSON object, got {type(data).__name__}")
+        kind = type(data).__name__
+        return None, Rejection("schema", f"value: expected a JSON object, got {kind}")
     try:
         msgspec.convert(data, shape)
     except msgspec.ValidationError as exc:
@@ -65,11 +66,12 @@ def _lenient_rejection(raw: bytes, shape: type[msgspec.Struct], exc: Exception) 
         msgspec.convert(data, shape)
     except (ValueError, msgspec.ValidationError) as lenient:
         if isinstance(lenient, msgspec.ValidationError):
-            return Rejection("schema", f"{_schema_reason(lenient)} (got NaN or Infinity, which JSON does not allow)")
+            return Rejection(
+                "schema", f"{_schema_reason(lenient)} (NaN or Infinity: not allowed in JSON)")
     return Rejection("invalid_json", f"value: not valid JSON ({exc})")
 
 
-def encode_raw(raw: bytes | None) -> tuple[str, str]:
+def encode_raw(raw: bytes | None) -> tuple[str, Literal["utf-8", "base64"]]:
     """Represent an arbitrary record value as text for a dead letter: (text, encoding)."""
     if raw is None:
         return "", "utf-8"

@@ -1,0 +1,43 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv when missing
+# and install the project with its dev extras; nothing else needs installing by hand.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.inferlane-installed
+DURATION ?= 30
+RATE ?= 500
+
+.PHONY: install demo test lint typecheck unit integration bench clean
+
+install: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/inferlane demo --duration $(DURATION) --rate $(RATE)
+
+lint: install
+	$(BIN)/ruff check .
+
+typecheck: install
+	$(BIN)/mypy
+
+unit: install
+	$(BIN)/python -m pytest tests/unit -q
+
+integration: install
+	$(BIN)/python -m pytest tests/integration -q
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/python -m pytest tests -q -rs
+
+clean:
+	rm -rf .inferlane .pytest_cache .mypy_cache .ruff_cache

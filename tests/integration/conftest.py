@@ -1,0 +1,97 @@
+"""Fixtures of the integration tests: the real local stack (broker + S3 server over TCP),
+per-test settings with unique topics and groups, and worker processes.
+
+The stack starts once per session; every test gets its own topic prefix and app id, so tests
+never see each other's records or consumer groups. Nothing here is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline.settings import Settings, load_settings
+from pipeline.stack import LocalStack, StackEndpoints, _pid_alive
+from pipeline.topics import ensure_topics
+from pipeline.worker import WorkerProcess
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    stack = LocalStack(tmp_path_factory.mktemp("stack"), fresh=True)
+    stack.start()
+    pids = [p.pid for p in (stack.broker, stack.s3) if p is not None and p.pid is not None]
+    yield stack
+    stack.stop()
+    leftover = [pid for pid in pids if _pid_alive(pid)]
+    assert not leftover, f"stack processes left behind: {leftover}"
+
+
+@pytest.fixture(scope="session")
+def endpoints(local_stack: LocalStack) -> StackEndpoints:
+    return local_stack.endpoints
+
+
+EnvFactory = Callable[..., dict[str, str]]
+
+
+@pytest.fixture
+def test_env(endpoints: StackEndpoints, tmp_path: Path) -> EnvFactory:
+    """Environment for this test's processes: unique prefix and app id, fast archive windows."""
+    tag = uuid.uuid4().hex[:8]
+
+    def make(**overrides: str) -> dict[str, str]:
+        env = {
+            **endpoints.env(),
+            "INFERLANE_TOPIC_PREFIX": f"t{tag}.",
+            "INFERLANE_APP_ID": f"it-{tag}",
+            "INFERLANE_WORKER_ID": "w1",
+            "INFERLANE_ARCHIVE_MAX_AGE_MS": "1000",
+            "INFERLANE_STATE_DIR": str(tmp_path / "state"),
+            "INFERLANE_SESSION_TIMEOUT_MS": "6000",
+        }
+        env.update({f"INFERLANE_{k.upper()}": v for k, v in overrides.items()})
+        return env
+
+    return make
+
+
+def settings_from(env: dict[str, str]) -> Settings:
+    return load_settings(**{k[len("INFERLANE_"):].lower(): v for k, v in env.items()
+                            if k.startswith("INFERLANE_")})
+
+
+@pytest.fixture
+def settings(test_env: EnvFactory) -> Settings:
+    s = settings_from(test_env())
+    asyncio.run(ensure_topics(s))
+    return s
+
+
+@pytest.fixture
+def worker_factory(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], WorkerProcess]]:
+    """Start ``faust -A agents worker`` processes; every one is stopped after the test."""
+    workers: list[WorkerProcess] = []
+
+    def start(env: dict[str, str], *, name: str = "worker") -> WorkerProcess:
+        worker = WorkerProcess(env, tmp_path / "logs" / f"{name}.log", cwd=REPO)
+        workers.append(worker)
+        worker.start()
+        return worker
+
+    yield start  # type: ignore[misc]
+    for worker in workers:
+        worker.terminate(timeout_s=15)
+    assert all(not w.alive for w in workers)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)

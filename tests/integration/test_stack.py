@@ -1,0 +1,115 @@
+"""The embedded local stack as users drive it: ``inferlane stack up|status|down`` in a
+subprocess, clear errors for a taken port, and no process left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import PortInUseError
+from pipeline.stack import LocalStack, _pid_alive, kafka_probe
+
+CLI = [sys.executable, "-m", "pipeline.cli"]
+
+
+def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120,
+                          check=check)
+
+
+def test_stack_up_status_down_leaves_nothing_behind(tmp_path: Path) -> None:
+    root = tmp_path / "stack"
+    up = _cli("stack", "up", "--dir", str(root))
+    assert "export INFERLANE_KAFKA_BOOTSTRAP=127.0.0.1:" in up.stdout
+    state = json.loads((root / "stack.json").read_text())
+    pids = [p["pid"] for p in state["processes"].values()]
+    try:
+        assert all(_pid_alive(pid) for pid in pids)
+        status = _cli("stack", "status", "--dir", str(root))
+        report = json.loads(status.stdout)
+        assert report["broker"]["alive"] and report["broker"]["error"] is None
+        assert report["s3"]["alive"] and report["s3"]["error"] is None
+        again = _cli("stack", "up", "--dir", str(root), check=False)
+        assert again.returncode == 2 and "already runs" in again.stdout
+    finally:
+        down = _cli("stack", "down", "--dir", str(root))
+    assert "stack down" in down.stdout
+    deadline = time.monotonic() + 10
+    while any(_pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [pid for pid in pids if _pid_alive(pid)], "stack down left processes running"
+    assert _cli("stack", "status", "--dir", str(root), check=False).returncode == 1
+
+
+def test_taken_port_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        with pytest.raises(PortInUseError, match=f"Kafka port {port}"):
+            LocalStack(tmp_path, kafka_port=port).start()
+        result = _cli("stack", "up", "--dir", str(tmp_path / "s"), "--kafka-port", str(port),
+                      check=False)
+    assert result.returncode == 2
+    assert f"Kafka port {port} on 127.0.0.1 is already in use" in result.stdout
+
+
+def test_broker_restart_keeps_data_and_port(tmp_path: Path) -> None:
+    stack = LocalStack(tmp_path, fresh=True)
+    endpoints = stack.start()
+    try:
+        assert kafka_probe(endpoints.kafka_bootstrap) == ""
+        stack.stop_broker()
+        assert kafka_probe(endpoints.kafka_bootstrap, timeout_s=1) != ""
+        stack.start_broker()
+        assert kafka_probe(endpoints.kafka_bootstrap) == ""
+    finally:
+        stack.stop()
+    assert stack.broker is not None and not stack.broker.alive
+
+
+def test_demo_process_stops_its_stack_on_sigterm(tmp_path: Path) -> None:
+    proc = subprocess.Popen([*CLI, "demo", "--duration", "60", "--dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "COLUMNS": "120"})
+    state = tmp_path / "stack" / "stack.json"
+    deadline = time.monotonic() + 60
+    while not state.exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "demo did not start its stack"
+        time.sleep(0.1)
+    pids = [p["pid"] for p in json.loads(state.read_text())["processes"].values()]
+    marker = f"INFERLANE_STATE_DIR={tmp_path / 'state'}"
+    while not _processes_with_env(marker):
+        assert time.monotonic() < deadline and proc.poll() is None, "demo started no worker"
+        time.sleep(0.1)
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    deadline = time.monotonic() + 10
+    while any(_pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [pid for pid in pids if _pid_alive(pid)], "demo left stack processes running"
+    assert not _processes_with_env(marker), "demo left its worker running"
+
+
+def _processes_with_env(marker: str) -> list[int]:
+    """Pids of live processes whose environment contains ``marker`` (e.g. the demo worker)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if marker.encode() in environ and _pid_alive(int(entry.name)):
+                found.append(int(entry.name))
+    return found
