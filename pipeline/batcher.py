@@ -52,7 +52,7 @@ class BatchStats:
     rows: int = 0
     failures: int = 0
     size_histogram: dict[int, int] = field(default_factory=dict)
-    """Batches per power-of-two size bucket (1, 2, 4, ... batch_max_rows)."""
+    """Batches per size bucket: the next power of two at or above the batch size."""
 
     def record(self, size: int) -> None:
         self.batches += 1
@@ -184,10 +184,9 @@ class MicroBatcher:
 
     async def _score(self, taken: list[tuple[_Pending, int, int]]) -> None:
         try:
-            matrix = np.concatenate([p.rows[a:b] for p, a, b in taken]) if len(taken) > 1 \
-                else taken[0][0].rows[taken[0][1]:taken[0][2]]
             loop = asyncio.get_running_loop()
             try:
+                matrix = _assemble(taken)
                 outputs = await loop.run_in_executor(self._executor, self._fn, matrix)
                 if len(outputs) != len(matrix):
                     raise RuntimeError(
@@ -215,3 +214,10 @@ class MicroBatcher:
             if pending.delivered == len(pending.rows) and not pending.future.done():
                 parts = [pending.parts[key] for key in sorted(pending.parts)]
                 pending.future.set_result(parts[0] if len(parts) == 1 else np.concatenate(parts))
+
+
+def _assemble(taken: list[tuple[_Pending, int, int]]) -> NDArray[np.float32]:
+    if len(taken) == 1:
+        pending, start, stop = taken[0]
+        return pending.rows[start:stop]
+    return np.concatenate([pending.rows[start:stop] for pending, start, stop in taken])

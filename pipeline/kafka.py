@@ -4,13 +4,14 @@ pipeline gets its connection settings (bootstrap, client id, later security) fro
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from pipeline.settings import Settings
 
-__all__ = ["client_kwargs", "make_consumer", "make_producer"]
+__all__ = ["apply_idle_fetch_backoff", "client_kwargs", "make_consumer", "make_producer"]
 
 
 def client_kwargs(settings: Settings, *, client_id: str | None = None) -> dict[str, Any]:
@@ -57,3 +58,36 @@ def make_consumer(settings: Settings, lane: str, **overrides: Any) -> AIOKafkaCo
     }
     kwargs.update(overrides)
     return AIOKafkaConsumer(**kwargs)
+
+
+def apply_idle_fetch_backoff(consumer: AIOKafkaConsumer, backoff_ms: float) -> None:
+    """Make an empty fetch wait ``backoff_ms`` before the next one (client-side long-poll).
+
+    For brokers that answer an empty fetch at once instead of holding it for
+    ``fetch_max_wait_ms`` (the local noida-db broker): aiokafka's fetcher would re-send fetches
+    back to back and spin a core while idle. This wraps the fetcher of a *started* consumer so
+    that a fetch that brought no new data is followed by a short sleep; records that do arrive
+    are never dropped or delayed by more than ``backoff_ms``. It relies on aiokafka's private
+    ``Fetcher._proc_fetch_request`` (aiokafka is pinned to a tested minor version).
+    """
+    fetcher = getattr(consumer, "_fetcher", None)
+    original = getattr(fetcher, "_proc_fetch_request", None)
+    if fetcher is None or original is None:
+        raise RuntimeError("apply_idle_fetch_backoff needs a started aiokafka consumer")
+    if getattr(original, "_inferlane_backoff", False):
+        return
+    delay_s = backoff_ms / 1000.0
+
+    async def fetch_with_backoff(*args: Any, **kwargs: Any) -> Any:
+        has_new_data = await original(*args, **kwargs)
+        if not has_new_data:
+            try:
+                await asyncio.sleep(delay_s)
+            except asyncio.CancelledError:
+                # Same contract as aiokafka's own fetch task: on close() or unassignment it is
+                # cancelled and must end quietly (close() awaits it without suppressing).
+                return False
+        return has_new_data
+
+    fetch_with_backoff._inferlane_backoff = True  # type: ignore[attr-defined]
+    fetcher._proc_fetch_request = fetch_with_backoff

@@ -37,7 +37,7 @@ from aiokafka import (
 from aiokafka.errors import KafkaError
 from mode import Service
 
-from pipeline.kafka import make_consumer, make_producer
+from pipeline.kafka import apply_idle_fetch_backoff, make_consumer, make_producer
 from pipeline.offsets import Chunk, OffsetTracker
 from pipeline.produce import BatchSender
 from pipeline.settings import Settings
@@ -158,6 +158,8 @@ class Lane(Service):  # type: ignore[misc]
         self._consumer = make_consumer(self.settings, self.name)
         self._consumer.subscribe(list(self.handler.topics), listener=_Rebalance(self))
         await self._consumer.start()
+        if self.settings.is_local_broker and self.settings.idle_fetch_sleep_ms:
+            apply_idle_fetch_backoff(self._consumer, self.settings.idle_fetch_sleep_ms)
         for coro in (self._consume_loop(), self._commit_loop(), self._stats_loop()):
             task = asyncio.create_task(coro, name=f"{self.label}")
             task.add_done_callback(self._on_loop_done)
@@ -196,32 +198,15 @@ class Lane(Service):  # type: ignore[misc]
     async def _consume_loop(self) -> None:
         assert self._consumer is not None  # noqa: S101 - set in on_start
         consumer = self._consumer
-        local = self.settings.is_local_broker
-        poll_ms = 1 if local else 100
-        idle_sleep_s = self.settings.idle_fetch_sleep_ms / 1000.0
         while not self._stopping:
             if self.tracker.total_in_flight >= self.max_in_flight_records:
                 self._capacity.clear()
                 await self._capacity.wait()
                 continue
-            fetched = await consumer.getmany(timeout_ms=poll_ms,
+            fetched = await consumer.getmany(timeout_ms=100,
                                              max_records=self.max_records_per_fetch)
-            if not fetched:
-                if local and idle_sleep_s:
-                    await self._idle_pause(consumer, idle_sleep_s)
-                continue
-            self._dispatch(fetched)
-
-    @staticmethod
-    async def _idle_pause(consumer: AIOKafkaConsumer, seconds: float) -> None:
-        # The local broker answers an empty fetch at once (no long-poll), so aiokafka's fetcher
-        # would spin a core; pausing the partitions stops its fetch requests for a moment.
-        assigned = consumer.assignment()
-        consumer.pause(*assigned)
-        try:
-            await asyncio.sleep(seconds)
-        finally:
-            consumer.resume(*(tp for tp in assigned if tp in consumer.assignment()))
+            if fetched:
+                self._dispatch(fetched)
 
     def _dispatch(self, fetched: dict[TopicPartition, list[Record]]) -> None:
         batch = []

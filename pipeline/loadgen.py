@@ -20,7 +20,7 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from pipeline.kafka import client_kwargs, make_producer
+from pipeline.kafka import apply_idle_fetch_backoff, client_kwargs, make_producer
 from pipeline.produce import BatchSender
 from pipeline.settings import Settings
 from pipeline.synth import INVALID_KINDS, TransactionGenerator, make_invalid
@@ -140,6 +140,8 @@ class ResultReader:
             **client_kwargs(self.settings, client_id="inferlane-reader"),
             enable_auto_commit=False, fetch_max_wait_ms=50)
         await self._consumer.start()
+        if self.settings.is_local_broker:
+            apply_idle_fetch_backoff(self._consumer, self.settings.idle_fetch_sleep_ms)
         self._consumer.assign(list(self.start_offsets))
         for tp, offset in self.start_offsets.items():
             self._consumer.seek(tp, offset)
@@ -162,15 +164,13 @@ class ResultReader:
     async def _run(self) -> None:
         assert self._consumer is not None  # noqa: S101
         while True:
-            batches = await self._consumer.getmany(timeout_ms=20, max_records=10_000)
+            batches = await self._consumer.getmany(timeout_ms=100, max_records=10_000)
             now = time.time()
             for records in batches.values():
                 for record in records:
                     self._add(orjson.loads(record.value or b"{}"), now)
             if batches:
                 self._arrived.set()
-            if not batches and self.settings.is_local_broker:
-                await asyncio.sleep(0.002)
 
     def _add(self, value: dict[str, Any], now: float) -> None:
         self.records += 1

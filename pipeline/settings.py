@@ -57,8 +57,8 @@ class Settings(BaseSettings):
     """How often completed offsets are committed (only offsets whose results are acked)."""
     commit_on_revoke: bool = True
     """Commit finished work when partitions are revoked, so the next owner does not redo it."""
-    idle_fetch_sleep_ms: int = Field(default=5, ge=0)
-    """Local broker only: pause after an empty fetch (it has no long-poll and would spin)."""
+    idle_fetch_sleep_ms: float = Field(default=2.0, ge=0.0, le=100.0)
+    """Local broker only: wait after an empty fetch (it has no long-poll; aiokafka would spin)."""
     max_in_flight_records: int = Field(default=20_000, ge=1)
     """Backpressure: stop fetching while this many records are consumed but not yet done."""
 
@@ -107,6 +107,8 @@ class Settings(BaseSettings):
     @field_validator("lanes")
     @classmethod
     def _known_lanes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError(f"names no lane; known: {list(KNOWN_LANES)}")
         unknown = sorted(set(value) - set(KNOWN_LANES))
         if unknown:
             raise ValueError(f"unknown lane(s) {unknown}; known: {list(KNOWN_LANES)}")

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-__all__ = ["Channel", "Decision", "DeadLetter", "FraudScore", "Transaction"]
+__all__ = ["Channel", "DeadLetter", "Decision", "FraudScore", "Transaction"]
 
 Channel = Literal["pos", "ecom", "atm"]
 Decision = Literal["approve", "review", "decline"]

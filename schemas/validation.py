@@ -64,7 +64,7 @@ def _lenient_rejection(raw: bytes, shape: type[msgspec.Struct], exc: Exception) 
         # The stdlib accepts NaN/Infinity tokens, which lets us name the offending field.
         data = json.loads(raw)
         msgspec.convert(data, shape)
-    except (ValueError, msgspec.ValidationError) as lenient:
+    except (ValueError, RecursionError, msgspec.ValidationError) as lenient:
         if isinstance(lenient, msgspec.ValidationError):
             return Rejection(
                 "schema", f"{_schema_reason(lenient)} (NaN or Infinity: not allowed in JSON)")
