@@ -33,7 +33,8 @@ class Settings(BaseSettings):
     """Effective configuration of one inferlane process (frozen: build a new one to change it)."""
 
     model_config = SettingsConfigDict(
-        env_prefix="INFERLANE_", frozen=True, extra="ignore", case_sensitive=False
+        env_prefix="INFERLANE_", frozen=True, extra="ignore", case_sensitive=False,
+        use_attribute_docstrings=True,
     )
 
     # --- Kafka -----------------------------------------------------------------------------

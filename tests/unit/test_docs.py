@@ -1,0 +1,37 @@
+"""Docs that must stay in step with the code: the README's settings table and commands."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.settings import Settings
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_readme_settings_table_lists_exactly_the_settings() -> None:
+    documented = set(re.findall(r"^\| `INFERLANE_([A-Z0-9_]+)` \|", README.read_text(), re.M))
+    fields = {name.upper() for name in Settings.model_fields}
+    assert documented == fields, {"undocumented": fields - documented,
+                                  "not a setting": documented - fields}
+
+
+def test_readme_starts_with_the_two_commands() -> None:
+    text = README.read_text()
+    first_block = text.split("```sh", 1)[1].split("```", 1)[0]
+    assert re.search(r"^make demo\b", first_block, re.M)
+    assert re.search(r"^make test\b", first_block, re.M)
+
+
+def test_every_documented_command_has_help() -> None:
+    runner = CliRunner()
+    for args in (["--help"], ["demo", "--help"], ["stack", "up", "--help"],
+                 ["topics", "create", "--help"], ["models", "build", "--help"],
+                 ["schemas", "export", "--help"], ["settings", "--help"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, (args, result.output)
+        assert "Usage" in result.output
