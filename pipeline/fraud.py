@@ -134,7 +134,7 @@ class FraudHandler:
         try:
             scores, failed = await self._score(valid)
             dead_more = [self._dead(sources[i], "inference", reason) for i, reason in failed]
-            await ctx.sender.send(self.scores_topic, self._results(valid, scores, failed))
+            await ctx.sender.send(self.scores_topic, self._results(valid, sources, scores, failed))
             await ctx.sender.send(self.dlq_topic, dead_more)
         finally:
             await dlq_sent
@@ -175,8 +175,9 @@ class FraudHandler:
             await self._bisect(features, lo, mid, scores, failed)
             await self._bisect(features, mid, hi, scores, failed)
 
-    def _results(self, valid: list[dict[str, Any]], scores: NDArray[np.float32],
-                 failed: list[tuple[int, str]]) -> list[tuple[bytes | None, bytes]]:
+    def _results(self, valid: list[dict[str, Any]], sources: list[Record],
+                 scores: NDArray[np.float32], failed: list[tuple[int, str]],
+                 ) -> list[tuple[bytes | None, bytes]]:
         assert self._ctx is not None and self.thresholds is not None  # noqa: S101
         now = time.time()
         budget_s = self.settings.fraud_budget_ms / 1000.0
@@ -190,7 +191,9 @@ class FraudHandler:
             if i in skip:
                 continue
             sent_at = txn.get("sent_at")
-            if sent_at is not None and now - sent_at > budget_s:
+            # The budget counts from when the event was produced: consumer lag counts too.
+            origin = sent_at if sent_at is not None else sources[i].timestamp / 1000.0
+            if now - origin > budget_s:
                 late += 1
             value = orjson.dumps({
                 "event_id": txn["event_id"], "card_id": txn["card_id"], "score": score,

@@ -112,6 +112,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._lane._on_revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        await self._lane._resume_handover(set(assigned))
         self._lane._rebalancing = False
         log.info("%s: assigned %s", self._lane.name,
                  sorted((t.topic, t.partition) for t in assigned))
@@ -141,6 +142,8 @@ class Lane(Service):  # type: ignore[misc]
         self._progress = asyncio.Event()
         self._stopping = False
         self._rebalancing = False
+        self._handover: dict[TopicPartition, int] = {}
+        """Finished positions of revoked partitions, in case the rebalance gives them back."""
         self.ready = asyncio.Event()
         """Set once the consumer has joined its group and the loop runs (tests wait on it)."""
 
@@ -179,6 +182,8 @@ class Lane(Service):  # type: ignore[misc]
         await self.handler.stop()
         await self._commit()
         if self._consumer is not None:
+            if self.settings.leave_group_on_stop:
+                _leave_on_close(self._consumer)
             await self._consumer.stop()
         if self._producer is not None:
             await self._producer.stop()
@@ -269,10 +274,43 @@ class Lane(Service):  # type: ignore[misc]
                 await asyncio.wait_for(self._progress.wait(), deadline - time.monotonic())
         if self.settings.commit_on_revoke:
             await self._commit(revoked)
+        for tp in revoked:
+            if (position := self.tracker.position(tp)) is not None:
+                self._handover[tp] = position
         self.tracker.forget(revoked)
         log.info("%s: revoked %s", self.label, sorted((t.topic, t.partition) for t in revoked))
+
+    async def _resume_handover(self, assigned: set[TopicPartition]) -> None:
+        """Partitions given back to us resume where *we* finished, not at the last commit.
+
+        The commit on revoke can fail (the local broker refuses any commit once a rebalance has
+        started); without this the worker would redo its own finished work. Every offset below
+        the remembered position has its results acknowledged, so seeking there loses nothing.
+        """
+        handover, self._handover = self._handover, {}
+        consumer = self._consumer
+        if consumer is None:
+            return
+        for tp in assigned & handover.keys():
+            committed = await consumer.committed(tp)
+            if committed is None or handover[tp] > committed:
+                consumer.seek(tp, handover[tp])
+                self.tracker.resume(tp, handover[tp])
+                log.info("%s: resuming %s-%d at %d (committed: %s)", self.label, tp.topic,
+                         tp.partition, handover[tp], committed)
 
     async def _stats_loop(self) -> None:
         while not self._stopping:
             await asyncio.sleep(self.stats_interval_s)
             log.info("%s: %s in-flight=%d", self.label, self.stats, self.tracker.total_in_flight)
+
+
+def _leave_on_close(consumer: AIOKafkaConsumer) -> None:
+    """Make ``consumer.stop()`` send LeaveGroup although it is a static member.
+
+    aiokafka skips LeaveGroup for static members (KIP-345: a restart with the same id then
+    needs no rebalance). On a planned stop we want the group to hand the partitions over now.
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is not None and hasattr(coordinator, "_group_instance_id"):
+        coordinator._group_instance_id = None

@@ -84,6 +84,16 @@ class OffsetTracker:
         """Record that ``offsets`` were committed to the broker."""
         self._committed.update(offsets)
 
+    def position(self, tp: TopicPartition) -> int | None:
+        """The partition's finished position (next offset to process), if any was reached."""
+        return self._position.get(tp)
+
+    def resume(self, tp: TopicPartition, position: int) -> None:
+        """Start tracking ``tp`` at a position finished earlier, to be committed again."""
+        self._chunks[tp] = deque()
+        self._position[tp] = position
+        self._committed.pop(tp, None)
+
     def forget(self, tps: set[TopicPartition]) -> None:
         """Drop revoked partitions: late completions for them no longer count."""
         for tp in tps:

@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     """How often completed offsets are committed (only offsets whose results are acked)."""
     commit_on_revoke: bool = True
     """Commit finished work when partitions are revoked, so the next owner does not redo it."""
+    leave_group_on_stop: bool = True
+    """On a graceful stop, leave the consumer groups so others take the partitions over at once.
+
+    Static members normally do not (a restart then needs no rebalance), but then their
+    partitions wait a session timeout on Apache Kafka and forever on the local broker."""
     idle_fetch_sleep_ms: float = Field(default=2.0, ge=0.0, le=100.0)
     """Local broker only: wait after an empty fetch (it has no long-poll; aiokafka would spin)."""
     max_in_flight_records: int = Field(default=20_000, ge=1)

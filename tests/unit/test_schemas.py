@@ -6,6 +6,7 @@ import base64
 import importlib
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import msgspec
@@ -15,7 +16,7 @@ import pytest
 
 import schemas
 from pipeline.fraud import FraudHandler, Thresholds
-from pipeline.lane import LaneContext, LaneStats
+from pipeline.lane import LaneContext, LaneStats, Record
 from pipeline.model import OnnxScorer
 from pipeline.settings import load_settings
 from schemas import (
@@ -391,7 +392,9 @@ async def test_fraud_score_values_produced_by_the_lane_convert() -> None:
     scores = np.array([0.1, 0.5, 0.95, np.nan], dtype=np.float32)
     before = time.time()
     try:
-        out = handler._results(valid, scores, failed=[(3, "model failed")])
+        # Kafka record timestamps (ms) stand in for sent_at where it is absent ("a", "d").
+        sources = [cast(Record, SimpleNamespace(timestamp=int(before * 1000)))] * len(valid)
+        out = handler._results(valid, sources, scores, failed=[(3, "model failed")])
     finally:
         await handler.stop()
     assert [key for key, _ in out] == [b"card-a", b"card-b", b"card-c"]
