@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from pipeline.bench.cli import bench_app
 from pipeline.errors import InferlaneError
 from pipeline.settings import load_settings
 
@@ -34,6 +35,7 @@ app.add_typer(stack_app, name="stack")
 app.add_typer(topics_app, name="topics")
 app.add_typer(models_app, name="models")
 app.add_typer(schemas_app, name="schemas")
+app.add_typer(bench_app, name="bench")
 
 console = Console()
 _DEFAULT_STACK_DIR = Path(".inferlane") / "stack"

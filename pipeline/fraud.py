@@ -26,7 +26,7 @@ import orjson
 from aiokafka import TopicPartition
 from numpy.typing import NDArray
 
-from pipeline.batcher import MicroBatcher
+from pipeline.batcher import BatchStats, MicroBatcher
 from pipeline.deadletter import dead_letter
 from pipeline.features import fast_features
 from pipeline.lane import LaneContext, PartitionRecords, Record
@@ -107,6 +107,11 @@ class FraudHandler:
         await self._batcher.start()
         log.info("fraud: model %s ready in %.3fs (thresholds %s)", self.scorer.version,
                  self.cold_start_s, self.thresholds)
+
+    @property
+    def stats(self) -> BatchStats | None:
+        """The batcher's counters (batches, rows, batch-size histogram)."""
+        return self._batcher.stats if self._batcher is not None else None
 
     async def stop(self) -> None:
         if self._batcher is not None:

@@ -180,6 +180,7 @@ class Lane(Service):  # type: ignore[misc]
         if self._handling:
             await asyncio.wait(list(self._handling), timeout=self.revoke_timeout_s)
         await self.handler.stop()
+        self.handler_stats()
         await self._commit()
         if self._consumer is not None:
             if self.settings.leave_group_on_stop:
@@ -303,6 +304,13 @@ class Lane(Service):  # type: ignore[misc]
         while not self._stopping:
             await asyncio.sleep(self.stats_interval_s)
             log.info("%s: %s in-flight=%d", self.label, self.stats, self.tracker.total_in_flight)
+            self.handler_stats()
+
+    def handler_stats(self) -> None:
+        """Log what the handler keeps (e.g. the batcher's batch-size histogram), if anything."""
+        stats = getattr(self.handler, "stats", None)
+        if stats is not None:
+            log.info("%s: %s", self.label, stats)
 
 
 def _leave_on_close(consumer: AIOKafkaConsumer) -> None:

@@ -1,0 +1,133 @@
+"""``inferlane bench run``: the typer sub-application of the benchmark.
+
+Registered by the main CLI as ``app.add_typer(bench_app, name="bench")``; also runnable alone
+as ``python -m pipeline.bench run --quick``. Writes ``results.md``, ``results.json`` and
+``latency.png`` into the results folder, prints the table, and exits 1 when an event had no
+result or a phase failed (after writing everything it has).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, NamedTuple
+
+import typer
+from rich.console import Console
+
+from pipeline.bench.report import BenchConfig, BenchRun, rich_table, write_results
+from pipeline.bench.sut import IMPLS
+
+__all__ = ["bench_app"]
+
+bench_app = typer.Typer(
+    help="Benchmark the fraud lane against two yardsticks (naive faust agent, bare aiokafka "
+         "loop) on the local stack.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+# Piped output gets a table wide enough to read instead of rich's 80-column fallback.
+console = Console(width=None if sys.stdout.isatty() else 132)
+
+
+
+class _Preset(NamedTuple):
+    rates: tuple[float, ...]
+    duration_s: float
+    drain_events: int
+
+
+_FULL = _Preset((100.0, 1000.0, 5000.0), 20.0, 100_000)
+_QUICK = _Preset((100.0, 1000.0), 5.0, 20_000)
+
+
+@bench_app.callback()
+def _group() -> None:
+    """Benchmark the fraud lane against two yardsticks on the local stack."""
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _impls(text: str) -> tuple[str, ...]:
+    keys = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [key for key in keys if key not in IMPLS]
+    if unknown or not keys:
+        raise typer.BadParameter(f"choose from {','.join(IMPLS)}; got {text!r}")
+    return keys
+
+
+def _rates(text: str) -> tuple[float, ...]:
+    try:
+        rates = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise typer.BadParameter(f"comma-separated events/s, got {text!r}") from None
+    if any(r <= 0 for r in rates):
+        raise typer.BadParameter("rates must be > 0")
+    return rates
+
+
+def _config(impl: str, rates: str | None, duration: float | None, drain_events: int | None,
+            out: Path | None, poisson: bool, quick: bool, warmup: float,
+            result_timeout: float, seed: int) -> BenchConfig:
+    preset = _QUICK if quick else _FULL
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return BenchConfig(
+        impls=_impls(impl),
+        rates=_rates(rates) if rates is not None else preset.rates,
+        duration_s=duration if duration is not None else preset.duration_s,
+        drain_events=drain_events if drain_events is not None else preset.drain_events,
+        warmup_s=warmup, poisson=poisson,
+        out=(out or Path("bench-results") / stamp).resolve(),
+        result_timeout_s=result_timeout, seed=seed, quick=quick)
+
+
+def _finish(run: BenchRun) -> int:
+    from pipeline.bench.plot import plot_results
+
+    paths = write_results(run)
+    paths.append(plot_results(run.results, run.labels, run.config.out / "latency.png"))
+    console.print(rich_table(run))
+    for note in run.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    console.print("wrote " + ", ".join(str(p) for p in paths))
+    missing = sum(r.missing for r in run.results)
+    if missing:
+        console.print(f"[red]{missing:,} events had no result[/]")
+    return 1 if missing or run.notes else 0
+
+
+@bench_app.command("run")
+def run(
+    impl: Annotated[str, typer.Option(help="Implementations: a=lane, b=naive faust, "
+                                           "c=bare aiokafka.")] = "a,b,c",
+    rates: Annotated[str | None, typer.Option(help="Offered loads, events/s "
+                                                   "(default 100,1000,5000).")] = None,
+    duration: Annotated[float | None, typer.Option(help="Seconds per rate (default 20).")] = None,
+    drain_events: Annotated[int | None, typer.Option(help="Backlog size for the drain, 0 = "
+                                                          "skip (default 100000).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Results folder (default "
+                                                  "bench-results/<UTC timestamp>).")] = None,
+    poisson: Annotated[bool, typer.Option("--poisson/--constant",
+                                          help="Poisson or constant-rate arrivals.")] = False,
+    quick: Annotated[bool, typer.Option(help="Rates 100,1000 for 5 s, drain 20,000.")] = False,
+    warmup: Annotated[float, typer.Option(help="Seconds of latencies discarded.")] = 2.0,
+    result_timeout: Annotated[float, typer.Option(help="Max wait for results after a rate, "
+                                                       "s.")] = 30.0,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic traffic.")] = 1,
+) -> None:
+    """Run the scenarios on a fresh local stack and write the results folder."""
+    from pipeline.bench.runner import new_run, run_bench
+
+    config = _config(impl, rates, duration, drain_events, out, poisson, quick, warmup,
+                     result_timeout, seed)
+    signal.signal(signal.SIGTERM, _interrupt)
+    record = new_run(config)
+    try:
+        run_bench(record, console)
+    except KeyboardInterrupt:
+        record.notes.append("interrupted: partial results")
+        _finish(record)
+        raise typer.Exit(130) from None
+    raise typer.Exit(_finish(record))

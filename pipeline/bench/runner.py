@@ -1,0 +1,244 @@
+"""Drive one benchmark run: local stack up, each implementation in turn, everything stopped.
+
+Per implementation, never two at once (the machine has few cores):
+
+1. *rates*: start the SUT on fresh topics, then per offered rate start a result reader
+   (separate process), send open-loop traffic for ``duration_s``, wait for every result (or the
+   timeout), and compute latency, throughput and the SUT's CPU in that window;
+2. *drain*: with the SUT stopped, preload ``drain_events`` on fresh topics, start the SUT and
+   time the drain from its ready mark to the last result.
+
+Each phase has its own topic prefix and app id (consumer groups), so nothing is shared. A phase
+that fails is recorded as a note and the run goes on; Ctrl-C/SIGTERM unwinds through the
+``finally`` blocks, which stop every process this module started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import partial
+
+from aiokafka.errors import KafkaError
+from rich.console import Console
+
+from pipeline.bench.machine import machine_info
+from pipeline.bench.procstat import CpuSampler, peak_rss_mb
+from pipeline.bench.reader import ReaderProcess
+from pipeline.bench.report import BenchConfig, BenchRun, PhaseInfo, main_row
+from pipeline.bench.stats import ScenarioResult, drain_result, match_results, rate_result
+from pipeline.bench.sut import IMPLS, SutProcess, impl_env, parse_logged_stats, settings_for
+from pipeline.bench.traffic import Arrivals, SentLog, preload, produce_open_loop
+from pipeline.errors import InferlaneError
+from pipeline.settings import Settings
+from pipeline.stack import LocalStack
+from pipeline.topics import ensure_topics
+
+__all__ = ["new_run", "run_bench"]
+
+_DRAIN_SEED_OFFSET = 1_000_000
+_IDLE_S = 2.0
+_LAG_NOTE_MS = 50.0
+
+
+@dataclass
+class _Ctx:
+    config: BenchConfig
+    base_env: dict[str, str]
+    tag: str
+    console: Console
+    run: BenchRun
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def new_run(config: BenchConfig) -> BenchRun:
+    """An empty run record for ``config`` (filled in place by :func:`run_bench`)."""
+    return BenchRun(config=config, machine=machine_info(),
+                    labels={key: f"({key}) {IMPLS[key].label}" for key in config.impls},
+                    started_at=_utc_now())
+
+
+def run_bench(run: BenchRun, console: Console) -> BenchRun:
+    """Run every requested implementation and scenario, filling ``run`` as results come."""
+    config = run.config
+    stack = LocalStack(config.out / "stack", fresh=True)
+    console.print(f"[bold]inferlane bench[/] -> {config.out}")
+    try:
+        # The readiness probe's refused connections are expected; aiokafka would print them.
+        kafka_log = logging.getLogger("aiokafka")
+        level = kafka_log.level
+        kafka_log.setLevel(logging.CRITICAL)
+        try:
+            endpoints = stack.start()
+        finally:
+            kafka_log.setLevel(level)
+        console.print(f"  local stack: broker {endpoints.kafka_bootstrap}")
+        tag = datetime.now(timezone.utc).strftime("%H%M%S")
+        ctx = _Ctx(config, endpoints.env(), tag, console, run)
+        for impl in config.impls:
+            if config.rates:
+                _guarded(ctx, impl, "rates", partial(_rates_phase, ctx, impl))
+            if config.drain_events > 0:
+                _guarded(ctx, impl, "drain", partial(_drain_phase, ctx, impl))
+    finally:
+        stack.stop()
+        shutil.rmtree(stack.data_dir, ignore_errors=True)
+        shutil.rmtree(config.out / "work", ignore_errors=True)
+        run.finished_at = _utc_now()
+    return run
+
+
+def _guarded(ctx: _Ctx, impl: str, phase: str, body: Callable[[], None]) -> None:
+    try:
+        body()
+    except (InferlaneError, KafkaError, OSError, RuntimeError, TimeoutError) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        ctx.run.notes.append(f"({impl}) {phase} phase failed: {type(exc).__name__}: {first_line}")
+        ctx.console.print(f"  [red]({impl}) {phase} failed:[/] {first_line}")
+
+
+def _phase_env(ctx: _Ctx, impl: str, phase: str) -> tuple[dict[str, str], Settings]:
+    env = impl_env(ctx.base_env, tag=ctx.tag, impl=impl, phase=phase,
+                   state_dir=ctx.config.out / "state")
+    settings = settings_for(env)
+    asyncio.run(ensure_topics(settings))
+    return env, settings
+
+
+def _start_sut(ctx: _Ctx, impl: str, phase: str, env: dict[str, str]) -> tuple[SutProcess,
+                                                                                PhaseInfo]:
+    log = ctx.config.out / "logs" / f"{impl}-{phase}.log"
+    sut = SutProcess(IMPLS[impl], env, log, cwd=ctx.config.out / "state")
+    info = PhaseInfo(impl=impl, phase=phase, log=str(log))
+    ctx.run.phases.append(info)
+    return sut, info
+
+
+def _launch(ctx: _Ctx, sut: SutProcess, info: PhaseInfo) -> CpuSampler:
+    started = time.time()
+    ready = sut.start()
+    info.startup_s = ready - started
+    assert sut.pid is not None  # noqa: S101 - started above
+    ctx.console.print(f"  ({info.impl}) {info.phase}: ready in {info.startup_s:.1f}s "
+                      f"(pid {sut.pid}, log {sut.log_path.name})")
+    return CpuSampler(sut.pid, interval_s=0.02).start()
+
+
+def _stop_sut(sut: SutProcess, info: PhaseInfo) -> None:
+    if sut.pid is not None and sut.alive:
+        info.peak_rss_mb = peak_rss_mb(sut.pid)
+    info.exit_code = sut.stop()
+    text = sut.log_text()
+    info.lane_stats = parse_logged_stats(text, "LaneStats")
+    info.batcher_stats = parse_logged_stats(text, "BatchStats")
+
+
+def _record(ctx: _Ctx, result: ScenarioResult) -> None:
+    ctx.run.results.append(result)
+    cells = main_row(result)
+    ctx.console.print(f"    {cells[1]}: offered {cells[2]} achieved {cells[3]} ev/s, "
+                      f"p50 {cells[4]} p99 {cells[6]} ms, CPU-s/1k {cells[8]}, "
+                      f"missing {cells[9]}")
+
+
+def _idle_cpu(sampler: CpuSampler, seconds: float) -> float | None:
+    """CPU cores the SUT uses while it waits for traffic (measured over ``seconds``)."""
+    start = time.time()
+    time.sleep(seconds)
+    end = time.time()
+    sampler.sample()
+    spent = sampler.between(start, end)
+    return None if spent is None else spent / seconds
+
+
+def _rates_phase(ctx: _Ctx, impl: str) -> None:
+    env, settings = _phase_env(ctx, impl, "rates")
+    sut, info = _start_sut(ctx, impl, "rates", env)
+    try:
+        sampler = _launch(ctx, sut, info)
+        try:
+            info.idle_cpu_cores = _idle_cpu(sampler, _IDLE_S)
+            for index, target in enumerate(ctx.config.rates):
+                _record(ctx, _rate_scenario(ctx, impl, env, settings, sampler, target,
+                                            seed=ctx.config.seed + index))
+        finally:
+            sampler.stop()
+    finally:
+        _stop_sut(sut, info)
+
+
+def _rate_scenario(ctx: _Ctx, impl: str, env: dict[str, str], settings: Settings,
+                   sampler: CpuSampler, target: float, *, seed: int) -> ScenarioResult:
+    cfg = ctx.config
+    arrivals = (Arrivals.poisson(target, cfg.duration_s, seed) if cfg.poisson
+                else Arrivals.constant(target, cfg.duration_s))
+    reader = ReaderProcess(env, settings.topic("fraud.scores"), cfg.out / "work",
+                           cfg.out / "logs" / f"{impl}-rate{target:g}-reader.log")
+    loadavg = os.getloadavg()
+    try:
+        reader.start()
+        sent = asyncio.run(produce_open_loop(settings, arrivals, seed=seed))
+        reader.request(sent.ids, cfg.result_timeout_s)
+        output = reader.collect(cfg.result_timeout_s + 30)
+    finally:
+        reader.close()
+    matched = match_results(sent.ids, output.rows)
+    result = rate_result(impl, target_rate=target, sent=len(sent.ids), started_at=sent.started_at,
+                         last_sent=sent.last_at, matched=matched,
+                         cpu_s=sampler.between(sent.started_at, matched.last_received),
+                         warmup_s=cfg.warmup_s)
+    result.extra.update(arrivals="poisson" if cfg.poisson else "constant",
+                        generator_max_lag_ms=sent.max_lag_ms,
+                        generator_max_lag_at_s=sent.max_lag_at_s, loadavg_before=list(loadavg),
+                        unexpected_results=matched.unexpected, unparsed_results=output.unparsed)
+    _lag_note(ctx, result, sent)
+    return result
+
+
+def _lag_note(ctx: _Ctx, result: ScenarioResult, sent: SentLog) -> None:
+    if sent.max_lag_ms > _LAG_NOTE_MS:
+        ctx.run.notes.append(
+            f"({result.impl}) {result.scenario}: the generator fell up to "
+            f"{sent.max_lag_ms:.0f} ms behind its schedule (at {sent.max_lag_at_s or 0:.2f} s); "
+            "the events due were then sent together, each stamped when sent")
+
+
+def _drain_phase(ctx: _Ctx, impl: str) -> None:
+    cfg = ctx.config
+    env, settings = _phase_env(ctx, impl, "drain")
+    reader = ReaderProcess(env, settings.topic("fraud.scores"), cfg.out / "work",
+                           cfg.out / "logs" / f"{impl}-drain-reader.log")
+    timeout_s = 120.0 + cfg.drain_events / 500.0
+    loadavg = os.getloadavg()
+    try:
+        reader.start()
+        sent = asyncio.run(preload(settings, cfg.drain_events, seed=cfg.seed + _DRAIN_SEED_OFFSET))
+        ctx.console.print(f"  ({impl}) drain: {len(sent.ids):,} events preloaded")
+        reader.request(sent.ids, timeout_s)
+        sut, info = _start_sut(ctx, impl, "drain", env)
+        try:
+            sampler = _launch(ctx, sut, info)
+            try:
+                output = reader.collect(timeout_s + 30)
+            finally:
+                sampler.stop()
+        finally:
+            _stop_sut(sut, info)
+    finally:
+        reader.close()
+    assert sut.ready_at is not None  # noqa: S101 - _launch returned
+    matched = match_results(sent.ids, output.rows)
+    result = drain_result(impl, sent=len(sent.ids), ready_at=sut.ready_at, matched=matched,
+                          cpu_s=sampler.between(sut.ready_at, matched.last_received))
+    result.extra.update(loadavg_before=list(loadavg), unexpected_results=matched.unexpected,
+                        unparsed_results=output.unparsed)
+    _record(ctx, result)

@@ -1,0 +1,137 @@
+"""Open-loop traffic for the benchmark: constant or Poisson arrivals, and a backlog preload.
+
+Open loop: the arrival schedule is fixed before the first send and every tick sends what is due,
+without waiting for earlier sends or for results, so a slow system under test cannot slow the
+offered load. ``sent_at`` is stamped when a record is built for sending; how far the generator
+fell behind its schedule is reported (``max_lag_ms``) so a generator that could not keep up is
+visible rather than silently lowering the load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+from numpy.typing import NDArray
+
+from pipeline.kafka import make_producer
+from pipeline.produce import BatchSender
+from pipeline.settings import Settings
+from pipeline.synth import TransactionGenerator
+
+__all__ = ["Arrivals", "SentLog", "preload", "produce_open_loop"]
+
+Record = tuple[bytes | None, bytes]
+
+
+@dataclass
+class SentLog:
+    """What the generator sent: event ids in order, schedule start, first/last send, lag."""
+
+    ids: list[str] = field(default_factory=list)
+    started_at: float | None = None
+    """Wall time of schedule offset 0 (the window of offered and achieved rates opens here)."""
+    first_at: float | None = None
+    last_at: float | None = None
+    max_lag_ms: float = 0.0
+    max_lag_at_s: float | None = None
+    """Schedule offset at which the generator was furthest behind."""
+
+
+class Arrivals:
+    """Scheduled send offsets (seconds from start) of every event of a scenario."""
+
+    def __init__(self, offsets: NDArray[np.float64]) -> None:
+        self.offsets = offsets
+
+    @classmethod
+    def constant(cls, rate_per_s: float, duration_s: float) -> Arrivals:
+        count = int(round(rate_per_s * duration_s))
+        return cls(np.arange(count, dtype=np.float64) / rate_per_s)
+
+    @classmethod
+    def poisson(cls, rate_per_s: float, duration_s: float, seed: int) -> Arrivals:
+        """Exponential gaps of mean ``1/rate``; arrivals after ``duration_s`` are dropped."""
+        rng = np.random.default_rng(seed)
+        expected = rate_per_s * duration_s
+        gaps = rng.exponential(1.0 / rate_per_s, size=int(expected + 8 * np.sqrt(expected) + 16))
+        offsets = np.cumsum(gaps)
+        return cls(offsets[offsets < duration_s])
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def due(self, elapsed_s: float) -> int:
+        """How many events should have been sent ``elapsed_s`` after the start."""
+        return int(np.searchsorted(self.offsets, elapsed_s, side="right"))
+
+
+def _records(generator: TransactionGenerator, count: int, log: SentLog) -> list[Record]:
+    out: list[Record] = []
+    for _ in range(count):
+        txn, _label = generator.next()
+        txn["sent_at"] = now = time.time()
+        log.ids.append(str(txn["event_id"]))
+        out.append((str(txn["card_id"]).encode(), orjson.dumps(txn)))
+        if log.first_at is None:
+            log.first_at = now
+        log.last_at = now
+    return out
+
+
+async def produce_open_loop(settings: Settings, arrivals: Arrivals, *, seed: int,
+                            tick_s: float = 0.002) -> SentLog:
+    """Send one transaction per scheduled arrival to ``fraud.requests``; all acked on return."""
+    topic = settings.topic("fraud.requests")
+    generator = TransactionGenerator(seed=seed, start_ts=time.time())
+    generator.next()  # the first call pays one-off set-up costs: keep them off the schedule
+    log = SentLog()
+    producer = make_producer(settings, linger_ms=2)
+    await producer.start()
+    sender = BatchSender(producer)
+    pending: set[asyncio.Task[None]] = set()
+    sent = 0
+    try:
+        started = time.monotonic()
+        log.started_at = time.time()
+        while sent < len(arrivals):
+            elapsed = time.monotonic() - started
+            due = arrivals.due(elapsed)
+            if due > sent:
+                lag_ms = (elapsed - float(arrivals.offsets[sent])) * 1000.0
+                if lag_ms > log.max_lag_ms:
+                    log.max_lag_ms, log.max_lag_at_s = lag_ms, float(arrivals.offsets[sent])
+                task = asyncio.create_task(sender.send(topic, _records(generator, due - sent,
+                                                                       log)))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+                sent = due
+            await asyncio.sleep(tick_s)
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return log
+
+
+async def preload(settings: Settings, count: int, *, seed: int, chunk: int = 5000) -> SentLog:
+    """Send ``count`` transactions as fast as the broker takes them (a backlog to drain)."""
+    topic = settings.topic("fraud.requests")
+    generator = TransactionGenerator(seed=seed, start_ts=time.time())
+    log = SentLog()
+    producer = make_producer(settings, linger_ms=5)
+    await producer.start()
+    sender = BatchSender(producer)
+    try:
+        in_flight: list[asyncio.Task[None]] = []
+        for start in range(0, count, chunk):
+            records = _records(generator, min(chunk, count - start), log)
+            in_flight.append(asyncio.create_task(sender.send(topic, records)))
+            if len(in_flight) >= 4:  # bounded pipelining keeps memory flat
+                await in_flight.pop(0)
+        await asyncio.gather(*in_flight)
+    finally:
+        await producer.stop()
+    return log
