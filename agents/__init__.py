@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from agents import archive, fraud
 from pipeline.app import create_app
+from pipeline.runtime import tune_process
 from pipeline.settings import load_settings
 
 __all__ = ["app", "settings"]
@@ -17,3 +18,4 @@ app = create_app(settings)
 
 fraud.register(app, settings)
 archive.register(app, settings)
+tune_process(settings)

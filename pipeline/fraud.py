@@ -99,14 +99,19 @@ class FraudHandler:
                     self.settings.fraud_model_dir, self.settings.fraud_model_precision,
                     self.settings.inference_threads))
         await loop.run_in_executor(self._executor, self.scorer.warm_up)
+        full_batch_s = await loop.run_in_executor(
+            self._executor, self.scorer.batch_seconds, self.settings.fraud_batch_max_rows)
+        inline = full_batch_s * 1e6 < self.settings.inline_inference_max_us
         self.thresholds = Thresholds.for_model(self.settings, self.scorer)
         self.cold_start_s = time.monotonic() - started
         self._batcher = MicroBatcher(
             self.scorer.predict, batch_max_rows=self.settings.fraud_batch_max_rows,
-            max_wait_ms=self.settings.fraud_max_wait_ms, executor=self._executor)
+            max_wait_ms=self.settings.fraud_max_wait_ms, executor=self._executor, inline=inline)
         await self._batcher.start()
-        log.info("fraud: model %s ready in %.3fs (thresholds %s)", self.scorer.version,
-                 self.cold_start_s, self.thresholds)
+        log.info("fraud: model %s ready in %.3fs (thresholds %s); a full batch of %d takes "
+                 "%.0f us: inference %s", self.scorer.version, self.cold_start_s, self.thresholds,
+                 self.settings.fraud_batch_max_rows, full_batch_s * 1e6,
+                 "inline on the loop" if inline else "in an executor thread")
 
     @property
     def stats(self) -> BatchStats | None:

@@ -168,8 +168,9 @@ class Lane(Service):  # type: ignore[misc]
             task.add_done_callback(self._on_loop_done)
             self._loops.append(task)
         self.ready.set()
-        log.info("%s: started (group %s, member %s)", self.label,
-                 self.settings.group_id(self.name), f"{self.settings.worker_id}-{self.name}")
+        log.info("%s: started (group %s, member %s, loop %s)", self.label,
+                 self.settings.group_id(self.name), f"{self.settings.worker_id}-{self.name}",
+                 type(asyncio.get_running_loop()).__module__)
 
     async def on_stop(self) -> None:
         """Graceful stop: finish in-flight work, flush the handler, commit, then leave."""

@@ -234,6 +234,16 @@ class OnnxScorer:
                 self.predict(x)
         return time.perf_counter() - start
 
+    def batch_seconds(self, rows: int, repeats: int = 25) -> float:
+        """Median wall time of one ``predict`` over ``rows`` rows (after warm-up)."""
+        x = np.random.default_rng(1).standard_normal((rows, self._n_features)).astype(np.float32)
+        timings = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self.predict(x)
+            timings.append(time.perf_counter() - start)
+        return float(np.median(timings))
+
 
 def _check_io(session: ort.InferenceSession, card: ModelCard, path: Path) -> None:
     inputs = session.get_inputs()

@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     state_dir: Path = Path(".inferlane")
     """Local working files: faust data dirs, local stack logs and data."""
 
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+    """Event loop of the worker process."""
+    gc_freeze: bool = True
+    """Freeze start-up objects out of the garbage collector and collect generation 0 less often."""
+
     # --- S3 ---------------------------------------------------------------------------------
     s3_endpoint_url: str | None = None
     """S3-compatible endpoint (MinIO, moto); unset = AWS S3 with the standard credential chain."""
@@ -95,6 +100,8 @@ class Settings(BaseSettings):
     """Score at or above which a transaction is sent to review (default: the model card's)."""
     fraud_decline_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     """Score at or above which a transaction is declined (default: the model card's)."""
+    inline_inference_max_us: float = Field(default=200.0, ge=0.0)
+    """Run the model on the event loop when a full batch takes less than this (0 = never)."""
     inference_threads: int = Field(default=1, ge=1, le=64)
     """onnxruntime intra-op threads per session."""
 
