@@ -1,35 +1,50 @@
-"""Run ``faust -A agents worker`` as a child process: for the demo, the tests and benchmarks.
+"""Run a worker as a child process: for the demo, the tests and the benchmarks.
 
-A :class:`WorkerProcess` starts the worker with a given environment, waits until faust reports
-it ready (and every requested lane has joined its group), and stops it with SIGTERM (graceful:
-lanes flush and commit) or SIGKILL (crash tests).
+A :class:`WorkerProcess` starts ``faust -A agents worker`` (or any command given as ``argv``)
+in its own session with a given environment, waits until the ready mark appears in its log, and
+stops it with SIGTERM (graceful: lanes flush and commit) or SIGKILL (crash tests). Whatever the
+process leaves behind in its session is killed when it is stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.errors import StackError
 
-__all__ = ["WorkerProcess"]
+__all__ = ["FAUST_READY_MARK", "WorkerProcess", "faust_worker_argv"]
 
-_READY_MARK = "[^Worker]: Ready"
+FAUST_READY_MARK = "[^Worker]: Ready"
+
+
+def faust_worker_argv(app_module: str = "agents", *, web: bool = False) -> list[str]:
+    """``python -m faust -A <app_module> worker -l info`` (``--without-web`` unless ``web``)."""
+    argv = [sys.executable, "-m", "faust", "-A", app_module, "worker", "-l", "info"]
+    return argv if web else [*argv, "--without-web"]
 
 
 class WorkerProcess:
-    """One ``faust -A agents worker`` process with its own log file."""
+    """One worker process with its own log file."""
 
     def __init__(self, env: dict[str, str], log_path: Path, *, web: bool = False,
-                 cwd: Path | None = None) -> None:
+                 cwd: Path | None = None, argv: Sequence[str] | None = None,
+                 ready_mark: str = FAUST_READY_MARK, label: str = "worker") -> None:
         self.env = {**os.environ, **env}
         self.log_path = log_path
-        self.web = web
         self.cwd = cwd
+        self.argv = list(argv) if argv is not None else faust_worker_argv(web=web)
+        self.ready_mark = ready_mark
+        self.label = label
+        self.started_at: float | None = None
+        self.ready_at: float | None = None
+        """Wall time at which the ready mark appeared (the benchmark times drains from it)."""
         self._popen: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
 
@@ -41,50 +56,65 @@ class WorkerProcess:
     def alive(self) -> bool:
         return self._popen is not None and self._popen.poll() is None
 
-    def start(self, *, ready_timeout_s: float = 60.0) -> None:
-        """Start the worker and wait until it is ready; raise :class:`StackError` if it dies."""
+    def start(self, *, ready_timeout_s: float = 60.0) -> float:
+        """Start and wait until ready; return the ready wall time. :class:`StackError` if it
+        exits or is not ready in time."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.cwd is not None:
+            self.cwd.mkdir(parents=True, exist_ok=True)
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        argv = [sys.executable, "-m", "faust", "-A", "agents", "worker", "-l", "info"]
-        if not self.web:
-            argv.append("--without-web")
         with open(self.log_path, "ab") as log:
-            self._popen = subprocess.Popen(  # noqa: S603 - fixed argv
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            self.started_at = time.time()
+            self._popen = subprocess.Popen(  # noqa: S603 - argv built by this module or caller
+                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=self.env, cwd=self.cwd, start_new_session=True)
-        self._wait_ready(ready_timeout_s)
+        self.ready_at = self._wait_ready(ready_timeout_s)
+        return self.ready_at
 
-    def _wait_ready(self, timeout_s: float) -> None:
+    def _wait_ready(self, timeout_s: float) -> float:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not self.alive:
-                raise StackError(f"worker exited during start-up; log {self.log_path}:\n"
+                raise StackError(f"{self.label} exited during start-up; log {self.log_path}:\n"
                                  f"{self.log_tail()}")
-            if _READY_MARK in self._new_log():
-                return
-            time.sleep(0.1)
-        raise StackError(f"worker not ready after {timeout_s:.0f}s; log {self.log_path}:\n"
-                         f"{self.log_tail()}")
+            if self.ready_mark in self._new_log():
+                return time.time()
+            time.sleep(0.01)
+        raise StackError(f"{self.label} not ready after {timeout_s:.0f}s; log {self.log_path}:"
+                         f"\n{self.log_tail()}")
 
     def _new_log(self) -> str:
-        with open(self.log_path, "rb") as log:
-            log.seek(self._log_offset)
-            return log.read().decode(errors="replace")
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(self._log_offset)
+                return log.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def log_text(self) -> str:
+        """Everything this process logged since its last start."""
+        return self._new_log()
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self._new_log().splitlines()[-lines:])
 
     def terminate(self, timeout_s: float = 20.0) -> int | None:
-        """SIGTERM and wait (graceful: lanes finish, flush and commit); SIGKILL after timeout."""
+        """SIGTERM and wait (graceful: lanes finish, flush and commit); SIGKILL after timeout.
+
+        Returns the exit code (None if it was never started). Idempotent.
+        """
         if self._popen is None:
             return None
         if self.alive:
             self._popen.send_signal(signal.SIGTERM)
         try:
-            return self._popen.wait(timeout=timeout_s)
+            code: int | None = self._popen.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            self.kill()
-            return self._popen.wait(timeout=5)
+            code = None
+        # Whatever the main process left behind in its session goes too.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._popen.pid, signal.SIGKILL)
+        return code if code is not None else self._popen.wait(timeout=5)
 
     def kill(self) -> None:
         """SIGKILL the worker's whole process group (a crash: nothing is flushed)."""

@@ -11,24 +11,18 @@ Every run of an implementation gets its own topic prefix, app id (so consumer gr
 from __future__ import annotations
 
 import ast
-import contextlib
-import os
 import re
-import signal
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import StackError
 from pipeline.settings import Settings, load_settings
+from pipeline.worker import FAUST_READY_MARK, WorkerProcess, faust_worker_argv
 
 __all__ = ["BARE_READY_MARK", "IMPLS", "FAUST_READY_MARK", "ImplSpec", "SutProcess",
            "impl_env", "parse_logged_stats", "settings_for"]
 
-FAUST_READY_MARK = "[^Worker]: Ready"
 BARE_READY_MARK = "bare_loop: ready"
 
 
@@ -44,8 +38,7 @@ class ImplSpec:
 
 
 def _faust(app_module: str) -> tuple[str, ...]:
-    return (sys.executable, "-m", "faust", "-A", app_module, "worker", "-l", "info",
-            "--without-web")
+    return tuple(faust_worker_argv(app_module))
 
 
 IMPLS: dict[str, ImplSpec] = {
@@ -101,79 +94,17 @@ def parse_logged_stats(log: str, name: str) -> dict[str, Any] | None:
     return fields
 
 
-class SutProcess:
-    """One system-under-test process in its own session, logging to ``log_path``."""
+class SutProcess(WorkerProcess):
+    """One system-under-test process (see :class:`pipeline.worker.WorkerProcess`)."""
 
     def __init__(self, spec: ImplSpec, env: dict[str, str], log_path: Path, cwd: Path) -> None:
+        super().__init__(env, log_path, cwd=cwd, argv=spec.argv, ready_mark=spec.ready_mark,
+                         label=spec.label)
         self.spec = spec
-        self.env = {**os.environ, **env}
-        self.log_path = log_path
-        self.cwd = cwd
-        self.started_at: float | None = None
-        self.ready_at: float | None = None
-        self._popen: subprocess.Popen[bytes] | None = None
 
-    @property
-    def pid(self) -> int | None:
-        return self._popen.pid if self._popen is not None else None
-
-    @property
-    def alive(self) -> bool:
-        return self._popen is not None and self._popen.poll() is None
-
-    def start(self, ready_timeout_s: float = 90.0) -> float:
-        """Start the process; return the wall time at which its ready mark appeared."""
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.cwd.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.started_at = time.time()
-            self._popen = subprocess.Popen(  # noqa: S603 - argv built by this module
-                list(self.spec.argv), stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, env=self.env, cwd=self.cwd, start_new_session=True)
-        self.ready_at = self._wait_ready(ready_timeout_s)
-        return self.ready_at
-
-    def _wait_ready(self, timeout_s: float) -> float:
-        deadline = time.monotonic() + timeout_s
-        offset = 0
-        seen = ""
-        while time.monotonic() < deadline:
-            if not self.alive:
-                raise StackError(f"{self.spec.label} exited during start-up; "
-                                 f"log {self.log_path}:\n{self.log_tail()}")
-            with open(self.log_path, "rb") as log:
-                log.seek(offset)
-                chunk = log.read()
-            offset += len(chunk)
-            seen = seen[-200:] + chunk.decode(errors="replace")
-            if self.spec.ready_mark in seen:
-                return time.time()
-            time.sleep(0.01)
-        raise StackError(f"{self.spec.label} not ready after {timeout_s:.0f}s; "
-                         f"log {self.log_path}:\n{self.log_tail()}")
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
+    def start(self, *, ready_timeout_s: float = 90.0) -> float:
+        return super().start(ready_timeout_s=ready_timeout_s)
 
     def stop(self, timeout_s: float = 20.0) -> int | None:
         """SIGTERM (graceful), SIGKILL the process group after ``timeout_s``; idempotent."""
-        if self._popen is None:
-            return None
-        if self.alive:
-            self._popen.send_signal(signal.SIGTERM)
-        try:
-            code: int | None = self._popen.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            code = None
-        # Whatever the main process left behind in its session goes too.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._popen.pid, signal.SIGKILL)
-        if code is None:
-            code = self._popen.wait(timeout=5)
-        return code
+        return self.terminate(timeout_s)
