@@ -34,7 +34,7 @@ from pipeline.model import OnnxScorer
 from pipeline.settings import Settings
 from schemas import Transaction, validate_record
 
-__all__ = ["FraudHandler", "Thresholds", "decide"]
+__all__ = ["FraudHandler", "Thresholds", "decide", "encode_score"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,16 @@ def decide(scores: NDArray[np.float32], thresholds: Thresholds) -> list[str]:
     codes = (scores >= thresholds.review).astype(np.int8) + (scores >= thresholds.decline)
     labels = ("approve", "review", "decline")
     return [labels[c] for c in codes.tolist()]
+
+
+def encode_score(txn: dict[str, Any], score: float, decision: str, version: str,
+                 now: float) -> bytes:
+    """The :class:`schemas.FraudScore` JSON of one scored transaction (real-time and batch)."""
+    return orjson.dumps({
+        "event_id": txn["event_id"], "card_id": txn["card_id"], "score": score,
+        "decision": decision, "model_version": version, "degraded": False,
+        "scored_at": now, "sent_at": txn.get("sent_at"),
+    })
 
 
 class FraudHandler:
@@ -205,11 +215,6 @@ class FraudHandler:
             origin = sent_at if sent_at is not None else sources[i].timestamp / 1000.0
             if now - origin > budget_s:
                 late += 1
-            value = orjson.dumps({
-                "event_id": txn["event_id"], "card_id": txn["card_id"], "score": score,
-                "decision": decision, "model_version": version, "degraded": False,
-                "scored_at": now, "sent_at": sent_at,
-            })
-            out.append((txn["card_id"].encode(), value))
+            out.append((txn["card_id"].encode(), encode_score(txn, score, decision, version, now)))
         self._ctx.stats.late += late
         return out

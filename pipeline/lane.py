@@ -126,8 +126,11 @@ class Lane(Service):  # type: ignore[misc]
     stats_interval_s = 10.0
 
     def __init__(self, settings: Settings, name: str, handler: Handler, *,
-                 max_in_flight_records: int | None = None) -> None:
+                 max_in_flight_records: int | None = None,
+                 max_records_per_fetch: int | None = None) -> None:
         super().__init__()
+        if max_records_per_fetch is not None:
+            self.max_records_per_fetch = max_records_per_fetch
         self.max_in_flight_records = max_in_flight_records or settings.max_in_flight_records
         self.settings = settings
         self.name = name
@@ -152,7 +155,7 @@ class Lane(Service):  # type: ignore[misc]
         return f"Lane[{self.name}]"
 
     async def on_start(self) -> None:
-        await ensure_topics(self.settings, topic_specs([self.name]))
+        await ensure_topics(self.settings, topic_specs(self.settings.lanes))
         self._producer = make_producer(self.settings)
         await self._producer.start()
         ctx = LaneContext(self.settings, self.name, BatchSender(self._producer), self._chunk_done,

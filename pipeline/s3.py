@@ -68,22 +68,58 @@ class S3Store:
         return self._client
 
     async def put(self, key: str, body: bytes, *, content_type: str = "application/octet-stream",
-                  content_encoding: str | None = None) -> None:
+                  content_encoding: str | None = None, bucket: str | None = None) -> None:
         extra = {"ContentEncoding": content_encoding} if content_encoding else {}
         try:
-            await self.client.put_object(Bucket=self.bucket, Key=key, Body=body,
+            await self.client.put_object(Bucket=bucket or self.bucket, Key=key, Body=body,
                                          ContentType=content_type, **extra)
         except (BotoCoreError, ClientError) as exc:
-            raise SinkError(f"put s3://{self.bucket}/{key} failed: {exc}") from exc
+            raise SinkError(f"put s3://{bucket or self.bucket}/{key} failed: {exc}") from exc
 
-    async def get(self, key: str) -> bytes:
+    async def get(self, key: str, *, bucket: str | None = None) -> bytes:
         try:
-            response = await self.client.get_object(Bucket=self.bucket, Key=key)
+            response = await self.client.get_object(Bucket=bucket or self.bucket, Key=key)
             async with response["Body"] as body:
                 data: bytes = await body.read()
                 return data
         except (BotoCoreError, ClientError) as exc:
-            raise SinkError(f"get s3://{self.bucket}/{key} failed: {exc}") from exc
+            raise SinkError(f"get s3://{bucket or self.bucket}/{key} failed: {exc}") from exc
+
+    async def size(self, key: str, *, bucket: str | None = None) -> int:
+        """Size in bytes of an object (HEAD)."""
+        try:
+            response = await self.client.head_object(Bucket=bucket or self.bucket, Key=key)
+        except (BotoCoreError, ClientError) as exc:
+            raise SinkError(f"head s3://{bucket or self.bucket}/{key} failed: {exc}") from exc
+        return int(response["ContentLength"])
+
+    async def stream(self, key: str, *, start: int = 0, bucket: str | None = None,
+                     chunk_bytes: int = 1 << 20) -> AsyncIterator[bytes]:
+        """The object's bytes from offset ``start`` to its end, in pieces (never all in memory).
+
+        The caller may stop early; the connection is released when the iterator is closed.
+        """
+        where = f"s3://{bucket or self.bucket}/{key}"
+        try:
+            response = await self.client.get_object(
+                Bucket=bucket or self.bucket, Key=key, Range=f"bytes={start}-")
+            body = response["Body"]
+            async with body:  # releases the connection even when the caller stops early
+                async for piece in body.iter_chunks(chunk_bytes):
+                    yield piece
+        except (BotoCoreError, ClientError) as exc:
+            raise SinkError(f"read {where} from byte {start} failed: {exc}") from exc
+
+    async def list_objects(self, prefix: str, *, bucket: str | None = None,
+                           ) -> AsyncIterator[tuple[str, int]]:
+        """``(key, size)`` of every object under ``prefix``, in lexicographic order."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            async for page in paginator.paginate(Bucket=bucket or self.bucket, Prefix=prefix):
+                for item in page.get("Contents", ()):
+                    yield item["Key"], int(item["Size"])
+        except (BotoCoreError, ClientError) as exc:
+            raise SinkError(f"list s3://{bucket or self.bucket}/{prefix} failed: {exc}") from exc
 
     async def list_keys(self, prefix: str) -> AsyncIterator[str]:
         """Every key under ``prefix``, in lexicographic order."""

@@ -19,7 +19,7 @@ from pipeline.errors import ConfigError
 __all__ = ["KNOWN_LANES", "Settings", "load_settings"]
 
 #: Lanes (consumer loops) a worker can serve; ``INFERLANE_LANES`` picks a subset.
-KNOWN_LANES: tuple[str, ...] = ("fraud", "archive")
+KNOWN_LANES: tuple[str, ...] = ("fraud", "archive", "batch")
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,6 +104,11 @@ class Settings(BaseSettings):
     """Run the model on the event loop when a full batch takes less than this (0 = never)."""
     inference_threads: int = Field(default=1, ge=1, le=64)
     """onnxruntime intra-op threads per session."""
+
+    batch_chunk_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    """A job's input objects are split into chunks of about this many bytes."""
+    batch_rows_per_call: int = Field(default=8192, ge=1)
+    """Rows per model call in the batch lane (throughput first)."""
 
     archive_max_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     """Archive window: close an object when its uncompressed JSONL reaches this size ..."""

@@ -37,6 +37,11 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("fraud.requests", lane="fraud"),
     TopicSpec("fraud.scores", lane="fraud"),
     TopicSpec("fraud.requests.dlq", lane="fraud", partitions=1),
+    TopicSpec("batch.jobs", lane="batch", partitions=1),
+    TopicSpec("batch.jobs.dlq", lane="batch", partitions=1),
+    # Many partitions so that every worker of the batch group takes a share of each job.
+    TopicSpec("batch.chunks", lane="batch", partitions=8),
+    TopicSpec("batch.results", lane="batch", partitions=4),
 )
 
 

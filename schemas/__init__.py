@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
-from schemas.events import Channel, DeadLetter, Decision, FraudScore, Transaction
+from schemas.events import (
+    BatchChunk,
+    BatchCounts,
+    BatchJob,
+    BatchResult,
+    Channel,
+    DeadLetter,
+    Decision,
+    FraudScore,
+    Transaction,
+)
 from schemas.jsonschema import SHAPES, export_json_schemas, json_schema
 from schemas.validation import Rejection, encode_raw, validate_record
 
 __all__ = [
     "SHAPES",
+    "BatchChunk",
+    "BatchCounts",
+    "BatchJob",
+    "BatchResult",
     "Channel",
     "DeadLetter",
     "Decision",

@@ -13,7 +13,17 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-__all__ = ["Channel", "DeadLetter", "Decision", "FraudScore", "Transaction"]
+__all__ = [
+    "BatchChunk",
+    "BatchCounts",
+    "BatchJob",
+    "BatchResult",
+    "Channel",
+    "DeadLetter",
+    "Decision",
+    "FraudScore",
+    "Transaction",
+]
 
 Channel = Literal["pos", "ecom", "atm"]
 Decision = Literal["approve", "review", "decline"]
@@ -81,3 +91,59 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     raw_encoding: Literal["utf-8", "base64"] = "utf-8"
     lane: str = ""
     failed_at: _EpochS = 0.0
+
+
+_S3Uri = Annotated[str, Meta(pattern="^s3://[^/]+(/.*)?$")]
+BatchModel = Literal["fraud"]
+
+
+class BatchJob(msgspec.Struct, frozen=True, kw_only=True):
+    """A bulk scoring job over S3 objects, value of ``batch.jobs`` (key: ``job_id``)."""
+
+    job_id: Annotated[str, Meta(pattern="^[A-Za-z0-9._-]{1,128}$")]
+    """Also the folder of the outputs: letters, digits, ``.``, ``_``, ``-``."""
+    model: BatchModel
+    input_uri: _S3Uri
+    """``s3://bucket/key`` of one JSONL object, or ``s3://bucket/prefix/`` for every object under
+    it; ``.gz`` objects are read as gzip (one chunk each: gzip cannot be split)."""
+    output_uri: _S3Uri | None = None
+    """Where outputs go; default ``s3://<bucket>/batch/<job_id>/``."""
+
+
+class BatchChunk(msgspec.Struct, frozen=True, kw_only=True):
+    """One share of a job (internal ``batch.chunks`` topic): lines of one object starting in
+    ``[byte_start, byte_end)``; the unit a worker scores and writes."""
+
+    job_id: str
+    model: BatchModel
+    chunk_id: int
+    chunks_total: int
+    bucket: str
+    key: str
+    byte_start: int
+    byte_end: int
+    gzip: bool
+    output_bucket: str
+    output_prefix: str
+
+
+class BatchCounts(msgspec.Struct, frozen=True, kw_only=True):
+    """Rows read, scored and dead-lettered."""
+
+    read: int = 0
+    scored: int = 0
+    dead_lettered: int = 0
+
+
+class BatchResult(msgspec.Struct, frozen=True, kw_only=True):
+    """Progress of a job, value of ``batch.results`` (key: ``job_id``)."""
+
+    job_id: str
+    status: Literal["planned", "chunk_done", "completed", "failed"]
+    chunks_total: int = 0
+    chunk_id: int | None = None
+    counts: BatchCounts = BatchCounts()
+    output_keys: list[str] = msgspec.field(default_factory=list)
+    error: str = ""
+    at: _EpochS = 0.0
+

@@ -11,7 +11,7 @@ from pathlib import Path
 import msgspec
 import orjson
 
-from schemas.events import DeadLetter, FraudScore, Transaction
+from schemas.events import BatchJob, BatchResult, DeadLetter, FraudScore, Transaction
 
 __all__ = ["SHAPES", "export_json_schemas", "json_schema"]
 
@@ -19,16 +19,19 @@ SHAPES: dict[str, type[msgspec.Struct]] = {
     "Transaction": Transaction,
     "FraudScore": FraudScore,
     "DeadLetter": DeadLetter,
+    "BatchJob": BatchJob,
+    "BatchResult": BatchResult,
 }
 
 
 def json_schema(shape: type[msgspec.Struct]) -> dict[str, object]:
     """Standalone JSON Schema (draft 2020-12) of one shape."""
     schema = msgspec.json.schema(shape)
-    definitions = schema.pop("$defs")
-    body = dict(definitions[shape.__name__])
+    definitions = dict(schema.pop("$defs"))
+    body = dict(definitions.pop(shape.__name__))
+    nested = {"$defs": definitions} if definitions else {}  # e.g. BatchCounts in BatchResult
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": shape.__name__,
-            **body}
+            **body, **nested}
 
 
 def export_json_schemas(directory: Path) -> list[Path]:

@@ -21,6 +21,8 @@ from pipeline.model import OnnxScorer
 from pipeline.settings import load_settings
 from schemas import (
     SHAPES,
+    BatchJob,
+    BatchResult,
     DeadLetter,
     FraudScore,
     Rejection,
@@ -339,7 +341,7 @@ def test_json_schema_is_standalone() -> None:
 
 def test_shapes_registry() -> None:
     assert SHAPES == {"Transaction": Transaction, "FraudScore": FraudScore,
-                      "DeadLetter": DeadLetter}
+                      "DeadLetter": DeadLetter, "BatchJob": BatchJob, "BatchResult": BatchResult}
 
 
 def _isort_key(name: str) -> tuple[int, str]:

@@ -47,7 +47,7 @@ def test_defaults() -> None:
     assert s.s3_region == "us-east-1"
     assert s.s3_access_key_id is None
     assert s.s3_secret_access_key is None
-    assert s.lanes == ("fraud", "archive")
+    assert s.lanes == ("fraud", "archive", "batch")
     assert s.lanes == KNOWN_LANES
     assert s.web_port == 6066
     assert s.web_enabled is True
@@ -183,7 +183,7 @@ def test_settings_are_frozen() -> None:
     with pytest.raises(ValidationError, match="frozen"):
         s.lanes = ("fraud",)  # type: ignore[misc]
     assert s.app_id == "inferlane"
-    assert s.lanes == ("fraud", "archive")
+    assert s.lanes == ("fraud", "archive", "batch")
 
 
 def test_secrets_are_not_printed(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,157 @@
+"""The batch lane on the real local stack: S3 objects split into byte-range chunks, scored by
+every worker of the group, written once per chunk; a job killed mid-way completes with exactly
+its input rows in the output (deterministic keys overwrite, nothing is duplicated).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from pipeline.kafka import client_kwargs, make_producer
+from pipeline.loadgen import snapshot_end_offsets
+from pipeline.s3 import S3Store
+from pipeline.s3lines import iter_line_batches, split_ranges
+from pipeline.settings import Settings
+from pipeline.synth import TransactionGenerator
+from pipeline.worker import WorkerProcess
+from tests.integration.conftest import EnvFactory, settings_from
+
+WorkerFactory = Callable[..., WorkerProcess]
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 7, 100, 4096, 10**9])
+async def test_byte_range_chunks_read_every_line_exactly_once(
+    settings: Settings, chunk_bytes: int
+) -> None:
+    rng = random.Random(chunk_bytes)
+    lines = [("x" * rng.randint(0, 40) + str(i)).encode() for i in range(300)]
+    body = b"\n".join(lines) + b"\n"
+    key = f"test/lines-{chunk_bytes}.jsonl"
+    async with S3Store(settings) as store:
+        await store.put(key, body)
+        got: list[bytes] = []
+        for start, end in split_ranges(len(body), chunk_bytes):
+            async for batch in iter_line_batches(store, settings.s3_bucket, key, start=start,
+                                                 end=end, gzip=False, batch_lines=17):
+                got.extend(batch)
+        await store.put(key + ".gz", gzip.compress(body))
+        zipped = [line async for batch in iter_line_batches(
+            store, settings.s3_bucket, key + ".gz", start=0, end=0, gzip=True, batch_lines=50)
+            for line in batch]
+    assert got == lines
+    assert zipped == lines
+
+
+async def _upload_job_input(settings: Settings, key: str, rows: int,
+                            invalid_every: int) -> tuple[set[str], int]:
+    generator = TransactionGenerator(seed=31)
+    ids: set[str] = set()
+    out, invalid = [], 0
+    for i in range(rows):
+        txn, _ = generator.next()
+        if i % invalid_every == invalid_every - 1:
+            txn["amount"] = -1.0
+            invalid += 1
+        else:
+            ids.add(txn["event_id"])
+        out.append(orjson.dumps(txn))
+    async with S3Store(settings) as store:
+        await store.put(key, b"\n".join(out) + b"\n")
+    return ids, invalid
+
+
+async def _submit(settings: Settings, job: dict[str, Any]) -> None:
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        await producer.send_and_wait(settings.topic("batch.jobs"), orjson.dumps(job),
+                                     key=job["job_id"].encode())
+    finally:
+        await producer.stop()
+
+
+async def _wait_completed(settings: Settings, job_id: str, start: dict[Any, int],
+                          timeout_s: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    consumer = AIOKafkaConsumer(**client_kwargs(settings, client_id="test-results"),
+                                enable_auto_commit=False)
+    await consumer.start()
+    consumer.assign(list(start))
+    for tp, offset in start.items():
+        consumer.seek(tp, offset)
+    events: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                events.extend(orjson.loads(r.value or b"{}") for r in records)
+            done = [e for e in events if e["job_id"] == job_id and e["status"] == "completed"]
+            if done:
+                return done[0], events
+        raise AssertionError(f"job {job_id} not completed in {timeout_s}s: {events[-5:]}")
+    finally:
+        await consumer.stop()
+
+
+async def _output_ids(settings: Settings, prefix: str) -> list[str]:
+    ids: list[str] = []
+    async with S3Store(settings) as store:
+        async for key in store.list_keys(prefix):
+            if key.rsplit("/", 1)[-1].startswith("part-") and "/rejected/" not in key:
+                for line in gzip.decompress(await store.get(key)).splitlines():
+                    ids.append(orjson.loads(line)["event_id"])
+    return ids
+
+
+async def test_job_is_shared_by_two_workers_and_scores_every_row(
+    test_env: EnvFactory, worker_factory: WorkerFactory, tmp_path: Path
+) -> None:
+    env = test_env(lanes="batch", batch_chunk_bytes="150000", batch_rows_per_call="2000")
+    settings = settings_from(env)
+    first = worker_factory(env, name="first")
+    second = worker_factory({**env, "INFERLANE_WORKER_ID": "w2",
+                             "INFERLANE_STATE_DIR": str(tmp_path / "w2")}, name="second")
+    ids, invalid = await _upload_job_input(settings, "in/job1.jsonl", 20_000, invalid_every=50)
+    start = await snapshot_end_offsets(settings, settings.topic("batch.results"))
+    await _submit(settings, {"job_id": "job1", "model": "fraud",
+                             "input_uri": f"s3://{settings.s3_bucket}/in/job1.jsonl"})
+    completed, events = await _wait_completed(settings, "job1", start, timeout_s=90)
+    assert completed["counts"] == {"read": 20_000, "scored": len(ids), "dead_lettered": invalid}
+    planned = [e for e in events if e["status"] == "planned"]
+    assert len(planned) == 1 and planned[0]["chunks_total"] > 8
+    out = await _output_ids(settings, "batch/job1/")
+    assert len(out) == len(ids) and set(out) == ids, "every valid row scored exactly once"
+    for worker in (first, second):
+        assert "batch: job job1 chunk" in worker.log_text(), "both workers took chunks"
+
+
+async def test_job_survives_a_killed_worker_without_duplicate_rows(
+    test_env: EnvFactory, worker_factory: WorkerFactory
+) -> None:
+    env = test_env(lanes="batch", batch_chunk_bytes="100000", batch_rows_per_call="1000")
+    settings = settings_from(env)
+    worker = worker_factory(env)
+    ids, _ = await _upload_job_input(settings, "in/job2.jsonl", 30_000, invalid_every=10**9)
+    start = await snapshot_end_offsets(settings, settings.topic("batch.results"))
+    await _submit(settings, {"job_id": "job2", "model": "fraud",
+                             "input_uri": f"s3://{settings.s3_bucket}/in/job2.jsonl"})
+    deadline = time.monotonic() + 60
+    while worker.log_text().count("batch: job job2 chunk") < 3:
+        assert time.monotonic() < deadline, "no chunk done within 60 s"
+        await asyncio.sleep(0.02)
+    worker.kill()
+    await asyncio.to_thread(worker.start)
+    completed, _ = await _wait_completed(settings, "job2", start, timeout_s=120)
+    assert completed["counts"]["scored"] == len(ids)
+    out = await _output_ids(settings, "batch/job2/")
+    assert len(out) == len(ids), f"{len(out) - len(ids)} duplicate or missing output rows"
+    assert set(out) == ids
