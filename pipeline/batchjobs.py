@@ -36,7 +36,7 @@ from aiokafka import TopicPartition
 from pipeline.deadletter import dead_letter
 from pipeline.errors import SinkError
 from pipeline.features import fast_features
-from pipeline.fraud import Thresholds, decide, encode_score
+from pipeline.fraud import Thresholds, decide, score_fields
 from pipeline.lane import LaneContext, PartitionRecords, Record
 from pipeline.model import OnnxScorer
 from pipeline.s3 import S3Store
@@ -117,14 +117,14 @@ class JobPlanner:
             raise ValueError(f"input_uri: no object at {job.input_uri}")
         out_bucket, out_prefix = parse_s3_uri(
             job.output_uri or f"s3://{self.settings.s3_bucket}/batch/{job.job_id}/")
-        ranges = [(k, s, e) for k, size in objects for s, e in (
+        ranges = [(k, s, e, size) for k, size in objects for s, e in (
             [(0, size)] if k.endswith(".gz") else split_ranges(size,
                                                                self.settings.batch_chunk_bytes))]
         return [BatchChunk(job_id=job.job_id, model=job.model, chunk_id=i,
                            chunks_total=len(ranges), bucket=bucket, key=k, byte_start=s,
-                           byte_end=e, gzip=k.endswith(".gz"), output_bucket=out_bucket,
-                           output_prefix=out_prefix.rstrip("/") + "/")
-                for i, (k, s, e) in enumerate(ranges)]
+                           byte_end=e, object_size=size, gzip=k.endswith(".gz"),
+                           output_bucket=out_bucket, output_prefix=out_prefix.rstrip("/") + "/")
+                for i, (k, s, e, size) in enumerate(ranges)]
 
     async def _reject(self, ctx: LaneContext, record: Record, exc: Exception) -> None:
         reason = str(exc).splitlines()[0]
@@ -148,10 +148,14 @@ def _job_id_of(raw: bytes | None) -> str:
     return job_id if isinstance(job_id, str) else ""
 
 
+_ENCODER = msgspec.json.Encoder()
+
+
 @dataclass
 class _ChunkOutput:
     counts: BatchCounts = field(default_factory=BatchCounts)
     scored: list[bytes] = field(default_factory=list)
+    """JSONL blocks (each already newline-terminated)."""
     rejected: list[bytes] = field(default_factory=list)
 
 
@@ -196,13 +200,18 @@ class ChunkScorer:
     async def _run(self, ctx: LaneContext, chunk: BatchChunk) -> None:
         started = time.monotonic()
         output = _ChunkOutput()
-        async for lines in iter_line_batches(
-                self.store, chunk.bucket, chunk.key, start=chunk.byte_start,
-                end=chunk.byte_end, gzip=chunk.gzip,
-                batch_lines=self.settings.batch_rows_per_call):
-            # Parsing and scoring a batch is CPU work: a thread keeps the loop (and the
-            # real-time lanes sharing it) responsive.
-            await asyncio.to_thread(self._score_lines, chunk, lines, output)
+        # Read ahead while a batch is scored: S3 I/O and CPU overlap; two batches at most.
+        batches: asyncio.Queue[list[bytes] | None] = asyncio.Queue(maxsize=2)
+        reader = asyncio.create_task(self._read(chunk, batches))
+        try:
+            while (lines := await batches.get()) is not None:
+                # Parsing and scoring is CPU work: a thread keeps the loop (and the real-time
+                # lanes sharing it) responsive.
+                await asyncio.to_thread(self._score_lines, chunk, lines, output)
+            await reader  # re-raises a read error
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
         keys = await self._write(chunk, output)
         ctx.stats.produced += output.counts.scored
         ctx.stats.dead_lettered += output.counts.dead_lettered
@@ -215,6 +224,19 @@ class ChunkScorer:
                  chunk.chunks_total, output.counts, time.monotonic() - started)
         await self._maybe_complete(ctx, chunk)
 
+    async def _read(self, chunk: BatchChunk, batches: asyncio.Queue[list[bytes] | None]) -> None:
+        try:
+            async for lines in iter_line_batches(
+                    self.store, chunk.bucket, chunk.key, start=chunk.byte_start,
+                    end=chunk.byte_end, size=chunk.object_size, gzip=chunk.gzip,
+                    batch_lines=self.settings.batch_rows_per_call):
+                await batches.put(lines)
+        except Exception:
+            # Wake the scorer; the error itself surfaces where it awaits this task.
+            await batches.put(None)
+            raise
+        await batches.put(None)
+
     def _score_lines(self, chunk: BatchChunk, lines: list[bytes], out: _ChunkOutput) -> None:
         assert self._scorer is not None and self.thresholds is not None  # noqa: S101
         valid: list[dict[str, Any]] = []
@@ -225,13 +247,14 @@ class ChunkScorer:
             elif rejection is not None:
                 out.rejected.append(orjson.dumps({
                     "error": rejection.error, "reason": rejection.reason,
-                    "raw": line.decode("utf-8", "replace"), "chunk_id": chunk.chunk_id}))
+                    "raw": line.decode("utf-8", "replace"), "chunk_id": chunk.chunk_id}) + b"\n")
         scores = (self._scorer.predict(fast_features(valid)) if valid
                   else np.empty(0, dtype=np.float32))
         decisions = decide(scores, self.thresholds)
         now, version = time.time(), self._scorer.version
-        out.scored.extend(encode_score(t, s, d, version, now)
-                          for t, s, d in zip(valid, scores.tolist(), decisions, strict=True))
+        out.scored.append(_ENCODER.encode_lines([
+            score_fields(t, s, d, version, now)
+            for t, s, d in zip(valid, scores.tolist(), decisions, strict=True)]))
         c = out.counts
         out.counts = BatchCounts(read=c.read + len(lines), scored=c.scored + len(valid),
                                  dead_lettered=c.dead_lettered + len(lines) - len(valid))
@@ -250,8 +273,8 @@ class ChunkScorer:
         return keys
 
     async def _put_lines(self, bucket: str, key: str, lines: list[bytes]) -> None:
-        body = await asyncio.to_thread(
-            lambda: gzip.compress(b"".join(line + b"\n" for line in lines), 6, mtime=0))
+        # Level 3: half the CPU of the default 6 for ~10 % more bytes on this data.
+        body = await asyncio.to_thread(lambda: gzip.compress(b"".join(lines), 3, mtime=0))
         await self.store.put(key, body, content_type="application/x-ndjson",
                              content_encoding="gzip", bucket=bucket)
 

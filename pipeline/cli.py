@@ -36,6 +36,8 @@ app.add_typer(topics_app, name="topics")
 app.add_typer(models_app, name="models")
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(bench_app, name="bench")
+batch_app = typer.Typer(help="Bulk scoring jobs over S3 objects.", no_args_is_help=True)
+app.add_typer(batch_app, name="batch")
 
 console = Console()
 _DEFAULT_STACK_DIR = Path(".inferlane") / "stack"
@@ -139,6 +141,43 @@ def schemas_export(
 
     for path in export_json_schemas(out):
         typer.echo(str(path))
+
+
+@batch_app.command("submit")
+def batch_submit(
+    job_id: Annotated[str, typer.Option(help="Job id (also the output folder name).")],
+    input_uri: Annotated[str, typer.Option("--input", help="s3://bucket/key or prefix/.")],
+    output_uri: Annotated[str | None, typer.Option(
+        "--output", help="s3://bucket/prefix/ (default s3://<bucket>/batch/<job-id>/).")] = None,
+    model: Annotated[str, typer.Option(help="Model to score with.")] = "fraud",
+    wait: Annotated[bool, typer.Option(help="Follow batch.results until the job ends.")] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 3600,
+) -> None:
+    """Submit a job to batch.jobs (and by default follow it to its end)."""
+    import msgspec
+
+    from pipeline.batchclient import submit_job, wait_for_job
+    from pipeline.loadgen import snapshot_end_offsets
+    from schemas import BatchJob
+
+    settings = load_settings()
+    try:
+        job = msgspec.convert({"job_id": job_id, "model": model, "input_uri": input_uri,
+                               "output_uri": output_uri}, BatchJob)
+    except msgspec.ValidationError as exc:
+        raise InferlaneError(f"invalid job: {exc}") from exc
+
+    async def run() -> dict[str, object] | None:
+        start = await snapshot_end_offsets(settings, settings.topic("batch.results"))
+        await submit_job(settings, job)
+        if not wait:
+            return None
+        return await wait_for_job(settings, job.job_id, start, timeout_s=timeout,
+                                  on_event=lambda e: typer.echo(json.dumps(e)))
+
+    final = asyncio.run(run())
+    if final is not None and final.get("status") != "completed":
+        raise typer.Exit(1)
 
 
 @app.command("settings")

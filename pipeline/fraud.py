@@ -34,7 +34,7 @@ from pipeline.model import OnnxScorer
 from pipeline.settings import Settings
 from schemas import Transaction, validate_record
 
-__all__ = ["FraudHandler", "Thresholds", "decide", "encode_score"]
+__all__ = ["FraudHandler", "Thresholds", "decide", "encode_score", "score_fields"]
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +66,20 @@ def decide(scores: NDArray[np.float32], thresholds: Thresholds) -> list[str]:
     return [labels[c] for c in codes.tolist()]
 
 
-def encode_score(txn: dict[str, Any], score: float, decision: str, version: str,
-                 now: float) -> bytes:
-    """The :class:`schemas.FraudScore` JSON of one scored transaction (real-time and batch)."""
-    return orjson.dumps({
+def score_fields(txn: dict[str, Any], score: float, decision: str, version: str,
+                 now: float) -> dict[str, Any]:
+    """The :class:`schemas.FraudScore` fields of one scored transaction (real-time and batch)."""
+    return {
         "event_id": txn["event_id"], "card_id": txn["card_id"], "score": score,
         "decision": decision, "model_version": version, "degraded": False,
         "scored_at": now, "sent_at": txn.get("sent_at"),
-    })
+    }
+
+
+def encode_score(txn: dict[str, Any], score: float, decision: str, version: str,
+                 now: float) -> bytes:
+    """The :class:`schemas.FraudScore` JSON of one scored transaction."""
+    return orjson.dumps(score_fields(txn, score, decision, version, now))
 
 
 class FraudHandler:

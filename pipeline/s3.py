@@ -93,16 +93,17 @@ class S3Store:
             raise SinkError(f"head s3://{bucket or self.bucket}/{key} failed: {exc}") from exc
         return int(response["ContentLength"])
 
-    async def stream(self, key: str, *, start: int = 0, bucket: str | None = None,
-                     chunk_bytes: int = 1 << 20) -> AsyncIterator[bytes]:
-        """The object's bytes from offset ``start`` to its end, in pieces (never all in memory).
-
-        The caller may stop early; the connection is released when the iterator is closed.
+    async def stream(self, key: str, *, start: int = 0, end: int | None = None,
+                     bucket: str | None = None, chunk_bytes: int = 1 << 20,
+                     ) -> AsyncIterator[bytes]:
+        """Bytes ``[start, end)`` of the object (to its end when ``end`` is None), in pieces
+        (never all in memory). The caller may stop early; the connection is then released.
         """
         where = f"s3://{bucket or self.bucket}/{key}"
+        last = "" if end is None else str(end - 1)
         try:
             response = await self.client.get_object(
-                Bucket=bucket or self.bucket, Key=key, Range=f"bytes={start}-")
+                Bucket=bucket or self.bucket, Key=key, Range=f"bytes={start}-{last}")
             body = response["Body"]
             async with body:  # releases the connection even when the caller stops early
                 async for piece in body.iter_chunks(chunk_bytes):

@@ -29,13 +29,15 @@ def split_ranges(size: int, chunk_bytes: int) -> list[tuple[int, int]]:
 
 
 async def iter_line_batches(
-    store: S3Store, bucket: str, key: str, *, start: int, end: int, gzip: bool,
+    store: S3Store, bucket: str, key: str, *, start: int, end: int, size: int, gzip: bool,
     batch_lines: int,
 ) -> AsyncIterator[list[bytes]]:
-    """Non-empty lines owned by ``[start, end)`` of the object, in lists of ``batch_lines``."""
+    """Non-empty lines owned by ``[start, end)`` of the ``size``-byte object, in lists of
+    ``batch_lines``."""
     pending: list[bytes] = []
     # aclosing: stopping at the end of the range releases the S3 connection at once.
-    async with aclosing(_pieces(store, bucket, key, start=start, gzip=gzip)) as pieces:
+    async with aclosing(_pieces(store, bucket, key, start=start, end=end, size=size,
+                                gzip=gzip)) as pieces:
         async for line in _owned_lines(pieces, start=start, end=end, gzip=gzip):
             if line.strip():
                 pending.append(line)
@@ -46,7 +48,10 @@ async def iter_line_batches(
         yield pending
 
 
-async def _pieces(store: S3Store, bucket: str, key: str, *, start: int,
+_OVERSHOOT = 64 * 1024
+
+
+async def _pieces(store: S3Store, bucket: str, key: str, *, start: int, end: int, size: int,
                   gzip: bool) -> AsyncGenerator[bytes, None]:
     if gzip:
         inflate = zlib.decompressobj(wbits=zlib.MAX_WBITS | 16)
@@ -54,8 +59,13 @@ async def _pieces(store: S3Store, bucket: str, key: str, *, start: int,
             yield inflate.decompress(piece)
         yield inflate.flush()
         return
-    async for piece in store.stream(key, bucket=bucket, start=max(start - 1, 0)):
-        yield piece
+    # Bounded range requests: the owned range plus a little for the last line, then more
+    # windows only while the reader still wants bytes (a long last line).
+    window_start, window_end = max(start - 1, 0), min(end + _OVERSHOOT, size)
+    while window_start < window_end:
+        async for piece in store.stream(key, bucket=bucket, start=window_start, end=window_end):
+            yield piece
+        window_start, window_end = window_end, min(window_end + 16 * _OVERSHOOT, size)
 
 
 async def _owned_lines(pieces: AsyncIterator[bytes], *, start: int, end: int,

@@ -122,6 +122,7 @@ class BatchChunk(msgspec.Struct, frozen=True, kw_only=True):
     key: str
     byte_start: int
     byte_end: int
+    object_size: int
     gzip: bool
     output_bucket: str
     output_prefix: str

@@ -131,3 +131,27 @@ def run(
         _finish(record)
         raise typer.Exit(130) from None
     raise typer.Exit(_finish(record))
+
+
+@bench_app.command("batch")
+def batch(
+    rows: Annotated[int, typer.Option(help="Records in the job.")] = 1_000_000,
+    workers: Annotated[int, typer.Option(help="Worker processes sharing the job.")] = 1,
+    chunk_mb: Annotated[float, typer.Option(help="Chunk size, MiB.")] = 16.0,
+    out: Annotated[Path | None, typer.Option(help="Results folder (default "
+                                                  "bench-results/batch-<UTC timestamp>).")] = None,
+) -> None:
+    """One S3 batch job end to end: rows/s, peak RSS, chunks per worker, exact output count."""
+    from datetime import datetime, timezone
+
+    from pipeline.bench.batchjob import render, run_batch_bench
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    folder = out or Path("bench-results") / f"batch-{stamp}"
+    result = run_batch_bench(folder, rows=rows, workers=workers,
+                             chunk_bytes=int(chunk_mb * 1024 * 1024), console=console)
+    console.print(render(result))
+    console.print(f"wrote {folder / 'results.json'}")
+    raise typer.Exit(0 if result.exact else 1)
+

@@ -13,28 +13,33 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer
 
-from pipeline.kafka import client_kwargs, make_producer
+from pipeline.batchclient import (
+    read_job_output,
+    submit_job,
+    wait_for_job,
+    write_transactions_jsonl,
+)
 from pipeline.loadgen import snapshot_end_offsets
 from pipeline.s3 import S3Store
 from pipeline.s3lines import iter_line_batches, split_ranges
 from pipeline.settings import Settings
-from pipeline.synth import TransactionGenerator
 from pipeline.worker import WorkerProcess
+from schemas import BatchJob
 from tests.integration.conftest import EnvFactory, settings_from
 
 WorkerFactory = Callable[..., WorkerProcess]
 
 
-@pytest.mark.parametrize("chunk_bytes", [1, 7, 100, 4096, 10**9])
+@pytest.mark.parametrize("chunk_bytes", [13, 100, 4096, 10**9])
 async def test_byte_range_chunks_read_every_line_exactly_once(
     settings: Settings, chunk_bytes: int
 ) -> None:
     rng = random.Random(chunk_bytes)
-    lines = [("x" * rng.randint(0, 40) + str(i)).encode() for i in range(300)]
+    lines = [("x" * rng.randint(0, 40) + str(i)).encode() for i in range(150)]
     body = b"\n".join(lines) + b"\n"
     key = f"test/lines-{chunk_bytes}.jsonl"
     async with S3Store(settings) as store:
@@ -42,74 +47,55 @@ async def test_byte_range_chunks_read_every_line_exactly_once(
         got: list[bytes] = []
         for start, end in split_ranges(len(body), chunk_bytes):
             async for batch in iter_line_batches(store, settings.s3_bucket, key, start=start,
-                                                 end=end, gzip=False, batch_lines=17):
+                                                 end=end, size=len(body), gzip=False,
+                                                 batch_lines=17):
                 got.extend(batch)
         await store.put(key + ".gz", gzip.compress(body))
         zipped = [line async for batch in iter_line_batches(
-            store, settings.s3_bucket, key + ".gz", start=0, end=0, gzip=True, batch_lines=50)
+            store, settings.s3_bucket, key + ".gz", start=0, end=0, size=0, gzip=True,
+            batch_lines=50)
             for line in batch]
     assert got == lines
     assert zipped == lines
 
 
+@pytest.mark.parametrize("chunk_bytes", [4096, 100_000])
+async def test_lines_longer_than_the_read_ahead_are_read_whole(
+    settings: Settings, chunk_bytes: int
+) -> None:
+    lines = [b"short", b"y" * 300_000, b"after-the-long-one", b"z" * 70_000, b"last"]
+    body = b"\n".join(lines)  # and no final newline
+    key = f"test/long-{chunk_bytes}.jsonl"
+    async with S3Store(settings) as store:
+        await store.put(key, body)
+        got = [line for start, end in split_ranges(len(body), chunk_bytes)
+               async for batch in iter_line_batches(store, settings.s3_bucket, key, start=start,
+                                                    end=end, size=len(body), gzip=False,
+                                                    batch_lines=2)
+               for line in batch]
+    assert got == lines
+
+
 async def _upload_job_input(settings: Settings, key: str, rows: int,
                             invalid_every: int) -> tuple[set[str], int]:
-    generator = TransactionGenerator(seed=31)
-    ids: set[str] = set()
-    out, invalid = [], 0
-    for i in range(rows):
-        txn, _ = generator.next()
-        if i % invalid_every == invalid_every - 1:
-            txn["amount"] = -1.0
-            invalid += 1
-        else:
-            ids.add(txn["event_id"])
-        out.append(orjson.dumps(txn))
-    async with S3Store(settings) as store:
-        await store.put(key, b"\n".join(out) + b"\n")
-    return ids, invalid
+    return await write_transactions_jsonl(settings, key, rows, invalid_every=invalid_every)
 
 
 async def _submit(settings: Settings, job: dict[str, Any]) -> None:
-    producer = make_producer(settings)
-    await producer.start()
-    try:
-        await producer.send_and_wait(settings.topic("batch.jobs"), orjson.dumps(job),
-                                     key=job["job_id"].encode())
-    finally:
-        await producer.stop()
+    await submit_job(settings, msgspec.convert(job, BatchJob))
 
 
 async def _wait_completed(settings: Settings, job_id: str, start: dict[Any, int],
                           timeout_s: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    consumer = AIOKafkaConsumer(**client_kwargs(settings, client_id="test-results"),
-                                enable_auto_commit=False)
-    await consumer.start()
-    consumer.assign(list(start))
-    for tp, offset in start.items():
-        consumer.seek(tp, offset)
     events: list[dict[str, Any]] = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline:
-            for records in (await consumer.getmany(timeout_ms=200)).values():
-                events.extend(orjson.loads(r.value or b"{}") for r in records)
-            done = [e for e in events if e["job_id"] == job_id and e["status"] == "completed"]
-            if done:
-                return done[0], events
-        raise AssertionError(f"job {job_id} not completed in {timeout_s}s: {events[-5:]}")
-    finally:
-        await consumer.stop()
+    final = await wait_for_job(settings, job_id, start, timeout_s=timeout_s,
+                               on_event=events.append)
+    assert final["status"] == "completed", final
+    return final, events
 
 
 async def _output_ids(settings: Settings, prefix: str) -> list[str]:
-    ids: list[str] = []
-    async with S3Store(settings) as store:
-        async for key in store.list_keys(prefix):
-            if key.rsplit("/", 1)[-1].startswith("part-") and "/rejected/" not in key:
-                for line in gzip.decompress(await store.get(key)).splitlines():
-                    ids.append(orjson.loads(line)["event_id"])
-    return ids
+    return [orjson.loads(line)["event_id"] for line in await read_job_output(settings, prefix)]
 
 
 async def test_job_is_shared_by_two_workers_and_scores_every_row(

@@ -1,0 +1,96 @@
+"""Client side of the batch lane: write job inputs, submit jobs, follow their progress, read
+their outputs. Used by ``inferlane batch``, the batch benchmark and the tests.
+"""
+
+from __future__ import annotations
+
+import gzip
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from pipeline.kafka import client_kwargs, make_producer
+from pipeline.s3 import S3Store
+from pipeline.settings import Settings
+from pipeline.synth import TransactionGenerator
+from schemas import BatchJob
+
+__all__ = ["read_job_output", "submit_job", "wait_for_job", "write_transactions_jsonl"]
+
+
+async def write_transactions_jsonl(settings: Settings, key: str, rows: int, *, seed: int = 31,
+                                   invalid_every: int = 0) -> tuple[set[str], int]:
+    """Upload ``rows`` synthetic transactions as JSONL to ``key``; every ``invalid_every``-th
+    row gets a negative amount. Returns the valid event ids and the number of invalid rows."""
+    generator = TransactionGenerator(seed=seed, start_ts=1.79e9)
+    ids: set[str] = set()
+    lines, invalid = [], 0
+    for i in range(rows):
+        txn, _ = generator.next()
+        if invalid_every and i % invalid_every == invalid_every - 1:
+            txn["amount"] = -1.0
+            invalid += 1
+        else:
+            ids.add(txn["event_id"])
+        lines.append(orjson.dumps(txn))
+    async with S3Store(settings) as store:
+        await store.put(key, b"\n".join(lines) + b"\n", content_type="application/x-ndjson")
+    return ids, invalid
+
+
+async def submit_job(settings: Settings, job: BatchJob) -> None:
+    """Produce ``job`` to ``batch.jobs`` and wait for the broker's ack."""
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        await producer.send_and_wait(settings.topic("batch.jobs"),
+                                     orjson.dumps(msgspec.to_builtins(job)),
+                                     key=job.job_id.encode())
+    finally:
+        await producer.stop()
+
+
+async def wait_for_job(
+    settings: Settings, job_id: str, start: dict[TopicPartition, int], *, timeout_s: float,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Follow ``batch.results`` from ``start`` until ``job_id`` completes or fails.
+
+    Returns the final event; raises :class:`TimeoutError` after ``timeout_s``.
+    """
+    consumer = AIOKafkaConsumer(**client_kwargs(settings, client_id="inferlane-batch-client"),
+                                enable_auto_commit=False)
+    await consumer.start()
+    consumer.assign(list(start))
+    for tp, offset in start.items():
+        consumer.seek(tp, offset)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                for record in records:
+                    event = orjson.loads(record.value or b"{}")
+                    if event.get("job_id") != job_id:
+                        continue
+                    if on_event is not None:
+                        on_event(event)
+                    if event.get("status") in ("completed", "failed"):
+                        return dict(event)
+        raise TimeoutError(f"job {job_id} did not finish within {timeout_s:.0f}s")
+    finally:
+        await consumer.stop()
+
+
+async def read_job_output(settings: Settings, prefix: str) -> list[bytes]:
+    """Every scored line of a job's output parts under ``prefix`` (rejected lines excluded)."""
+    lines: list[bytes] = []
+    async with S3Store(settings) as store:
+        async for key in store.list_keys(prefix):
+            name = key.rsplit("/", 1)[-1]
+            if name.startswith("part-") and "/rejected/" not in key:
+                lines.extend(gzip.decompress(await store.get(key)).splitlines())
+    return lines

@@ -1,0 +1,128 @@
+"""``inferlane bench batch``: one S3 job of N records through the batch lane, on the local stack.
+
+Writes N synthetic transactions as one JSONL object, starts ``--workers`` worker processes with
+``INFERLANE_LANES=batch``, submits the job and measures: rows/s from submission to the
+``completed`` event, peak RSS of each worker, chunks taken by each worker; then reads every
+output part back and checks that the output holds exactly one row per input row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.batchclient import read_job_output, submit_job, wait_for_job, write_transactions_jsonl
+from pipeline.bench.procstat import peak_rss_mb
+from pipeline.bench.sut import settings_for
+from pipeline.loadgen import snapshot_end_offsets
+from pipeline.settings import Settings
+from pipeline.stack import LocalStack
+from pipeline.topics import ensure_topics
+from pipeline.worker import WorkerProcess
+from schemas import BatchJob
+
+__all__ = ["BatchBenchResult", "run_batch_bench"]
+
+
+@dataclass
+class BatchBenchResult:
+    """What one batch benchmark measured."""
+
+    rows: int
+    workers: int
+    chunk_bytes: int
+    input_bytes: int = 0
+    seconds: float = 0.0
+    rows_per_s: float = 0.0
+    output_rows: int = 0
+    distinct_output_ids: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    chunks_by_worker: dict[str, int] = field(default_factory=dict)
+    peak_rss_mb_by_worker: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def exact(self) -> bool:
+        return self.output_rows == self.rows == self.distinct_output_ids
+
+
+def run_batch_bench(out: Path, *, rows: int, workers: int, chunk_bytes: int,
+                    console: Console) -> BatchBenchResult:
+    """Run the benchmark under ``out`` (stack data, logs, results.json); stop all it started."""
+    result = BatchBenchResult(rows=rows, workers=workers, chunk_bytes=chunk_bytes)
+    stack = LocalStack(out / "stack", fresh=True)
+    procs: list[WorkerProcess] = []
+    try:
+        endpoints = stack.start()
+        env = {**endpoints.env(), "INFERLANE_LANES": "batch", "INFERLANE_APP_ID": "bench-batch",
+               "INFERLANE_TOPIC_PREFIX": "benchbatch.", "INFERLANE_WEB_ENABLED": "false",
+               "INFERLANE_BATCH_CHUNK_BYTES": str(chunk_bytes)}
+        settings = settings_for(env)
+        asyncio.run(ensure_topics(settings))
+        console.print(f"writing {rows:,} records to S3 ...")
+        asyncio.run(write_transactions_jsonl(settings, "bench/input.jsonl", rows))
+        for i in range(workers):
+            proc = WorkerProcess({**env, "INFERLANE_WORKER_ID": f"batch-{i}",
+                                  "INFERLANE_STATE_DIR": str(out / "state" / str(i))},
+                                 out / "logs" / f"worker-{i}.log", label=f"worker-{i}")
+            procs.append(proc)
+            proc.start()
+        asyncio.run(_run_job(settings, result, console))
+        _collect(procs, result)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        stack.stop()
+    (out / "results.json").write_bytes(orjson.dumps(asdict(result), option=orjson.OPT_INDENT_2))
+    return result
+
+
+async def _run_job(settings: Settings, result: BatchBenchResult, console: Console) -> None:
+    start = await snapshot_end_offsets(settings, settings.topic("batch.results"))
+    job = BatchJob(job_id="bench-job", model="fraud",
+                   input_uri=f"s3://{settings.s3_bucket}/bench/input.jsonl")
+    console.print("job submitted; waiting for completion ...")
+    started = time.monotonic()
+    await submit_job(settings, job)
+    final = await wait_for_job(settings, job.job_id, start, timeout_s=1800)
+    result.seconds = time.monotonic() - started
+    result.rows_per_s = result.rows / result.seconds
+    result.counts = dict(final.get("counts", {}))
+    lines = await read_job_output(settings, "batch/bench-job/")
+    result.output_rows = len(lines)
+    result.distinct_output_ids = len({orjson.loads(line)["event_id"] for line in lines})
+
+
+def _collect(procs: list[WorkerProcess], result: BatchBenchResult) -> None:
+    for proc in procs:
+        if proc.pid is not None:
+            result.peak_rss_mb_by_worker[proc.label] = peak_rss_mb(proc.pid) or 0.0
+        result.chunks_by_worker[proc.label] = len(
+            re.findall(r"batch: job bench-job chunk", proc.log_text()))
+
+
+def render(result: BatchBenchResult) -> Table:
+    """The table printed at the end."""
+    table = Table(title=f"batch job: {result.rows:,} records, {result.workers} worker(s)")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    rows = [
+        ("seconds, submit -> completed", f"{result.seconds:.1f}"),
+        ("rows/s", f"{result.rows_per_s:,.0f}"),
+        ("completed counts", str(result.counts)),
+        ("output rows read back / distinct ids", f"{result.output_rows:,} / "
+                                                 f"{result.distinct_output_ids:,}"),
+        ("exactly one output row per input row", "yes" if result.exact else "NO"),
+        ("chunks by worker", str(result.chunks_by_worker)),
+        ("peak RSS MiB by worker", str({k: round(v) for k, v in
+                                        result.peak_rss_mb_by_worker.items()})),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
