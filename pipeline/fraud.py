@@ -31,6 +31,7 @@ from pipeline.deadletter import dead_letter
 from pipeline.features import fast_features
 from pipeline.lane import LaneContext, PartitionRecords, Record
 from pipeline.model import OnnxScorer
+from pipeline.priority import REALTIME_GATE
 from pipeline.settings import Settings
 from schemas import Transaction, validate_record
 
@@ -143,6 +144,10 @@ class FraudHandler:
         """Nothing buffered across calls: in-flight work finishes on its own."""
 
     async def handle(self, batch: Sequence[PartitionRecords]) -> None:
+        with REALTIME_GATE.realtime():  # batch work in this process yields meanwhile
+            await self._handle(batch)
+
+    async def _handle(self, batch: Sequence[PartitionRecords]) -> None:
         ctx = self._ctx
         assert ctx is not None  # noqa: S101 - set in start()
         valid: list[dict[str, Any]] = []

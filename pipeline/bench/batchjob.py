@@ -4,6 +4,11 @@ Writes N synthetic transactions as one JSONL object, starts ``--workers`` worker
 ``INFERLANE_LANES=batch``, submits the job and measures: rows/s from submission to the
 ``completed`` event, peak RSS of each worker, chunks taken by each worker; then reads every
 output part back and checks that the output holds exactly one row per input row.
+
+With ``realtime_rate > 0`` the workers also serve the fraud lane (``INFERLANE_LANES=fraud,batch``)
+and the fraud lane's end-to-end latency is measured twice at that rate, open loop, with a
+separate reader process: alone, then while the job runs, to show what the batch lane costs
+the real-time lane on the same worker.
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ from rich.table import Table
 
 from pipeline.batchclient import read_job_output, submit_job, wait_for_job, write_transactions_jsonl
 from pipeline.bench.procstat import peak_rss_mb
+from pipeline.bench.reader import ReaderProcess
+from pipeline.bench.stats import match_results, rate_result
 from pipeline.bench.sut import settings_for
+from pipeline.bench.traffic import Arrivals, produce_open_loop
 from pipeline.loadgen import snapshot_end_offsets
 from pipeline.settings import Settings
 from pipeline.stack import LocalStack
@@ -46,6 +54,9 @@ class BatchBenchResult:
     counts: dict[str, int] = field(default_factory=dict)
     chunks_by_worker: dict[str, int] = field(default_factory=dict)
     peak_rss_mb_by_worker: dict[str, float] = field(default_factory=dict)
+    realtime_rate: float = 0.0
+    realtime_alone: dict[str, float | None] = field(default_factory=dict)
+    realtime_during_job: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def exact(self) -> bool:
@@ -53,14 +64,17 @@ class BatchBenchResult:
 
 
 def run_batch_bench(out: Path, *, rows: int, workers: int, chunk_bytes: int,
-                    console: Console) -> BatchBenchResult:
+                    console: Console, realtime_rate: float = 0.0,
+                    realtime_s: float = 20.0) -> BatchBenchResult:
     """Run the benchmark under ``out`` (stack data, logs, results.json); stop all it started."""
-    result = BatchBenchResult(rows=rows, workers=workers, chunk_bytes=chunk_bytes)
+    result = BatchBenchResult(rows=rows, workers=workers, chunk_bytes=chunk_bytes,
+                              realtime_rate=realtime_rate)
     stack = LocalStack(out / "stack", fresh=True)
     procs: list[WorkerProcess] = []
     try:
         endpoints = stack.start()
-        env = {**endpoints.env(), "INFERLANE_LANES": "batch", "INFERLANE_APP_ID": "bench-batch",
+        lanes = "fraud,batch" if realtime_rate > 0 else "batch"
+        env = {**endpoints.env(), "INFERLANE_LANES": lanes, "INFERLANE_APP_ID": "bench-batch",
                "INFERLANE_TOPIC_PREFIX": "benchbatch.", "INFERLANE_WEB_ENABLED": "false",
                "INFERLANE_BATCH_CHUNK_BYTES": str(chunk_bytes)}
         settings = settings_for(env)
@@ -73,7 +87,12 @@ def run_batch_bench(out: Path, *, rows: int, workers: int, chunk_bytes: int,
                                  out / "logs" / f"worker-{i}.log", label=f"worker-{i}")
             procs.append(proc)
             proc.start()
-        asyncio.run(_run_job(settings, result, console))
+        if realtime_rate > 0:
+            console.print(f"real-time lane alone at {realtime_rate:g} ev/s ...")
+            result.realtime_alone = _realtime(env, settings, out, "alone", realtime_rate,
+                                              realtime_s)
+        asyncio.run(_run_job(settings, result, console, env=env, out=out,
+                             realtime_s=realtime_s if realtime_rate > 0 else 0.0))
         _collect(procs, result)
     finally:
         for proc in procs:
@@ -83,13 +102,18 @@ def run_batch_bench(out: Path, *, rows: int, workers: int, chunk_bytes: int,
     return result
 
 
-async def _run_job(settings: Settings, result: BatchBenchResult, console: Console) -> None:
+async def _run_job(settings: Settings, result: BatchBenchResult, console: Console, *,
+                   env: dict[str, str], out: Path, realtime_s: float) -> None:
     start = await snapshot_end_offsets(settings, settings.topic("batch.results"))
     job = BatchJob(job_id="bench-job", model="fraud",
                    input_uri=f"s3://{settings.s3_bucket}/bench/input.jsonl")
     console.print("job submitted; waiting for completion ...")
     started = time.monotonic()
     await submit_job(settings, job)
+    if realtime_s > 0:
+        console.print(f"real-time lane at {result.realtime_rate:g} ev/s during the job ...")
+        result.realtime_during_job = await asyncio.to_thread(
+            _realtime, env, settings, out, "during-job", result.realtime_rate, realtime_s)
     final = await wait_for_job(settings, job.job_id, start, timeout_s=1800)
     result.seconds = time.monotonic() - started
     result.rows_per_s = result.rows / result.seconds
@@ -97,6 +121,29 @@ async def _run_job(settings: Settings, result: BatchBenchResult, console: Consol
     lines = await read_job_output(settings, "batch/bench-job/")
     result.output_rows = len(lines)
     result.distinct_output_ids = len({orjson.loads(line)["event_id"] for line in lines})
+
+
+def _realtime(env: dict[str, str], settings: Settings, out: Path, name: str, rate: float,
+              seconds: float) -> dict[str, float | None]:
+    """Open-loop fraud traffic at ``rate`` for ``seconds``; latency summary from a reader
+    process (the same machinery as ``inferlane bench run``)."""
+    reader = ReaderProcess(env, settings.topic("fraud.scores"), out / "work",
+                           out / "logs" / f"realtime-{name}-reader.log")
+    try:
+        reader.start()
+        sent = asyncio.run(produce_open_loop(settings, Arrivals.constant(rate, seconds), seed=7))
+        reader.request(sent.ids, 30.0)
+        output = reader.collect(60.0)
+    finally:
+        reader.close()
+    matched = match_results(sent.ids, output.rows)
+    summary = rate_result("a", target_rate=rate, sent=len(sent.ids), started_at=sent.started_at,
+                          last_sent=sent.last_at, matched=matched, cpu_s=None, warmup_s=2.0)
+    latency = summary.latency
+    return {"sent": float(summary.sent), "missing": float(summary.missing),
+            "p50_ms": latency.p50_ms if latency else None,
+            "p99_ms": latency.p99_ms if latency else None,
+            "max_ms": latency.max_ms if latency else None}
 
 
 def _collect(procs: list[WorkerProcess], result: BatchBenchResult) -> None:
@@ -123,6 +170,18 @@ def render(result: BatchBenchResult) -> Table:
         ("peak RSS MiB by worker", str({k: round(v) for k, v in
                                         result.peak_rss_mb_by_worker.items()})),
     ]
+    if result.realtime_rate:
+        rows += [(f"fraud lane at {result.realtime_rate:g} ev/s alone: p50 / p99 / max ms",
+                  _latency(result.realtime_alone)),
+                 (f"fraud lane at {result.realtime_rate:g} ev/s during the job",
+                  _latency(result.realtime_during_job))]
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+def _latency(summary: dict[str, float | None]) -> str:
+    values = [summary.get(k) for k in ("p50_ms", "p99_ms", "max_ms")]
+    text = " / ".join("-" if v is None else f"{v:.1f}" for v in values)
+    return f"{text} (missing {int(summary.get('missing') or 0)})"
+

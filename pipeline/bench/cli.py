@@ -140,6 +140,9 @@ def batch(
     chunk_mb: Annotated[float, typer.Option(help="Chunk size, MiB.")] = 16.0,
     out: Annotated[Path | None, typer.Option(help="Results folder (default "
                                                   "bench-results/batch-<UTC timestamp>).")] = None,
+    realtime_rate: Annotated[float, typer.Option(
+        help="Also serve the fraud lane at this rate, alone then during the job (0 = off).")] = 0,
+    realtime_seconds: Annotated[float, typer.Option(help="Seconds of real-time traffic.")] = 20,
 ) -> None:
     """One S3 batch job end to end: rows/s, peak RSS, chunks per worker, exact output count."""
     from datetime import datetime, timezone
@@ -150,7 +153,8 @@ def batch(
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     folder = out or Path("bench-results") / f"batch-{stamp}"
     result = run_batch_bench(folder, rows=rows, workers=workers,
-                             chunk_bytes=int(chunk_mb * 1024 * 1024), console=console)
+                             chunk_bytes=int(chunk_mb * 1024 * 1024), console=console,
+                             realtime_rate=realtime_rate, realtime_s=realtime_seconds)
     console.print(render(result))
     console.print(f"wrote {folder / 'results.json'}")
     raise typer.Exit(0 if result.exact else 1)
