@@ -28,7 +28,7 @@ from aiokafka import TopicPartition
 from pipeline.errors import SinkError
 from pipeline.lane import LaneContext, PartitionRecords
 from pipeline.offsets import Chunk
-from pipeline.s3 import S3Store
+from pipeline.s3 import S3Store, retry
 from pipeline.settings import Settings
 
 __all__ = ["ArchiveHandler", "archive_key", "archive_prefix"]
@@ -104,7 +104,7 @@ class ArchiveHandler:
         for tp in tps:
             try:
                 async with self._lock:
-                    await self._flush(tp)
+                    await self._flush(tp, retrying=False)
             except SinkError as exc:
                 log.warning("archive: could not write %s on revoke (%s); next owner will", tp, exc)
             self._windows.pop(tp, None)
@@ -149,21 +149,33 @@ class ArchiveHandler:
 
     async def _existing_last(self, tp: TopicPartition, first: int, ts_ms: int) -> int | None:
         prefix = archive_prefix(tp.topic, tp.partition, first, ts_ms)
-        lasts = [int(key[len(prefix):].split(".", 1)[0])
-                 async for key in self.store.list_keys(prefix)]
+
+        async def list_lasts() -> list[int]:
+            return [int(key[len(prefix):].split(".", 1)[0])
+                    async for key in self.store.list_keys(prefix)]
+
+        lasts = await retry(list_lasts, what=f"archive list {prefix}")
         if lasts:
             log.info("archive: %s-%d from %d already written up to %d; replaying onto it",
                      tp.topic, tp.partition, first, max(lasts))
         return max(lasts) if lasts else None
 
-    async def _flush(self, tp: TopicPartition) -> None:
-        window = self._windows.pop(tp, None)
+    async def _flush(self, tp: TopicPartition, *, retrying: bool = True) -> None:
+        """Write the partition's window. While S3 is down this retries with backoff and the
+        lane stops fetching once its in-flight bound is reached: backpressure, not loss."""
+        window = self._windows.get(tp)
         if window is None or not window.lines:
+            self._windows.pop(tp, None)
             return
         key = archive_key(tp.topic, tp.partition, window.first, window.last, window.timestamp_ms)
         body = await asyncio.to_thread(_gzip_lines, window.lines)
-        await self.store.put(key, body, content_type="application/x-ndjson",
-                             content_encoding="gzip")
+
+        async def put() -> None:
+            await self.store.put(key, body, content_type="application/x-ndjson",
+                                 content_encoding="gzip")
+
+        await (retry(put, what=f"archive {key}") if retrying else put())
+        self._windows.pop(tp, None)
         self.objects_written += 1
         self.records_written += len(window.lines)
         log.info("archive: wrote s3://%s/%s (%d records, %d bytes)", self.store.bucket, key,

@@ -40,7 +40,7 @@ from pipeline.fraud import Thresholds, decide, score_fields
 from pipeline.lane import LaneContext, PartitionRecords, Record
 from pipeline.model import OnnxScorer
 from pipeline.priority import REALTIME_GATE
-from pipeline.s3 import S3Store
+from pipeline.s3 import S3Store, retry
 from pipeline.s3lines import iter_line_batches, split_ranges
 from pipeline.settings import Settings
 from schemas import BatchChunk, BatchCounts, BatchJob, BatchResult, Transaction, validate_record
@@ -94,7 +94,8 @@ class JobPlanner:
     async def _plan(self, ctx: LaneContext, record: Record) -> None:
         try:
             job = msgspec.convert(orjson.loads(record.value or b""), BatchJob)
-            chunks = await self._chunks(job)
+            # An S3 outage delays planning; a missing input (not retriable) rejects the job.
+            chunks = await retry(lambda: self._chunks(job), what=f"plan {job.job_id}")
         except (msgspec.ValidationError, orjson.JSONDecodeError, ValueError, SinkError) as exc:
             await self._reject(ctx, record, exc)
             return
@@ -196,8 +197,19 @@ class ChunkScorer:
         for part in batch:
             for record in part.records:
                 chunk = msgspec.convert(orjson.loads(record.value or b""), BatchChunk)
-                await self._run(ctx, chunk)
+                try:
+                    # Idempotent: a chunk interrupted by an S3 outage is redone from the start.
+                    await retry(lambda c=chunk: self._run(ctx, c),  # type: ignore[misc]
+                                what=f"job {chunk.job_id} chunk {chunk.chunk_id}")
+                except SinkError as exc:  # not retriable, e.g. the input object is gone
+                    await self._fail(ctx, chunk, exc)
             ctx.done(part.chunk)
+
+    async def _fail(self, ctx: LaneContext, chunk: BatchChunk, exc: SinkError) -> None:
+        log.error("batch: job %s chunk %d failed: %s", chunk.job_id, chunk.chunk_id, exc)
+        await ctx.sender.send(self.settings.topic("batch.results"), [_result(
+            chunk.job_id, "failed", chunks_total=chunk.chunks_total, chunk_id=chunk.chunk_id,
+            error=str(exc))])
 
     async def _run(self, ctx: LaneContext, chunk: BatchChunk) -> None:
         started = time.monotonic()

@@ -10,7 +10,7 @@ flag so callers decide retry-or-give-up with a lookup instead of a guess::
     │   └── PortInUseError          a requested port is already taken
     ├── ModelLoadError              a model file is missing, corrupt or does not match its card
     ├── TopicError                  topics cannot be created or do not match their spec
-    └── SinkError                   a sink (S3) write failed          (retriable = True)
+    └── SinkError                   an S3 call failed      (retriable unless e.g. 404/403)
 
 Bad *input* is never an exception: it becomes a :class:`schemas.DeadLetter` record.
 """
@@ -60,6 +60,11 @@ class TopicError(InferlaneError):
 
 
 class SinkError(InferlaneError):
-    """Writing to a sink failed; the write may succeed if retried."""
+    """An S3 (sink or source) call failed. ``retriable`` says whether trying again can help:
+    true for connection errors, timeouts, throttling and 5xx; false for e.g. a missing key."""
 
     retriable = True
+
+    def __init__(self, message: str, *, retriable: bool = True) -> None:
+        super().__init__(message)
+        self.retriable = retriable

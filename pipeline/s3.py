@@ -9,9 +9,12 @@ they are never logged.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import Any, TypeVar
 
 import aioboto3
 from botocore.config import Config
@@ -20,7 +23,10 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pipeline.errors import SinkError
 from pipeline.settings import Settings
 
-__all__ = ["S3Store"]
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+__all__ = ["S3Store", "retry"]
 
 
 class S3Store:
@@ -74,7 +80,7 @@ class S3Store:
             await self.client.put_object(Bucket=bucket or self.bucket, Key=key, Body=body,
                                          ContentType=content_type, **extra)
         except (BotoCoreError, ClientError) as exc:
-            raise SinkError(f"put s3://{bucket or self.bucket}/{key} failed: {exc}") from exc
+            raise _sink_error(f"put s3://{bucket or self.bucket}/{key} failed", exc) from exc
 
     async def get(self, key: str, *, bucket: str | None = None) -> bytes:
         try:
@@ -83,14 +89,14 @@ class S3Store:
                 data: bytes = await body.read()
                 return data
         except (BotoCoreError, ClientError) as exc:
-            raise SinkError(f"get s3://{bucket or self.bucket}/{key} failed: {exc}") from exc
+            raise _sink_error(f"get s3://{bucket or self.bucket}/{key} failed", exc) from exc
 
     async def size(self, key: str, *, bucket: str | None = None) -> int:
         """Size in bytes of an object (HEAD)."""
         try:
             response = await self.client.head_object(Bucket=bucket or self.bucket, Key=key)
         except (BotoCoreError, ClientError) as exc:
-            raise SinkError(f"head s3://{bucket or self.bucket}/{key} failed: {exc}") from exc
+            raise _sink_error(f"head s3://{bucket or self.bucket}/{key} failed", exc) from exc
         return int(response["ContentLength"])
 
     async def stream(self, key: str, *, start: int = 0, end: int | None = None,
@@ -109,7 +115,7 @@ class S3Store:
                 async for piece in body.iter_chunks(chunk_bytes):
                     yield piece
         except (BotoCoreError, ClientError) as exc:
-            raise SinkError(f"read {where} from byte {start} failed: {exc}") from exc
+            raise _sink_error(f"read {where} from byte {start} failed", exc) from exc
 
     async def list_objects(self, prefix: str, *, bucket: str | None = None,
                            ) -> AsyncIterator[tuple[str, int]]:
@@ -120,7 +126,7 @@ class S3Store:
                 for item in page.get("Contents", ()):
                     yield item["Key"], int(item["Size"])
         except (BotoCoreError, ClientError) as exc:
-            raise SinkError(f"list s3://{bucket or self.bucket}/{prefix} failed: {exc}") from exc
+            raise _sink_error(f"list s3://{bucket or self.bucket}/{prefix} failed", exc) from exc
 
     async def list_keys(self, prefix: str) -> AsyncIterator[str]:
         """Every key under ``prefix``, in lexicographic order."""
@@ -130,4 +136,38 @@ class S3Store:
                 for item in page.get("Contents", ()):
                     yield item["Key"]
         except (BotoCoreError, ClientError) as exc:
-            raise SinkError(f"list s3://{self.bucket}/{prefix} failed: {exc}") from exc
+            raise _sink_error(f"list s3://{self.bucket}/{prefix} failed", exc) from exc
+
+
+def _sink_error(message: str, exc: Exception) -> SinkError:
+    """Wrap a botocore error; 4xx answers (missing key, denied, bad request) are final, except
+    throttling and timeouts; everything else (no connection, 5xx) may pass on a retry."""
+    retriable = True
+    if isinstance(exc, ClientError):
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500) or 500)
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        retriable = status >= 500 or status in (408, 429) or code in _RETRIABLE_CODES
+    return SinkError(f"{message}: {exc}", retriable=retriable)
+
+
+_RETRIABLE_CODES = frozenset({"SlowDown", "Throttling", "RequestTimeout", "InternalError"})
+
+
+async def retry(operation: Callable[[], Awaitable[T]], *, what: str,
+                max_backoff_s: float = 30.0) -> T:
+    """Run ``operation`` until it succeeds, retrying retriable :class:`SinkError` forever with
+    exponential backoff and full jitter (an S3 outage pauses the caller; it loses nothing).
+    A non-retriable error is raised at once."""
+    attempt = 0
+    while True:
+        try:
+            return await operation()
+        except SinkError as exc:
+            if not exc.retriable:
+                raise
+            delay = random.uniform(0, min(max_backoff_s, 0.5 * 2 ** attempt))  # noqa: S311
+            attempt += 1
+            log.warning("S3: %s failed (attempt %d), retrying in %.1fs: %s", what, attempt,
+                        delay, exc)
+            await asyncio.sleep(delay)
+
