@@ -1,4 +1,5 @@
-"""Batch lane: ``batch.jobs`` planned into chunks, ``batch.chunks`` scored S3 -> S3."""
+"""Batch lane: ``batch.jobs`` planned into chunks, ``batch.chunks`` scored S3 -> S3, and
+``batch.requests`` records scored in big windows to S3."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import cast
 import faust
 
 from pipeline.batchjobs import ChunkScorer, JobPlanner
+from pipeline.batchrecords import RecordBatchWriter
 from pipeline.lane import Lane
 from pipeline.settings import Settings
 
@@ -23,6 +25,9 @@ def register(app: faust.App, settings: Settings) -> list[Lane]:
         # the topic for the other workers of the group.
         Lane(settings, LANE, ChunkScorer(settings), max_in_flight_records=1,
              max_records_per_fetch=1),
+        # Windows hold up to batch_window_bytes per partition until written.
+        Lane(settings, "batch-records", RecordBatchWriter(settings),
+             max_in_flight_records=max(settings.max_in_flight_records, 200_000)),
     ]
     for lane in lanes:
         app.service(cast(type[Lane], lane))  # faust also accepts a Service instance

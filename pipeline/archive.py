@@ -36,10 +36,11 @@ __all__ = ["ArchiveHandler", "archive_key", "archive_prefix"]
 log = logging.getLogger(__name__)
 
 
-def archive_prefix(topic: str, partition: int, first: int, timestamp_ms: int) -> str:
+def archive_prefix(topic: str, partition: int, first: int, timestamp_ms: int, *,
+                   root: str = "results") -> str:
     """Key prefix shared by every archive object of ``partition`` starting at ``first``."""
     when = dt.datetime.fromtimestamp(timestamp_ms / 1000.0, tz=dt.timezone.utc)
-    return (f"results/{topic}/dt={when:%Y-%m-%d}/hour={when:%H}/"
+    return (f"{root}/{topic}/dt={when:%Y-%m-%d}/hour={when:%H}/"
             f"{partition:04d}-{first:020d}-")
 
 
@@ -64,12 +65,13 @@ class _Window:
 class ArchiveHandler:
     """Lane handler that archives result topics to S3 (own consumer group, own commits)."""
 
-    def __init__(self, settings: Settings, topics: Sequence[str] | None = None) -> None:
+    def __init__(self, settings: Settings, topics: Sequence[str] | None = None, *,
+                 max_bytes: int | None = None, max_age_ms: int | None = None) -> None:
         self.settings = settings
         self.topics = tuple(topics or (settings.topic("fraud.scores"),))
         self.store = S3Store(settings)
-        self.max_bytes = settings.archive_max_bytes
-        self.max_age_s = settings.archive_max_age_ms / 1000.0
+        self.max_bytes = max_bytes or settings.archive_max_bytes
+        self.max_age_s = (max_age_ms or settings.archive_max_age_ms) / 1000.0
         self._windows: dict[TopicPartition, _Window] = {}
         self._check_existing: set[TopicPartition] = set()
         self._seen: set[TopicPartition] = set()
@@ -147,8 +149,23 @@ class ArchiveHandler:
         self._windows[tp] = window
         return window
 
+    def window_prefix(self, tp: TopicPartition, first: int, timestamp_ms: int) -> str:
+        """Key prefix that identifies a written window (listing it finds earlier runs' work)."""
+        return archive_prefix(tp.topic, tp.partition, first, timestamp_ms)
+
+    async def write_window(self, tp: TopicPartition, first: int, last: int, timestamp_ms: int,
+                           lines: list[bytes]) -> None:
+        """Write one window. Subclasses transform the records; this one archives them as is.
+        The object that makes the window count as written must be put last."""
+        key = archive_key(tp.topic, tp.partition, first, last, timestamp_ms)
+        body = await asyncio.to_thread(_gzip_lines, lines)
+        await self.store.put(key, body, content_type="application/x-ndjson",
+                             content_encoding="gzip")
+        log.info("archive: wrote s3://%s/%s (%d records, %d bytes)", self.store.bucket, key,
+                 len(lines), len(body))
+
     async def _existing_last(self, tp: TopicPartition, first: int, ts_ms: int) -> int | None:
-        prefix = archive_prefix(tp.topic, tp.partition, first, ts_ms)
+        prefix = self.window_prefix(tp, first, ts_ms)
 
         async def list_lasts() -> list[int]:
             return [int(key[len(prefix):].split(".", 1)[0])
@@ -167,19 +184,16 @@ class ArchiveHandler:
         if window is None or not window.lines:
             self._windows.pop(tp, None)
             return
-        key = archive_key(tp.topic, tp.partition, window.first, window.last, window.timestamp_ms)
-        body = await asyncio.to_thread(_gzip_lines, window.lines)
 
-        async def put() -> None:
-            await self.store.put(key, body, content_type="application/x-ndjson",
-                                 content_encoding="gzip")
+        async def write() -> None:
+            await self.write_window(tp, window.first, window.last, window.timestamp_ms,
+                                    window.lines)
 
-        await (retry(put, what=f"archive {key}") if retrying else put())
+        what = f"{tp.topic}-{tp.partition} window {window.first}-{window.last}"
+        await (retry(write, what=what) if retrying else write())
         self._windows.pop(tp, None)
         self.objects_written += 1
         self.records_written += len(window.lines)
-        log.info("archive: wrote s3://%s/%s (%d records, %d bytes)", self.store.bucket, key,
-                 len(window.lines), len(body))
         # Chunks join the window holding their last record, so all of them are written now.
         for chunk in window.chunks:
             self._chunk_done(chunk)

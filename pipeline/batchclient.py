@@ -86,11 +86,10 @@ async def wait_for_job(
 
 
 async def read_job_output(settings: Settings, prefix: str) -> list[bytes]:
-    """Every scored line of a job's output parts under ``prefix`` (rejected lines excluded)."""
+    """Every scored line of the ``.jsonl.gz`` outputs under ``prefix`` (``rejected/`` excluded)."""
     lines: list[bytes] = []
     async with S3Store(settings) as store:
         async for key in store.list_keys(prefix):
-            name = key.rsplit("/", 1)[-1]
-            if name.startswith("part-") and "/rejected/" not in key:
+            if key.endswith(".jsonl.gz") and "/rejected/" not in key:
                 lines.extend(gzip.decompress(await store.get(key)).splitlines())
     return lines

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-import numpy as np
 import orjson
 from aiokafka import TopicPartition
 
@@ -45,7 +44,7 @@ from pipeline.s3lines import iter_line_batches, split_ranges
 from pipeline.settings import Settings
 from schemas import BatchChunk, BatchCounts, BatchJob, BatchResult, Transaction, validate_record
 
-__all__ = ["ChunkScorer", "JobPlanner", "parse_s3_uri"]
+__all__ = ["ChunkScorer", "JobPlanner", "parse_s3_uri", "result_event", "score_jsonl"]
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,8 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def _result(job_id: str, status: str, **fields: Any) -> tuple[bytes, bytes]:
+def result_event(job_id: str, status: str, **fields: Any) -> tuple[bytes, bytes]:
+    """A ``batch.results`` record (key, value) for ``job_id``."""
     event = BatchResult(job_id=job_id, status=status, at=time.time(),  # type: ignore[arg-type]
                         **fields)
     return job_id.encode(), orjson.dumps(msgspec.to_builtins(event))
@@ -104,7 +104,7 @@ class JobPlanner:
             (f"{job.job_id}:{c.chunk_id}".encode(), orjson.dumps(msgspec.to_builtins(c)))
             for c in chunks])
         await ctx.sender.send(self.settings.topic("batch.results"),
-                              [_result(job.job_id, "planned", chunks_total=len(chunks))])
+                              [result_event(job.job_id, "planned", chunks_total=len(chunks))])
         ctx.stats.produced += len(chunks)
         log.info("batch: job %s planned in %d chunks", job.job_id, len(chunks))
 
@@ -136,7 +136,7 @@ class JobPlanner:
         job_id = _job_id_of(record.value)
         if job_id:
             await ctx.sender.send(self.settings.topic("batch.results"),
-                                  [_result(job_id, "failed", error=reason)])
+                                  [result_event(job_id, "failed", error=reason)])
         ctx.stats.dead_lettered += 1
         log.warning("batch: job rejected (%s)", reason)
 
@@ -160,6 +160,19 @@ class _ChunkOutput:
     scored: list[bytes] = field(default_factory=list)
     """JSONL blocks (each already newline-terminated)."""
     rejected: list[bytes] = field(default_factory=list)
+
+
+def score_jsonl(scorer: OnnxScorer, thresholds: Thresholds,
+                valid: list[dict[str, Any]]) -> bytes:
+    """Score validated transactions in one model call; their FraudScores as JSONL."""
+    if not valid:
+        return b""
+    scores = scorer.predict(fast_features(valid))
+    decisions = decide(scores, thresholds)
+    now, version = time.time(), scorer.version
+    return _ENCODER.encode_lines([
+        score_fields(t, s, d, version, now)
+        for t, s, d in zip(valid, scores.tolist(), decisions, strict=True)])
 
 
 class ChunkScorer:
@@ -207,7 +220,7 @@ class ChunkScorer:
 
     async def _fail(self, ctx: LaneContext, chunk: BatchChunk, exc: SinkError) -> None:
         log.error("batch: job %s chunk %d failed: %s", chunk.job_id, chunk.chunk_id, exc)
-        await ctx.sender.send(self.settings.topic("batch.results"), [_result(
+        await ctx.sender.send(self.settings.topic("batch.results"), [result_event(
             chunk.job_id, "failed", chunks_total=chunk.chunks_total, chunk_id=chunk.chunk_id,
             error=str(exc))])
 
@@ -231,7 +244,7 @@ class ChunkScorer:
         ctx.stats.dead_lettered += output.counts.dead_lettered
         self.rows_scored += output.counts.scored
         self.chunks_done += 1
-        await ctx.sender.send(self.settings.topic("batch.results"), [_result(
+        await ctx.sender.send(self.settings.topic("batch.results"), [result_event(
             chunk.job_id, "chunk_done", chunks_total=chunk.chunks_total, chunk_id=chunk.chunk_id,
             counts=output.counts, output_keys=keys)])
         log.info("batch: job %s chunk %d/%d: %s in %.2fs", chunk.job_id, chunk.chunk_id + 1,
@@ -268,13 +281,7 @@ class ChunkScorer:
                 out.rejected.append(orjson.dumps({
                     "error": rejection.error, "reason": rejection.reason,
                     "raw": line.decode("utf-8", "replace"), "chunk_id": chunk.chunk_id}) + b"\n")
-        scores = (self._scorer.predict(fast_features(valid)) if valid
-                  else np.empty(0, dtype=np.float32))
-        decisions = decide(scores, self.thresholds)
-        now, version = time.time(), self._scorer.version
-        out.scored.append(_ENCODER.encode_lines([
-            score_fields(t, s, d, version, now)
-            for t, s, d in zip(valid, scores.tolist(), decisions, strict=True)]))
+        out.scored.append(score_jsonl(self._scorer, self.thresholds, valid))
         c = out.counts
         out.counts = BatchCounts(read=c.read + len(lines), scored=c.scored + len(valid),
                                  dead_lettered=c.dead_lettered + len(lines) - len(valid))
@@ -314,7 +321,7 @@ class ChunkScorer:
                     "counts": msgspec.to_builtins(totals), "output_keys": keys}
         await self.store.put(f"{chunk.output_prefix}_manifest.json", orjson.dumps(manifest),
                              content_type="application/json", bucket=chunk.output_bucket)
-        await ctx.sender.send(self.settings.topic("batch.results"), [_result(
+        await ctx.sender.send(self.settings.topic("batch.results"), [result_event(
             chunk.job_id, "completed", chunks_total=chunk.chunks_total, counts=totals,
             output_keys=keys)])
         log.info("batch: job %s completed: %s", chunk.job_id, totals)

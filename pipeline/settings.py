@@ -110,6 +110,11 @@ class Settings(BaseSettings):
     batch_rows_per_call: int = Field(default=8192, ge=1)
     """Rows per model call in the batch lane (throughput first)."""
 
+    batch_window_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    """batch.requests: score and write a window when its records reach this size ..."""
+    batch_window_ms: int = Field(default=5_000, ge=100)
+    """... or when its first record has waited this long."""
+
     archive_max_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     """Archive window: close an object when its uncompressed JSONL reaches this size ..."""
     archive_max_age_ms: int = Field(default=60_000, ge=100)

@@ -37,6 +37,7 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("fraud.requests", lane="fraud"),
     TopicSpec("fraud.scores", lane="fraud"),
     TopicSpec("fraud.requests.dlq", lane="fraud", partitions=1),
+    TopicSpec("batch.requests", lane="batch"),
     TopicSpec("batch.jobs", lane="batch", partitions=1),
     TopicSpec("batch.jobs.dlq", lane="batch", partitions=1),
     # Many partitions so that every worker of the batch group takes a share of each job.

@@ -17,6 +17,7 @@ __all__ = [
     "BatchChunk",
     "BatchCounts",
     "BatchJob",
+    "BatchRecord",
     "BatchResult",
     "Channel",
     "DeadLetter",
@@ -110,6 +111,14 @@ class BatchJob(msgspec.Struct, frozen=True, kw_only=True):
     """Where outputs go; default ``s3://<bucket>/batch/<job_id>/``."""
 
 
+class BatchRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One record to score without hurry, value of ``batch.requests`` (key: ``job_id``)."""
+
+    job_id: Annotated[str, Meta(pattern="^[A-Za-z0-9._-]{1,128}$")]
+    model: BatchModel
+    payload: Transaction
+
+
 class BatchChunk(msgspec.Struct, frozen=True, kw_only=True):
     """One share of a job (internal ``batch.chunks`` topic): lines of one object starting in
     ``[byte_start, byte_end)``; the unit a worker scores and writes."""
@@ -140,7 +149,7 @@ class BatchResult(msgspec.Struct, frozen=True, kw_only=True):
     """Progress of a job, value of ``batch.results`` (key: ``job_id``)."""
 
     job_id: str
-    status: Literal["planned", "chunk_done", "completed", "failed"]
+    status: Literal["planned", "chunk_done", "completed", "failed", "records_written"]
     chunks_total: int = 0
     chunk_id: int | None = None
     counts: BatchCounts = BatchCounts()

@@ -11,7 +11,7 @@ from pathlib import Path
 import msgspec
 import orjson
 
-from schemas.events import BatchJob, BatchResult, DeadLetter, FraudScore, Transaction
+from schemas.events import BatchJob, BatchRecord, BatchResult, DeadLetter, FraudScore, Transaction
 
 __all__ = ["SHAPES", "export_json_schemas", "json_schema"]
 
@@ -20,6 +20,7 @@ SHAPES: dict[str, type[msgspec.Struct]] = {
     "FraudScore": FraudScore,
     "DeadLetter": DeadLetter,
     "BatchJob": BatchJob,
+    "BatchRecord": BatchRecord,
     "BatchResult": BatchResult,
 }
 

@@ -23,10 +23,13 @@ from pipeline.batchclient import (
     wait_for_job,
     write_transactions_jsonl,
 )
+from pipeline.kafka import make_producer
 from pipeline.loadgen import snapshot_end_offsets
+from pipeline.produce import BatchSender
 from pipeline.s3 import S3Store
 from pipeline.s3lines import iter_line_batches, split_ranges
 from pipeline.settings import Settings
+from pipeline.synth import TransactionGenerator
 from pipeline.worker import WorkerProcess
 from schemas import BatchJob
 from tests.integration.conftest import EnvFactory, settings_from
@@ -141,3 +144,72 @@ async def test_job_survives_a_killed_worker_without_duplicate_rows(
     out = await _output_ids(settings, "batch/job2/")
     assert len(out) == len(ids), f"{len(out) - len(ids)} duplicate or missing output rows"
     assert set(out) == ids
+
+
+async def test_batch_requests_are_scored_in_windows_per_job(
+    test_env: EnvFactory, worker_factory: WorkerFactory
+) -> None:
+    env = test_env(lanes="batch", batch_window_bytes="100000", batch_window_ms="500")
+    settings = settings_from(env)
+    worker_factory(env)
+    generator = TransactionGenerator(seed=41)
+    expected: dict[str, set[str]] = {"jobA": set(), "jobB": set()}
+    records: list[tuple[bytes | None, bytes]] = []
+    for i in range(3000):
+        txn, _ = generator.next()
+        job = "jobA" if i % 3 else "jobB"
+        if i % 100 == 99:
+            txn["channel"] = "fax"
+        else:
+            expected[job].add(txn["event_id"])
+        records.append((job.encode(), orjson.dumps(
+            {"job_id": job, "model": "fraud", "payload": txn})))
+    records.append((b"x", b"not json"))
+    start = await snapshot_end_offsets(settings, settings.topic("batch.results"))
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        await BatchSender(producer).send(settings.topic("batch.requests"), records)
+    finally:
+        await producer.stop()
+    totals: dict[str, dict[str, int]] = {}
+    deadline = time.monotonic() + 60
+    while any(totals.get(j, {}).get("read", 0) < 1000 * (2 if j == "jobA" else 1)
+              for j in expected):
+        assert time.monotonic() < deadline, totals
+        events = await _results_since(settings, start)
+        totals = {}
+        for event in events:
+            if event["status"] == "records_written":
+                t = totals.setdefault(event["job_id"], {"read": 0, "scored": 0,
+                                                        "dead_lettered": 0})
+                for name, value in event["counts"].items():
+                    t[name] += value
+    for job, ids in expected.items():
+        assert totals[job]["scored"] == len(ids)
+        out = [orjson.loads(line)["event_id"]
+               for line in await read_job_output(settings, f"batch/{job}/requests/")]
+        assert len(out) == len(ids) and set(out) == ids, job
+    assert totals["jobA"]["dead_lettered"] + totals["jobB"]["dead_lettered"] == 30
+
+
+async def _results_since(settings: Settings, start: dict[Any, int]) -> list[dict[str, Any]]:
+    from aiokafka import AIOKafkaConsumer
+
+    from pipeline.kafka import client_kwargs
+
+    consumer = AIOKafkaConsumer(**client_kwargs(settings, client_id="test-results"),
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign(list(start))
+        for tp, offset in start.items():
+            consumer.seek(tp, offset)
+        ends = await consumer.end_offsets(list(start))
+        events: list[dict[str, Any]] = []
+        while [tp for tp in start if await consumer.position(tp) < ends[tp]]:
+            for batch in (await consumer.getmany(timeout_ms=200)).values():
+                events.extend(orjson.loads(r.value or b"{}") for r in batch)
+        return events
+    finally:
+        await consumer.stop()

@@ -22,6 +22,7 @@ from pipeline.settings import load_settings
 from schemas import (
     SHAPES,
     BatchJob,
+    BatchRecord,
     BatchResult,
     DeadLetter,
     FraudScore,
@@ -341,7 +342,8 @@ def test_json_schema_is_standalone() -> None:
 
 def test_shapes_registry() -> None:
     assert SHAPES == {"Transaction": Transaction, "FraudScore": FraudScore,
-                      "DeadLetter": DeadLetter, "BatchJob": BatchJob, "BatchResult": BatchResult}
+                      "DeadLetter": DeadLetter, "BatchJob": BatchJob, "BatchRecord": BatchRecord,
+                      "BatchResult": BatchResult}
 
 
 def _isort_key(name: str) -> tuple[int, str]:
