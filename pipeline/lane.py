@@ -183,7 +183,15 @@ class Lane(Service):  # type: ignore[misc]
         await asyncio.gather(*self._loops, return_exceptions=True)
         if self._handling:
             await asyncio.wait(list(self._handling), timeout=self.revoke_timeout_s)
-        await self.handler.stop()
+        # Work still running now (e.g. waiting for S3) is abandoned uncommitted: redone later.
+        for task in list(self._handling):
+            task.cancel()
+        await asyncio.gather(*self._handling, return_exceptions=True)
+        try:
+            await asyncio.wait_for(self.handler.stop(), self.revoke_timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("%s: handler did not stop within %.0fs; its unfinished work is not "
+                        "committed and will be redone", self.label, self.revoke_timeout_s)
         self.handler_stats()
         await self._commit()
         if self._consumer is not None:

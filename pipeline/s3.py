@@ -32,11 +32,11 @@ __all__ = ["S3Store", "retry"]
 class S3Store:
     """Put, get and list objects in the configured bucket."""
 
-    def __init__(self, settings: Settings, *, max_attempts: int = 6) -> None:
+    def __init__(self, settings: Settings, *, max_attempts: int = 3) -> None:
         self.bucket = settings.s3_bucket
         self._settings = settings
         self._config = Config(retries={"max_attempts": max_attempts, "mode": "standard"},
-                              connect_timeout=5, read_timeout=30)
+                              connect_timeout=2, read_timeout=30)
         self._stack: AsyncExitStack | None = None
         self._client: Any = None
 
@@ -154,7 +154,7 @@ _RETRIABLE_CODES = frozenset({"SlowDown", "Throttling", "RequestTimeout", "Inter
 
 
 async def retry(operation: Callable[[], Awaitable[T]], *, what: str,
-                max_backoff_s: float = 30.0) -> T:
+                max_backoff_s: float = 5.0) -> T:
     """Run ``operation`` until it succeeds, retrying retriable :class:`SinkError` forever with
     exponential backoff and full jitter (an S3 outage pauses the caller; it loses nothing).
     A non-retriable error is raised at once."""

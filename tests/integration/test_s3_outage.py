@@ -49,15 +49,17 @@ async def test_s3_outage_blocks_neither_realtime_nor_loses_anything(
             await proxy.cut()
             cut_at = time.time()
             await asyncio.sleep(OUTAGE_S)
-            during = [v for v in scores.results.values()
-                      if cut_at + 1 <= v["sent_at"] <= cut_at + OUTAGE_S - 5]
             await proxy.restore()
-            assert len(during) >= 300 * (OUTAGE_S - 6) * 0.95, (
-                f"only {len(during)} scores for events sent during the S3 outage")
-            assert all(v["scored_at"] < cut_at + OUTAGE_S for v in during), (
-                "real-time results waited for S3")
+            restored_at = time.time()
             report = await traffic
             assert not await scores.wait_for(set(report.valid_ids), timeout_s=30)
+            # Every event sent while S3 was down (but a 5 s margin) was scored before S3 came
+            # back: the real-time lane did not wait for S3.
+            during = [v for v in scores.results.values()
+                      if cut_at + 1 <= v["sent_at"] <= restored_at - 5]
+            assert len(during) > 1000, f"only {len(during)} events sent during the outage"
+            late = [v for v in during if v["scored_at"] >= restored_at]
+            assert not late, f"{len(late)} real-time results waited for S3"
             final = await wait_for_job(settings, "outage", results_from, timeout_s=120)
         assert final["status"] == "completed", final
         output = [orjson.loads(line)["event_id"]
