@@ -116,13 +116,27 @@ def topics_list() -> None:
 
 @models_app.command("build")
 def models_build(
-    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("models/fraud"),
-    seed: Annotated[int, typer.Option(help="Seed of data and training.")] = 7,
-    n_train: Annotated[int, typer.Option(help="Training rows.")] = 200_000,
-    n_test: Annotated[int, typer.Option(help="Held-out rows.")] = 50_000,
+    model: Annotated[str, typer.Option(help="fraud or reco.")] = "fraud",
+    out: Annotated[Path | None, typer.Option(help="Output folder (default models/<model>).")]
+    = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of data and training.")] = None,
+    n_train: Annotated[int, typer.Option(help="fraud: training rows.")] = 200_000,
+    n_test: Annotated[int, typer.Option(help="fraud: held-out rows.")] = 50_000,
 ) -> None:
     """Generate data, train, export FP32 + INT8 ONNX, write card.json and CARD.md."""
+    if model == "reco":
+        from pipeline.training.reco import build_reco_model
+
+        card = build_reco_model(out or Path("models/reco"), seed=5 if seed is None else seed,
+                                progress=lambda msg: console.print(f"  {msg}"))
+        console.print(f"[green]built[/] reco: {card.get('metrics', {})}")
+        return
+    if model != "fraud":
+        raise InferlaneError(f"unknown model {model!r}: fraud or reco")
     from pipeline.training.fraud import build_fraud_model
+
+    out = out or Path("models/fraud")
+    seed = 7 if seed is None else seed
 
     card = build_fraud_model(out, seed=seed, n_train=n_train, n_test=n_test,
                              progress=lambda msg: console.print(f"  {msg}"))

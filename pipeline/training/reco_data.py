@@ -3,15 +3,18 @@
 Lives here:
 
 * :class:`RecoDataConfig` / :func:`generate_reco_data` - users and items get true latent
-  factors; item popularity follows a power law; every user draws 20-60 distinct items from
-  ``softmax(affinity * user . item + log popularity)`` over the *whole* catalogue.  Sampling is
-  exact Gumbel-top-k (the top-n of logit + Gumbel noise is a draw of n items without
-  replacement), computed in row chunks on two threads with one spawned seed per chunk, so the
-  result does not depend on thread scheduling.
+  factors; item popularity follows a power law; each user draws 20-60 (configurable) distinct
+  items from ``softmax(affinity * user . item + log popularity)`` over the *whole* catalogue.
+  Sampling is exact Gumbel-top-k (the top-n of logit + Gumbel noise is a draw of n items
+  without replacement), computed in row chunks on two threads with one spawned seed per
+  chunk, so the result does not depend on thread scheduling.
 * :class:`RecoData` - per-user CSR lists of training items and held-out items (a uniformly
   random ``holdout_fraction`` of each user's draws, at least one), plus the true factors.
 * :func:`ranking_metrics` - recall@k and NDCG@k of ranked lists against the held-out items,
   after dropping each user's training items from the list (the evaluation protocol).
+* :func:`evaluate_graphs` - the protocol applied to serialized recommender graphs (run
+  through ORT over all users) plus the popularity baseline.
+* :func:`topk_overlap` - how many of two models' top-k items agree (INT8 vs FP32).
 * :func:`popularity_ranking` / :func:`oracle_tables` - baseline and upper-bound inputs.
 """
 
@@ -19,19 +22,34 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 from numpy.typing import NDArray
 
+from pipeline.model import session_options
+from pipeline.reco import CANDIDATES_INPUT, ITEMS_OUTPUT, USER_INPUT
+
 __all__ = [
+    "PROTOCOL",
     "RecoData",
     "RecoDataConfig",
+    "evaluate_graphs",
     "generate_reco_data",
     "oracle_tables",
     "popularity_ranking",
     "ranking_metrics",
+    "topk_overlap",
 ]
 
+PROTOCOL = (
+    "All users are evaluated. Each ranked list (the served graph's top-k_max output) loses the "
+    "user's training items; the first 10 remaining items are compared with the user's "
+    "held-out items (a random holdout_fraction of its draws, at least one). recall@10 = hits "
+    "/ min(10, held-out); NDCG@10 uses binary gains, log2 discounts and the ideal DCG of "
+    "min(10, held-out) hits; both are means over users."
+)
 _CHUNK_ROWS = 512  # 512 x 10k float32 logits = 20 MB per thread: cache-friendly, small peak
 _THREADS = 2  # numpy's RNG fill, log and argpartition release the GIL; the build box has 2 cores
 
@@ -73,11 +91,6 @@ class RecoData:
     def n_items(self) -> int:
         """Number of items in the catalogue."""
         return self.config.n_items
-
-    def train_users(self) -> NDArray[np.int64]:
-        """User index of every training interaction, aligned with ``train_items``."""
-        counts = np.diff(self.train_indptr)
-        return np.repeat(np.arange(self.n_users, dtype=np.int64), counts)
 
     def item_counts(self) -> NDArray[np.int64]:
         """Training interactions per item (the popularity baseline's score)."""
@@ -132,7 +145,9 @@ def _draw_items(
             np.log(noise, out=noise)
             np.negative(noise, out=noise)
             np.log(noise, out=noise)
-        neg_keys = noise - users[lo:hi] @ items_t - log_pop  # = -(logit + Gumbel)
+        logits = users[lo:hi] @ items_t
+        logits += log_pop
+        neg_keys = np.subtract(noise, logits, out=noise)  # -(logit + Gumbel), in place
         best = np.argpartition(neg_keys, top - 1, axis=1)[:, :top]
         order = np.argsort(np.take_along_axis(neg_keys, best, axis=1), axis=1, kind="stable")
         out[lo:hi] = np.take_along_axis(best, order, axis=1)
@@ -205,9 +220,47 @@ def oracle_tables(data: RecoData) -> tuple[NDArray[np.float32], NDArray[np.float
     """User/item tables whose dot product is the generator's true logit (incl. popularity).
 
     Ranking by the true logit orders items by their chance of being drawn, so its metrics are
-    an (expected) upper bound for any learned model on this data.
+    a practical ceiling for any model learned from this data.
     """
     ones = np.ones((data.n_users, 1), dtype=np.float32)
     users = np.hstack([data.true_user * np.float32(data.config.affinity), ones])
     items = np.hstack([data.true_item, data.item_log_pop[:, None]])
     return users.astype(np.float32), items.astype(np.float32)
+
+
+def topk_overlap(a: NDArray[np.int64], b: NDArray[np.int64], k: int = 10) -> float:
+    """Mean share of items two row-aligned top-k lists have in common (order ignored)."""
+    both = np.sort(np.concatenate([a[:, :k], b[:, :k]], axis=1), axis=1)
+    distinct = (np.diff(both, axis=1) != 0).sum(axis=1) + 1
+    return round(float(np.mean((2 * k - distinct) / k)), 4)
+
+
+def _graph_top_items(model: bytes, n_users: int) -> NDArray[np.int64]:
+    """Full-catalogue top list of every user from a serialized recommender graph."""
+    session = ort.InferenceSession(model, session_options(1), providers=["CPUExecutionProvider"])
+    users, parts = np.arange(n_users, dtype=np.int64), []
+    for lo in range(0, n_users, 256):  # small batches: ORT's TopK slows per row on big ones
+        batch = users[lo : lo + 256]
+        feed = {USER_INPUT: batch, CANDIDATES_INPUT: np.empty((len(batch), 0), np.int64)}
+        parts.append(session.run([ITEMS_OUTPUT], feed)[0])
+    return np.vstack(parts).astype(np.int64)
+
+
+def evaluate_graphs(
+    data: RecoData, models: dict[str, bytes], depth: int, k: int = 10
+) -> dict[str, dict[str, Any]]:
+    """:func:`ranking_metrics` of every graph in ``models`` and of the popularity baseline.
+
+    Every entry but ``fp32`` also gets its top-k overlap with the ``fp32`` entry.
+    """
+    users = np.arange(data.n_users, dtype=np.int64)
+    with ThreadPoolExecutor(_THREADS) as pool:  # one single-threaded ORT session per core
+        lists = pool.map(lambda blob: _graph_top_items(blob, data.n_users), models.values())
+        tops = dict(zip(models, lists, strict=True))
+    tops["popularity"] = popularity_ranking(data, users, depth)
+    results: dict[str, dict[str, Any]] = {
+        name: ranking_metrics(data, users, top, k) for name, top in tops.items()
+    }
+    for name in models.keys() - {"fp32"}:
+        results[name][f"top{k}_overlap_with_fp32"] = topk_overlap(tops[name], tops["fp32"], k)
+    return results
