@@ -145,18 +145,31 @@ def _touch(
     return tuple(k for _, k in kept), tuple(s for s, _ in kept), prev
 
 
-def update_with_transaction(h: CardHistory | None, txn: Mapping[str, Any]) -> CardHistory:
-    """Return the state after ``txn`` (a validated wire transaction) on top of ``h``."""
-    h = h or _EMPTY
-    ts, amount = float(txn["ts"]), float(txn["amount"])
-    x = math.log1p(amount)
-    newest = ts >= h.last_ts
-    if newest:  # decay the state forward to ts, then add the event at full weight
+def _aggregates(h: CardHistory, ts: float, amount: float) -> dict[str, float]:
+    """Decayed counts and sums of ``h`` plus one transaction at ``ts`` (as of the newer time)."""
+    if ts >= h.last_ts:  # decay the state forward to ts, then add the event at full weight
         decay = [math.exp(-(ts - h.last_ts) / tau) for tau in TAUS_S]
         weight = [1.0, 1.0, 1.0]
     else:  # late event: the state stays at last_ts, the event enters already decayed
         decay = [1.0, 1.0, 1.0]
         weight = [math.exp(-(h.last_ts - ts) / tau) for tau in TAUS_S]
+    x = math.log1p(amount)
+    return {
+        "cnt_1h": h.cnt_1h * decay[0] + weight[0],
+        "cnt_24h": h.cnt_24h * decay[1] + weight[1],
+        "cnt_30d": h.cnt_30d * decay[2] + weight[2],
+        "amt_1h": h.amt_1h * decay[0] + weight[0] * amount,
+        "amt_24h": h.amt_24h * decay[1] + weight[1] * amount,
+        "amt_30d": h.amt_30d * decay[2] + weight[2] * amount,
+        "logamt_sum": h.logamt_sum * decay[2] + weight[2] * x,
+        "logamt_sq_sum": h.logamt_sq_sum * decay[2] + weight[2] * x * x,
+    }
+
+
+def update_with_transaction(h: CardHistory | None, txn: Mapping[str, Any]) -> CardHistory:
+    """Return the state after ``txn`` (a validated wire transaction) on top of ``h``."""
+    h = h or _EMPTY
+    ts = float(txn["ts"])
     ref = max(ts, h.last_ts)
     merchants, merchants_seen, prev_m = _touch(
         h.merchants, h.merchants_seen, str(txn["merchant_id"]), ts, ref - MERCHANT_WINDOW_S
@@ -164,9 +177,9 @@ def update_with_transaction(h: CardHistory | None, txn: Mapping[str, Any]) -> Ca
     countries, countries_seen, prev_c = _touch(
         h.countries, h.countries_seen, str(txn["country"]), ts, ref - COUNTRY_WINDOW_S
     )
-    newest_fields: dict[str, Any] = {}
-    if newest:
-        newest_fields = {
+    newest: dict[str, Any] = {}
+    if ts >= h.last_ts:  # a late event leaves "last"/"prev" describing the newest one
+        newest = {
             "last_country": str(txn["country"]),
             "last_event_id": str(txn.get("event_id", "")),
             "prev_ts": h.last_ts,
@@ -178,19 +191,12 @@ def update_with_transaction(h: CardHistory | None, txn: Mapping[str, Any]) -> Ca
         h,
         updated_at=max(h.updated_at, ts),
         last_ts=ref,
-        cnt_1h=h.cnt_1h * decay[0] + weight[0],
-        cnt_24h=h.cnt_24h * decay[1] + weight[1],
-        cnt_30d=h.cnt_30d * decay[2] + weight[2],
-        amt_1h=h.amt_1h * decay[0] + weight[0] * amount,
-        amt_24h=h.amt_24h * decay[1] + weight[1] * amount,
-        amt_30d=h.amt_30d * decay[2] + weight[2] * amount,
-        logamt_sum=h.logamt_sum * decay[2] + weight[2] * x,
-        logamt_sq_sum=h.logamt_sq_sum * decay[2] + weight[2] * x * x,
         merchants=merchants,
         merchants_seen=merchants_seen,
         countries=countries,
         countries_seen=countries_seen,
-        **newest_fields,
+        **_aggregates(h, ts, float(txn["amount"])),
+        **newest,
     )
 
 
@@ -239,7 +245,7 @@ DEFAULT_HISTORY_FEATURES: tuple[float, ...] = (0.0,) * len(HISTORY_FEATURE_NAMES
 
 _H = {name: i for i, name in enumerate(HISTORY_FEATURE_NAMES)}
 _TAUS = np.asarray(TAUS_S)
-# Numeric state pulled into one matrix per batch; order is the column order of _state_matrix.
+# Numeric state pulled into one (rows, fields) matrix per batch by _fresh_features.
 _NUMERIC = (
     "last_ts", "cnt_1h", "cnt_24h", "cnt_30d", "amt_1h", "amt_24h", "amt_30d",
     "logamt_sum", "logamt_sq_sum", "chargebacks", "confirmed_frauds", "prev_ts",
@@ -263,7 +269,13 @@ def history_features(
     degraded, and gets :data:`DEFAULT_HISTORY_FEATURES`, when the snapshot is None or was last
     updated more than ``max_staleness_s`` before ``now`` (pass ``math.inf`` to accept any age).
     A snapshot older than the transaction is decayed forward to it; a snapshot newer than the
-    transaction cannot be decayed back and is used as it is.
+    transaction cannot be decayed back and is used as it is.  A snapshot whose newest
+    transaction *is* this one (same ``event_id``) has it subtracted again; one that holds it
+    only as a late, out-of-order event cannot tell and keeps it.
+
+    ``updated_at`` is event time, so ``now - updated_at`` grows both while the slow path lags
+    and while the card is simply quiet.  The history of a quiet card is still right, so keep
+    ``max_staleness_s`` long (days) and watch slow-path lag through its consumer lag.
     """
     n = len(txns)
     if len(histories) != n:
@@ -302,9 +314,9 @@ def _fresh_features(hs: list[CardHistory], txns: Sequence[Mapping[str, Any]]) ->
     day_ago = ts - MERCHANT_WINDOW_S
     fresh_m = incl & (st[:, _S["prev_merchant_seen"]] <= day_ago)
     fresh_c = incl & (st[:, _S["prev_country_seen"]] <= day_ago)
-    out[:, _H["h_merchants_24h"]] = _window_counts([h.merchants_seen for h in hs], day_ago, ts)
+    out[:, _H["h_merchants_24h"]] = _window_counts([h.merchants_seen for h in hs], day_ago)
     out[:, _H["h_merchants_24h"]] -= fresh_m
-    out[:, _H["h_countries_24h"]] = _window_counts([h.countries_seen for h in hs], day_ago, ts)
+    out[:, _H["h_countries_24h"]] = _window_counts([h.countries_seen for h in hs], day_ago)
     out[:, _H["h_countries_24h"]] -= fresh_c
     _country_columns(out, hs, txns, incl, ts)
     out[:, _H["h_log_since_last"]] = np.log1p(np.maximum(ts - prev_ts, 0.0))
@@ -363,15 +375,17 @@ def _country_columns(
     out[:, _H["h_country_new_30d"]] = np.asarray(seen) <= ts - COUNTRY_WINDOW_S
 
 
-def _window_counts(
-    seen: list[tuple[float, ...]], lo: NDArray[np.float64], hi: NDArray[np.float64]
-) -> NDArray[np.intp]:
-    """Per row, how many of its last-seen times fall in ``(lo, hi]`` (one flat numpy pass)."""
+def _window_counts(seen: list[tuple[float, ...]], since: NDArray[np.float64]) -> NDArray[np.intp]:
+    """Per row, how many of its last-seen times are after ``since`` (one flat numpy pass).
+
+    No upper bound: a snapshot newer than the transaction has overwritten last-seen times, so
+    an entry seen again later says nothing about whether it was seen before; count it.
+    """
     m = len(seen)
     lengths = np.fromiter(map(len, seen), np.intp, m)
     flat = np.fromiter(chain.from_iterable(seen), np.float64, int(lengths.sum()))
     row = np.repeat(np.arange(m), lengths)
-    hit = (flat > lo[row]) & (flat <= hi[row])
+    hit = flat > since[row]
     return np.bincount(row[hit], minlength=m)
 
 
