@@ -23,9 +23,12 @@ from __future__ import annotations
 import asyncio
 import gzip
 import logging
+import multiprocessing
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -175,8 +178,48 @@ def score_jsonl(scorer: OnnxScorer, thresholds: Thresholds,
         for t, s, d in zip(valid, scores.tolist(), decisions, strict=True)])
 
 
+def score_lines(scorer: OnnxScorer, thresholds: Thresholds, lines: list[bytes],
+                chunk_id: int) -> tuple[bytes, bytes, BatchCounts]:
+    """Validate and score raw JSONL lines: (scored JSONL, rejected JSONL, counts)."""
+    valid: list[dict[str, Any]] = []
+    rejected: list[bytes] = []
+    for line in lines:
+        data, rejection = validate_record(line, Transaction)
+        if data is not None:
+            valid.append(data)
+        elif rejection is not None:
+            rejected.append(orjson.dumps({
+                "error": rejection.error, "reason": rejection.reason,
+                "raw": line.decode("utf-8", "replace"), "chunk_id": chunk_id}) + b"\n")
+    counts = BatchCounts(read=len(lines), scored=len(valid), dead_lettered=len(rejected))
+    return score_jsonl(scorer, thresholds, valid), b"".join(rejected), counts
+
+
+# --- the child process that scores batch chunks (its own GIL) -----------------------------------
+_CHILD: tuple[OnnxScorer, Thresholds] | None = None
+
+
+def _init_child(model_dir: str, precision: str, threads: int, review: float,
+                decline: float) -> None:
+    global _CHILD  # noqa: PLW0603 - one model per child process, loaded once
+    scorer = OnnxScorer.load(Path(model_dir), precision, threads)  # type: ignore[arg-type]
+    scorer.warm_up()
+    _CHILD = (scorer, Thresholds(review=review, decline=decline))
+
+
+def _score_in_child(lines: list[bytes], chunk_id: int) -> tuple[bytes, bytes, BatchCounts]:
+    if _CHILD is None:
+        raise RuntimeError("batch scoring process not initialised")
+    return score_lines(_CHILD[0], _CHILD[1], lines, chunk_id)
+
+
 class ChunkScorer:
-    """Lane handler for ``batch.chunks``: stream, score and write one chunk at a time."""
+    """Lane handler for ``batch.chunks``: stream, score and write one chunk at a time.
+
+    Scoring runs in a child process (``INFERLANE_BATCH_PROCESS``, default on): parsing and
+    validating millions of rows is Python work that would otherwise hold the worker's GIL
+    and delay the real-time lanes sharing the process.
+    """
 
     def __init__(self, settings: Settings, scorer: OnnxScorer | None = None) -> None:
         self.settings = settings
@@ -187,6 +230,7 @@ class ChunkScorer:
         self.thresholds: Thresholds | None = None
         self.rows_scored = 0
         self.chunks_done = 0
+        self._pool: ProcessPoolExecutor | None = None
 
     async def start(self, ctx: LaneContext) -> None:
         self._ctx = ctx
@@ -196,10 +240,21 @@ class ChunkScorer:
                 self.settings.fraud_model_precision, self.settings.inference_threads)
         await asyncio.to_thread(self._scorer.warm_up)
         self.thresholds = Thresholds.for_model(self.settings, self._scorer)
+        if self.settings.batch_process:
+            s, t = self.settings, self.thresholds
+            self._pool = ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_child, initargs=(str(s.fraud_model_dir),
+                                                   s.fraud_model_precision,
+                                                   s.inference_threads, t.review, t.decline))
+            await asyncio.get_running_loop().run_in_executor(self._pool, _score_in_child, [], 0)
         await self.store.start()
 
     async def stop(self) -> None:
         await self.store.stop()
+        if self._pool is not None:
+            await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
+            self._pool = None
 
     async def on_revoked(self, tps: set[TopicPartition]) -> None:
         """A chunk in progress finishes (bounded by the lane's revoke timeout) or is redone."""
@@ -232,9 +287,7 @@ class ChunkScorer:
         reader = asyncio.create_task(self._read(chunk, batches))
         try:
             while (lines := await batches.get()) is not None:
-                # Parsing and scoring is CPU work: a thread keeps the loop (and the real-time
-                # lanes sharing it) responsive.
-                await asyncio.to_thread(self._score_lines, chunk, lines, output)
+                await self._score_lines(chunk, lines, output)
             await reader  # re-raises a read error
         finally:
             reader.cancel()
@@ -264,27 +317,31 @@ class ChunkScorer:
             raise
         await batches.put(None)
 
-    def _score_lines(self, chunk: BatchChunk, lines: list[bytes], out: _ChunkOutput) -> None:
-        # Slices with a checkpoint between them: real-time lanes of this process go first.
+    async def _score_lines(self, chunk: BatchChunk, lines: list[bytes],
+                           out: _ChunkOutput) -> None:
+        """Score in slices; before each, real-time work of this process goes first."""
+        loop = asyncio.get_running_loop()
         for start in range(0, len(lines), _SLICE_ROWS):
-            REALTIME_GATE.checkpoint()
-            self._score_slice(chunk, lines[start:start + _SLICE_ROWS], out)
-
-    def _score_slice(self, chunk: BatchChunk, lines: list[bytes], out: _ChunkOutput) -> None:
-        assert self._scorer is not None and self.thresholds is not None  # noqa: S101
-        valid: list[dict[str, Any]] = []
-        for line in lines:
-            data, rejection = validate_record(line, Transaction)
-            if data is not None:
-                valid.append(data)
-            elif rejection is not None:
-                out.rejected.append(orjson.dumps({
-                    "error": rejection.error, "reason": rejection.reason,
-                    "raw": line.decode("utf-8", "replace"), "chunk_id": chunk.chunk_id}) + b"\n")
-        out.scored.append(score_jsonl(self._scorer, self.thresholds, valid))
-        c = out.counts
-        out.counts = BatchCounts(read=c.read + len(lines), scored=c.scored + len(valid),
-                                 dead_lettered=c.dead_lettered + len(lines) - len(valid))
+            if REALTIME_GATE.busy:
+                await asyncio.to_thread(REALTIME_GATE.checkpoint)
+            part = lines[start:start + _SLICE_ROWS]
+            began = time.monotonic()
+            if self._pool is not None:
+                scored, rejected, counts = await loop.run_in_executor(
+                    self._pool, _score_in_child, part, chunk.chunk_id)
+            else:
+                assert self._scorer is not None and self.thresholds is not None  # noqa: S101
+                scored, rejected, counts = await asyncio.to_thread(
+                    score_lines, self._scorer, self.thresholds, part, chunk.chunk_id)
+            if REALTIME_GATE.recently_active() and self.settings.batch_yield_ratio:
+                # Real-time traffic flows: leave it the CPU for a while (duty cycle).
+                await asyncio.sleep((time.monotonic() - began) * self.settings.batch_yield_ratio)
+            out.scored.append(scored)
+            if rejected:
+                out.rejected.append(rejected)
+            c = out.counts
+            out.counts = BatchCounts(read=c.read + counts.read, scored=c.scored + counts.scored,
+                                     dead_lettered=c.dead_lettered + counts.dead_lettered)
 
     async def _write(self, chunk: BatchChunk, output: _ChunkOutput) -> list[str]:
         prefix, name = chunk.output_prefix, f"part-{chunk.chunk_id:05d}.jsonl.gz"

@@ -5,12 +5,16 @@ Real-time handlers bracket their work with :meth:`RealtimeGate.realtime` (on the
 The batch lane scores in a worker thread and calls :meth:`RealtimeGate.checkpoint` between
 slices of rows: while real-time work is pending it waits (releasing the GIL, so the loop runs
 unhindered) up to ``max_pause_s`` per checkpoint, then continues with one more slice, so a
-steady real-time load slows the batch lane down but never starves it.
+steady real-time load slows the batch lane down but never starves it. On two cores the batch
+lane's CPU (its scoring process, and the S3 server it reads) also competes with the real-time
+path at the OS level, so while real-time traffic flows (:meth:`recently_active`) the batch lane
+also rests ``INFERLANE_BATCH_YIELD_RATIO`` times as long as each slice took.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -28,6 +32,7 @@ class RealtimeGate:
         self._idle.set()
         self.pauses = 0
         """How many checkpoints had to wait (for metrics and the benchmark)."""
+        self._last_active = float("-inf")
 
     @contextmanager
     def realtime(self) -> Iterator[None]:
@@ -40,12 +45,17 @@ class RealtimeGate:
         finally:
             with self._lock:
                 self._pending -= 1
+                self._last_active = time.monotonic()
                 if self._pending == 0:
                     self._idle.set()
 
     @property
     def busy(self) -> bool:
         return not self._idle.is_set()
+
+    def recently_active(self, window_s: float = 0.1) -> bool:
+        """Whether real-time work ran within the last ``window_s`` (traffic is flowing)."""
+        return self.busy or time.monotonic() - self._last_active < window_s
 
     def checkpoint(self) -> None:
         """Called by batch work between slices: wait while real-time work is pending."""

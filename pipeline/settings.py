@@ -107,6 +107,11 @@ class Settings(BaseSettings):
 
     batch_chunk_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     """A job's input objects are split into chunks of about this many bytes."""
+    batch_process: bool = True
+    """Score batch chunks in a child process, so real-time lanes keep the worker's GIL."""
+    batch_yield_ratio: float = Field(default=2.0, ge=0.0, le=100.0)
+    """While real-time traffic flows, the batch lane rests this many times as long as each
+    slice of scoring took (2.0: batch uses at most a third of the time). 0 = never rests."""
     batch_rows_per_call: int = Field(default=8192, ge=1)
     """Rows per model call in the batch lane (throughput first)."""
 
