@@ -19,6 +19,7 @@ def register(app: faust.App, settings: Settings) -> Lane | None:
         return None
     # Windows hold up to archive_max_bytes per partition until written: let that much be read.
     lane = Lane(settings, LANE, ArchiveHandler(settings),
-                max_in_flight_records=max(settings.max_in_flight_records, 500_000))
+                max_in_flight_records=max(settings.max_in_flight_records, 500_000),
+                idle_fetch_sleep_ms=settings.background_idle_fetch_sleep_ms)
     app.service(cast(type[Lane], lane))  # faust also accepts a Service instance
     return lane

@@ -127,8 +127,11 @@ class Lane(Service):  # type: ignore[misc]
 
     def __init__(self, settings: Settings, name: str, handler: Handler, *,
                  max_in_flight_records: int | None = None,
-                 max_records_per_fetch: int | None = None) -> None:
+                 max_records_per_fetch: int | None = None,
+                 idle_fetch_sleep_ms: float | None = None) -> None:
         super().__init__()
+        self.idle_fetch_sleep_ms = (settings.idle_fetch_sleep_ms if idle_fetch_sleep_ms is None
+                                    else idle_fetch_sleep_ms)
         if max_records_per_fetch is not None:
             self.max_records_per_fetch = max_records_per_fetch
         self.max_in_flight_records = max_in_flight_records or settings.max_in_flight_records
@@ -164,8 +167,8 @@ class Lane(Service):  # type: ignore[misc]
         self._consumer = make_consumer(self.settings, self.name)
         self._consumer.subscribe(list(self.handler.topics), listener=_Rebalance(self))
         await self._consumer.start()
-        if self.settings.is_local_broker and self.settings.idle_fetch_sleep_ms:
-            apply_idle_fetch_backoff(self._consumer, self.settings.idle_fetch_sleep_ms)
+        if self.settings.is_local_broker and self.idle_fetch_sleep_ms:
+            apply_idle_fetch_backoff(self._consumer, self.idle_fetch_sleep_ms)
         for coro in (self._consume_loop(), self._commit_loop(), self._stats_loop()):
             task = asyncio.create_task(coro, name=f"{self.label}")
             task.add_done_callback(self._on_loop_done)

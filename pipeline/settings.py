@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     partitions wait a session timeout on Apache Kafka and forever on the local broker."""
     idle_fetch_sleep_ms: float = Field(default=2.0, ge=0.0, le=100.0)
     """Local broker only: wait after an empty fetch (it has no long-poll; aiokafka would spin)."""
+    background_idle_fetch_sleep_ms: float = Field(default=50.0, ge=0.0, le=1000.0)
+    """Local broker only: the same for lanes off the latency path (archive, batch)."""
     max_in_flight_records: int = Field(default=20_000, ge=1)
     """Backpressure: stop fetching while this many records are consumed but not yet done."""
 
