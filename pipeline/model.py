@@ -31,19 +31,24 @@ from pipeline.features import FAST_FEATURE_NAMES
 
 __all__ = [
     "CARD_FILE",
+    "ORT_ERRORS",
     "ModelCard",
     "ModelFile",
     "OnnxScorer",
     "Precision",
     "load_card",
+    "parse_files",
+    "read_card_json",
+    "require_field",
     "session_options",
+    "verified_bytes",
 ]
 
 CARD_FILE = "card.json"
 Precision = Literal["int8", "fp32"]
 
 # ORT's Python exceptions derive straight from Exception; list them instead of catching it.
-_ORT_ERRORS: tuple[type[Exception], ...] = (
+ORT_ERRORS: tuple[type[Exception], ...] = (
     ort_state.Fail,
     ort_state.InvalidArgument,
     ort_state.InvalidGraph,
@@ -79,29 +84,31 @@ class ModelCard:
     raw: Mapping[str, Any]
 
 
-def _require(raw: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
+def require_field(raw: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
+    """``raw[key]`` if it is a ``kind`` (bools are not ints), else :class:`ModelLoadError`."""
     value = raw.get(key)
-    if not isinstance(value, kind):
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ModelLoadError(f"{where}: field {key!r} must be {kind.__name__}, got {value!r}")
     return value
 
 
-def _parse_files(raw: Mapping[str, Any], where: str) -> dict[str, ModelFile]:
+def parse_files(raw: Mapping[str, Any], where: str) -> dict[str, ModelFile]:
+    """The ``files`` section of a card: precision -> :class:`ModelFile`."""
     files: dict[str, ModelFile] = {}
-    for precision, entry in _require(raw, "files", dict, where).items():
+    for precision, entry in require_field(raw, "files", dict, where).items():
         if not isinstance(entry, dict):
             raise ModelLoadError(f"{where}: files.{precision} must be an object")
         sub = f"{where} files.{precision}"
         files[str(precision)] = ModelFile(
-            path=_require(entry, "path", str, sub),
-            sha256=_require(entry, "sha256", str, sub).lower(),
-            bytes=_require(entry, "bytes", int, sub),
+            path=require_field(entry, "path", str, sub),
+            sha256=require_field(entry, "sha256", str, sub).lower(),
+            bytes=require_field(entry, "bytes", int, sub),
         )
     return files
 
 
-def load_card(model_dir: Path) -> ModelCard:
-    """Read and validate ``model_dir/card.json``; raise ModelLoadError if unusable."""
+def read_card_json(model_dir: Path) -> tuple[dict[str, Any], str]:
+    """``model_dir/card.json`` as a dict, and its path for messages; ModelLoadError if bad."""
     where = str(model_dir / CARD_FILE)
     try:
         raw = json.loads((model_dir / CARD_FILE).read_text(encoding="utf-8"))
@@ -109,7 +116,13 @@ def load_card(model_dir: Path) -> ModelCard:
         raise ModelLoadError(f"cannot read model card {where}: {exc}") from exc
     if not isinstance(raw, dict):
         raise ModelLoadError(f"{where}: top level must be a JSON object")
-    names = _require(raw, "feature_names", list, where)
+    return raw, where
+
+
+def load_card(model_dir: Path) -> ModelCard:
+    """Read and validate ``model_dir/card.json``; raise ModelLoadError if unusable."""
+    raw, where = read_card_json(model_dir)
+    names = require_field(raw, "feature_names", list, where)
     if not all(isinstance(n, str) for n in names):
         raise ModelLoadError(f"{where}: feature_names must be a list of strings")
     thresholds = raw.get("thresholds", {})
@@ -118,12 +131,12 @@ def load_card(model_dir: Path) -> ModelCard:
     ):
         raise ModelLoadError(f"{where}: thresholds must map names to numbers")
     return ModelCard(
-        name=_require(raw, "name", str, where),
-        version=_require(raw, "version", str, where),
+        name=require_field(raw, "name", str, where),
+        version=require_field(raw, "version", str, where),
         feature_names=tuple(names),
-        input_name=_require(raw, "input_name", str, where),
-        output_name=_require(raw, "output_name", str, where),
-        files=_parse_files(raw, where),
+        input_name=require_field(raw, "input_name", str, where),
+        output_name=require_field(raw, "output_name", str, where),
+        files=parse_files(raw, where),
         metrics=raw.get("metrics", {}),
         thresholds={str(k): float(v) for k, v in thresholds.items()},
         quantization=raw.get("quantization", {}),
@@ -142,7 +155,8 @@ def session_options(intra_op_threads: int = 1) -> ort.SessionOptions:
     return opts
 
 
-def _verified_bytes(model_dir: Path, entry: ModelFile) -> bytes:
+def verified_bytes(model_dir: Path, entry: ModelFile) -> bytes:
+    """The file's bytes, after checking their sha256 against the card."""
     path = model_dir / entry.path
     try:
         blob = path.read_bytes()
@@ -186,13 +200,13 @@ class OnnxScorer:
         entry = card.files.get(precision)
         if entry is None:
             raise ModelLoadError(f"card in {model_dir} lists no {precision!r} file")
-        blob = _verified_bytes(model_dir, entry)
+        blob = verified_bytes(model_dir, entry)
         try:
             # Build from the hashed bytes so the file cannot change between check and load.
             session = ort.InferenceSession(
                 blob, session_options(intra_op_threads), providers=["CPUExecutionProvider"]
             )
-        except _ORT_ERRORS as exc:
+        except ORT_ERRORS as exc:
             raise ModelLoadError(f"onnxruntime rejected {model_dir / entry.path}: {exc}") from exc
         _check_io(session, card, model_dir / entry.path)
         return cls(card, precision, session)

@@ -15,8 +15,6 @@ All load-time problems surface as :class:`pipeline.errors.ModelLoadError`.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,10 +24,18 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
-from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from pipeline.errors import ModelLoadError
-from pipeline.model import CARD_FILE, ModelFile, Precision, session_options
+from pipeline.model import (
+    ORT_ERRORS,
+    ModelFile,
+    Precision,
+    parse_files,
+    read_card_json,
+    require_field,
+    session_options,
+    verified_bytes,
+)
 
 __all__ = [
     "CANDIDATES_INPUT",
@@ -60,15 +66,6 @@ GRAPH_IO = {
     SCORES_OUTPUT: "float32 [batch, same]: user . item scores, descending",
 }
 
-_ORT_ERRORS: tuple[type[Exception], ...] = (
-    ort_state.Fail,
-    ort_state.InvalidArgument,
-    ort_state.InvalidGraph,
-    ort_state.InvalidProtobuf,
-    ort_state.NoSuchFile,
-    ort_state.NotImplemented,
-    ort_state.RuntimeException,
-)
 Int64s = NDArray[np.int64]
 
 
@@ -113,63 +110,28 @@ class RecoCard:
     raw: Mapping[str, Any]
 
 
-def _require(raw: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
-    value = raw.get(key)
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise ModelLoadError(f"{where}: field {key!r} must be {kind.__name__}, got {value!r}")
-    return value
-
-
 def _id_format(raw: Mapping[str, Any], key: str, where: str) -> IdFormat:
-    ids = _require(_require(raw, "ids", dict, where), key, dict, f"{where} ids")
-    return IdFormat(_require(ids, "prefix", str, where), _require(ids, "digits", int, where))
+    ids = require_field(require_field(raw, "ids", dict, where), key, dict, f"{where} ids")
+    return IdFormat(require_field(ids, "prefix", str, where),
+                    require_field(ids, "digits", int, where))
 
 
 def load_reco_card(model_dir: Path) -> RecoCard:
     """Read and validate ``model_dir/card.json``; raise ModelLoadError if unusable."""
-    where = str(model_dir / CARD_FILE)
-    try:
-        raw = json.loads((model_dir / CARD_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"cannot read model card {where}: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ModelLoadError(f"{where}: top level must be a JSON object")
-    files: dict[str, ModelFile] = {}
-    for precision, entry in _require(raw, "files", dict, where).items():
-        sub = f"{where} files.{precision}"
-        if not isinstance(entry, dict):
-            raise ModelLoadError(f"{sub} must be an object")
-        files[str(precision)] = ModelFile(
-            path=_require(entry, "path", str, sub),
-            sha256=_require(entry, "sha256", str, sub).lower(),
-            bytes=_require(entry, "bytes", int, sub),
-        )
+    raw, where = read_card_json(model_dir)
+    files = parse_files(raw, where)
     return RecoCard(
-        name=_require(raw, "name", str, where),
-        version=_require(raw, "version", str, where),
-        n_users=_require(raw, "n_users", int, where),
-        n_items=_require(raw, "n_items", int, where),
-        k_max=_require(raw, "k_max", int, where),
+        name=require_field(raw, "name", str, where),
+        version=require_field(raw, "version", str, where),
+        n_users=require_field(raw, "n_users", int, where),
+        n_items=require_field(raw, "n_items", int, where),
+        k_max=require_field(raw, "k_max", int, where),
         user_ids=_id_format(raw, "user", where),
         item_ids=_id_format(raw, "item", where),
         files=files,
         metrics=raw.get("metrics", {}),
         raw=raw,
     )
-
-
-def _verified_bytes(model_dir: Path, entry: ModelFile) -> bytes:
-    path = model_dir / entry.path
-    try:
-        blob = path.read_bytes()
-    except OSError as exc:
-        raise ModelLoadError(f"cannot read model file {path}: {exc}") from exc
-    actual = hashlib.sha256(blob).hexdigest()
-    if actual != entry.sha256:
-        raise ModelLoadError(
-            f"sha256 mismatch for {path}: card expects {entry.sha256}, file has {actual}"
-        )
-    return blob
 
 
 def _int64(values: Int64s, what: str) -> Int64s:
@@ -203,13 +165,13 @@ class RecoScorer:
         entry = card.files.get(precision)
         if entry is None:
             raise ModelLoadError(f"card in {model_dir} lists no {precision!r} file")
-        blob = _verified_bytes(model_dir, entry)
+        blob = verified_bytes(model_dir, entry)
         try:
             # Build from the hashed bytes so the file cannot change between check and load.
             session = ort.InferenceSession(
                 blob, session_options(intra_op_threads), providers=["CPUExecutionProvider"]
             )
-        except _ORT_ERRORS as exc:
+        except ORT_ERRORS as exc:
             raise ModelLoadError(f"onnxruntime rejected {model_dir / entry.path}: {exc}") from exc
         inputs = [i.name for i in session.get_inputs()]
         outputs = [o.name for o in session.get_outputs()]
