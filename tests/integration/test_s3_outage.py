@@ -65,12 +65,17 @@ async def test_s3_outage_blocks_neither_realtime_nor_loses_anything(
         output = [orjson.loads(line)["event_id"]
                   for line in await read_job_output(direct, "batch/outage/")]
         assert len(output) == len(ids) and set(output) == ids
-        assert worker.terminate() == 0
+        assert "retrying in" in worker.log_text(), "S3 calls failed and were retried"
         topic = settings.topic("fraud.scores")
         on_topic = sorted(v for _, v in await _read_all(settings, topic))
-        in_s3 = sorted(line for lines in (await archived(direct, topic)).values()
-                       for line in lines)
-        assert in_s3 == on_topic, "the archive holds every score exactly once after the outage"
-        assert "retrying in" in worker.log_text(), "S3 calls failed and were retried"
+        # Windows still waiting for S3 when the worker stops are not committed: a later run
+        # writes them. Whatever the stop left, the archive converges to exactly the topic.
+        deadline = time.monotonic() + 60
+        while (in_s3 := sorted(line for lines in (await archived(direct, topic)).values()
+                               for line in lines)) != on_topic:
+            assert time.monotonic() < deadline, (
+                f"archive holds {len(in_s3)} records, topic {len(on_topic)}")
+            await asyncio.sleep(1.0)
+        assert worker.terminate() == 0
     finally:
         await proxy.stop()
