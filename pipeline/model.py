@@ -42,6 +42,7 @@ __all__ = [
     "require_field",
     "session_options",
     "verified_bytes",
+    "verified_session",
 ]
 
 CARD_FILE = "card.json"
@@ -197,17 +198,7 @@ class OnnxScorer:
                 f"model {card.name}-{card.version} expects features {list(card.feature_names)}"
                 f" but this runtime computes {list(FAST_FEATURE_NAMES)}"
             )
-        entry = card.files.get(precision)
-        if entry is None:
-            raise ModelLoadError(f"card in {model_dir} lists no {precision!r} file")
-        blob = verified_bytes(model_dir, entry)
-        try:
-            # Build from the hashed bytes so the file cannot change between check and load.
-            session = ort.InferenceSession(
-                blob, session_options(intra_op_threads), providers=["CPUExecutionProvider"]
-            )
-        except ORT_ERRORS as exc:
-            raise ModelLoadError(f"onnxruntime rejected {model_dir / entry.path}: {exc}") from exc
+        entry, session = verified_session(model_dir, card.files, precision, intra_op_threads)
         _check_io(session, card, model_dir / entry.path)
         return cls(card, precision, session)
 
@@ -257,6 +248,23 @@ class OnnxScorer:
             self.predict(x)
             timings.append(time.perf_counter() - start)
         return float(np.median(timings))
+
+
+def verified_session(model_dir: Path, files: Mapping[str, ModelFile], precision: Precision,
+                     intra_op_threads: int) -> tuple[ModelFile, ort.InferenceSession]:
+    """The card's ``precision`` file as an ORT session, built from sha256-checked bytes."""
+    entry = files.get(precision)
+    if entry is None:
+        raise ModelLoadError(f"card in {model_dir} lists no {precision!r} file")
+    blob = verified_bytes(model_dir, entry)
+    try:
+        # Build from the hashed bytes so the file cannot change between check and load.
+        session = ort.InferenceSession(
+            blob, session_options(intra_op_threads), providers=["CPUExecutionProvider"]
+        )
+    except ORT_ERRORS as exc:
+        raise ModelLoadError(f"onnxruntime rejected {model_dir / entry.path}: {exc}") from exc
+    return entry, session
 
 
 def _check_io(session: ort.InferenceSession, card: ModelCard, path: Path) -> None:

@@ -27,14 +27,12 @@ from numpy.typing import NDArray
 
 from pipeline.errors import ModelLoadError
 from pipeline.model import (
-    ORT_ERRORS,
     ModelFile,
     Precision,
     parse_files,
     read_card_json,
     require_field,
-    session_options,
-    verified_bytes,
+    verified_session,
 )
 
 __all__ = [
@@ -162,17 +160,7 @@ class RecoScorer:
     ) -> RecoScorer:
         """Load ``precision`` from ``model_dir`` after checking its sha256 and graph I/O."""
         card = load_reco_card(model_dir)
-        entry = card.files.get(precision)
-        if entry is None:
-            raise ModelLoadError(f"card in {model_dir} lists no {precision!r} file")
-        blob = verified_bytes(model_dir, entry)
-        try:
-            # Build from the hashed bytes so the file cannot change between check and load.
-            session = ort.InferenceSession(
-                blob, session_options(intra_op_threads), providers=["CPUExecutionProvider"]
-            )
-        except ORT_ERRORS as exc:
-            raise ModelLoadError(f"onnxruntime rejected {model_dir / entry.path}: {exc}") from exc
+        entry, session = verified_session(model_dir, card.files, precision, intra_op_threads)
         inputs = [i.name for i in session.get_inputs()]
         outputs = [o.name for o in session.get_outputs()]
         if inputs != [USER_INPUT, CANDIDATES_INPUT] or outputs != [ITEMS_OUTPUT, SCORES_OUTPUT]:
