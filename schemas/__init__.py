@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from schemas.events import (
+    RECO_DEFAULT_K,
+    RECO_MAX_CANDIDATES,
+    RECO_MAX_K,
     BatchChunk,
     BatchCounts,
     BatchJob,
@@ -12,12 +15,18 @@ from schemas.events import (
     DeadLetter,
     Decision,
     FraudScore,
+    RecoItem,
+    RecoRequest,
+    RecoResult,
     Transaction,
 )
 from schemas.jsonschema import SHAPES, export_json_schemas, json_schema
 from schemas.validation import Rejection, encode_raw, validate_record
 
 __all__ = [
+    "RECO_DEFAULT_K",
+    "RECO_MAX_CANDIDATES",
+    "RECO_MAX_K",
     "SHAPES",
     "BatchChunk",
     "BatchCounts",
@@ -28,6 +37,9 @@ __all__ = [
     "DeadLetter",
     "Decision",
     "FraudScore",
+    "RecoItem",
+    "RecoRequest",
+    "RecoResult",
     "Rejection",
     "Transaction",
     "encode_raw",

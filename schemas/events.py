@@ -14,6 +14,9 @@ import msgspec
 from msgspec import Meta
 
 __all__ = [
+    "RECO_DEFAULT_K",
+    "RECO_MAX_CANDIDATES",
+    "RECO_MAX_K",
     "BatchChunk",
     "BatchCounts",
     "BatchJob",
@@ -23,6 +26,9 @@ __all__ = [
     "DeadLetter",
     "Decision",
     "FraudScore",
+    "RecoItem",
+    "RecoRequest",
+    "RecoResult",
     "Transaction",
 ]
 
@@ -34,6 +40,13 @@ _Country = Annotated[str, Meta(pattern="^[A-Z]{2}$")]
 # Epoch seconds; bounded so a millisecond timestamp sent by mistake is rejected, not misread.
 _EpochS = Annotated[float, Meta(ge=0.0, le=1e10)]
 _Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
+
+#: ``k`` of a :class:`RecoRequest` that does not say.
+RECO_DEFAULT_K = 10
+#: Largest ``k`` the schema admits; the served model's ``k_max`` may be lower (then: DLQ).
+RECO_MAX_K = 100
+#: Longest ``candidate_ids`` list: ranking is per request, so the list bounds its cost.
+RECO_MAX_CANDIDATES = 1000
 
 
 class Transaction(msgspec.Struct, frozen=True, kw_only=True):
@@ -75,6 +88,49 @@ class FraudScore(msgspec.Struct, frozen=True, kw_only=True):
     scored_at: _EpochS
     sent_at: _EpochS | None = None
     """Copied from the request so readers can measure end-to-end latency."""
+
+
+class RecoRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """A request for the top-k items of one user, value of ``reco.requests`` (key: ``user_id``)."""
+
+    request_id: _Id
+    """Unique id of the request; the result carries it back."""
+    user_id: _Id
+    """A user the model knows (``user-000123``); unknown users are dead-lettered."""
+    k: Annotated[int, Meta(ge=1, le=RECO_MAX_K)] = RECO_DEFAULT_K
+    """How many items to return, best first (at most the served model's ``k_max``)."""
+    candidate_ids: (
+        Annotated[list[_Id], Meta(min_length=1, max_length=RECO_MAX_CANDIDATES)] | None
+    ) = None
+    """Rank only these items (``item-00042``); absent = rank the whole catalogue. Duplicates
+    count once; ids the model does not know are dropped (counted in the result); a list with
+    no known id at all is dead-lettered."""
+    sent_at: _EpochS | None = None
+    """When the request was produced, epoch seconds; end-to-end latency is counted from it."""
+
+
+class RecoItem(msgspec.Struct, frozen=True, kw_only=True):
+    """One recommended item and its model score (higher is better)."""
+
+    item_id: _Id
+    score: float
+
+
+class RecoResult(msgspec.Struct, frozen=True, kw_only=True):
+    """The reco lane's answer to one request, value of ``reco.results`` (key: ``user_id``)."""
+
+    request_id: _Id
+    user_id: _Id
+    items: list[RecoItem]
+    """Exactly ``min(k, available)`` items, best first: ``available`` is the catalogue size, or
+    the number of distinct known candidates when the request named candidates."""
+    model_version: str
+    """E.g. ``reco-v1-int8``."""
+    scored_at: _EpochS
+    sent_at: _EpochS | None = None
+    """Copied from the request so readers can measure end-to-end latency."""
+    dropped_candidates: Annotated[int, Meta(ge=0)] = 0
+    """Candidate ids of the request that the model does not know (left out of the ranking)."""
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):

@@ -11,13 +11,24 @@ from pathlib import Path
 import msgspec
 import orjson
 
-from schemas.events import BatchJob, BatchRecord, BatchResult, DeadLetter, FraudScore, Transaction
+from schemas.events import (
+    BatchJob,
+    BatchRecord,
+    BatchResult,
+    DeadLetter,
+    FraudScore,
+    RecoRequest,
+    RecoResult,
+    Transaction,
+)
 
 __all__ = ["SHAPES", "export_json_schemas", "json_schema"]
 
 SHAPES: dict[str, type[msgspec.Struct]] = {
     "Transaction": Transaction,
     "FraudScore": FraudScore,
+    "RecoRequest": RecoRequest,
+    "RecoResult": RecoResult,
     "DeadLetter": DeadLetter,
     "BatchJob": BatchJob,
     "BatchRecord": BatchRecord,
@@ -30,7 +41,7 @@ def json_schema(shape: type[msgspec.Struct]) -> dict[str, object]:
     schema = msgspec.json.schema(shape)
     definitions = dict(schema.pop("$defs"))
     body = dict(definitions.pop(shape.__name__))
-    nested = {"$defs": definitions} if definitions else {}  # e.g. BatchCounts in BatchResult
+    nested = {"$defs": definitions} if definitions else {}  # e.g. RecoItem in RecoResult
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": shape.__name__,
             **body, **nested}
 

@@ -26,6 +26,8 @@ from schemas import (
     BatchResult,
     DeadLetter,
     FraudScore,
+    RecoRequest,
+    RecoResult,
     Rejection,
     Transaction,
     encode_raw,
@@ -342,6 +344,7 @@ def test_json_schema_is_standalone() -> None:
 
 def test_shapes_registry() -> None:
     assert SHAPES == {"Transaction": Transaction, "FraudScore": FraudScore,
+                      "RecoRequest": RecoRequest, "RecoResult": RecoResult,
                       "DeadLetter": DeadLetter, "BatchJob": BatchJob, "BatchRecord": BatchRecord,
                       "BatchResult": BatchResult}
 
@@ -410,3 +413,66 @@ async def test_fraud_score_values_produced_by_the_lane_convert() -> None:
     assert all(before <= s.scored_at <= time.time() for s in converted)
     assert [s.sent_at for s in converted] == [None, valid[1]["sent_at"], TS]
     assert stats.late == 1  # only "c" was sent long before the 50 ms budget
+
+
+# --- RecoRequest / RecoResult --------------------------------------------------------------------
+
+
+def _reco(**overrides: Any) -> dict[str, Any]:
+    request: dict[str, Any] = {"request_id": "r-1", "user_id": "user-000042"}
+    for key, value in overrides.items():
+        if value is MISSING:
+            request.pop(key, None)
+        else:
+            request[key] = value
+    return request
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"k": 1}, {"k": 100}, {"candidate_ids": ["item-00001"]},
+     {"candidate_ids": ["item-00001"] * 1000}, {"candidate_ids": None}, {"sent_at": TS},
+     {"context": {"page": "home"}}],
+)
+def test_valid_reco_requests_pass(overrides: dict[str, Any]) -> None:
+    data, rejection = validate_record(orjson.dumps(_reco(**overrides)), RecoRequest)
+    assert rejection is None
+    assert data == _reco(**overrides)
+
+
+def test_reco_request_defaults() -> None:
+    request = msgspec.convert(_reco(), RecoRequest)
+    assert request.k == schemas.RECO_DEFAULT_K == 10
+    assert request.candidate_ids is None and request.sent_at is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("request_id", MISSING), ("request_id", ""), ("request_id", 7),
+        ("user_id", MISSING), ("user_id", "u" * 129), ("user_id", None),
+        ("k", 0), ("k", 101), ("k", -1), ("k", "10"), ("k", 2.5), ("k", True),
+        ("candidate_ids", []), ("candidate_ids", ["item-00001"] * 1001),
+        ("candidate_ids", "item-00001"), ("candidate_ids", [5]), ("candidate_ids", [""]),
+        ("sent_at", 1.7e12), ("sent_at", "now"),
+    ],
+)
+def test_bad_reco_field_is_rejected_with_reason_naming_it(field: str, value: Any) -> None:
+    data, rejection = validate_record(orjson.dumps(_reco(**{field: value})), RecoRequest)
+    assert data is None
+    assert rejection is not None and rejection.error == "schema"
+    assert rejection.reason.startswith(field), rejection.reason
+
+
+def test_reco_result_shape() -> None:
+    value = {"request_id": "r-1", "user_id": "user-000042", "model_version": "reco-v1-int8",
+             "items": [{"item_id": "item-00003", "score": 2.5},
+                       {"item_id": "item-00007", "score": 1.25}],
+             "scored_at": TS, "sent_at": TS - 0.01, "dropped_candidates": 2}
+    result = msgspec.convert(value, RecoResult)
+    assert [item.item_id for item in result.items] == ["item-00003", "item-00007"]
+    assert result.dropped_candidates == 2
+    _, rejection = validate_record(orjson.dumps({**value, "items": [{"score": 1.0}]}), RecoResult)
+    assert rejection is not None and rejection.reason.startswith("items[0]: ")
+    schema = json_schema(RecoResult)
+    assert "RecoItem" in cast(dict[str, Any], schema["$defs"])
