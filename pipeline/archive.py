@@ -30,6 +30,7 @@ from pipeline.lane import LaneContext, PartitionRecords
 from pipeline.offsets import Chunk
 from pipeline.s3 import S3Store, retry
 from pipeline.settings import Settings
+from pipeline.topics import archived_topics
 
 __all__ = ["ArchiveHandler", "archive_key", "archive_prefix"]
 
@@ -63,12 +64,16 @@ class _Window:
 
 
 class ArchiveHandler:
-    """Lane handler that archives result topics to S3 (own consumer group, own commits)."""
+    """Lane handler that archives result topics to S3 (own consumer group, own commits).
+
+    By default it reads every real-time result topic (:func:`pipeline.topics.archived_topics`:
+    ``fraud.scores``, ``reco.results``).
+    """
 
     def __init__(self, settings: Settings, topics: Sequence[str] | None = None, *,
                  max_bytes: int | None = None, max_age_ms: int | None = None) -> None:
         self.settings = settings
-        self.topics = tuple(topics or (settings.topic("fraud.scores"),))
+        self.topics = tuple(topics or (settings.topic(name) for name in archived_topics()))
         self.store = S3Store(settings)
         self.max_bytes = max_bytes or settings.archive_max_bytes
         self.max_age_s = (max_age_ms or settings.archive_max_age_ms) / 1000.0

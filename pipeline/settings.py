@@ -19,7 +19,7 @@ from pipeline.errors import ConfigError
 __all__ = ["KNOWN_LANES", "Settings", "load_settings"]
 
 #: Lanes (consumer loops) a worker can serve; ``INFERLANE_LANES`` picks a subset.
-KNOWN_LANES: tuple[str, ...] = ("fraud", "archive", "batch")
+KNOWN_LANES: tuple[str, ...] = ("fraud", "reco", "archive", "batch")
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,6 +102,16 @@ class Settings(BaseSettings):
     """Score at or above which a transaction is sent to review (default: the model card's)."""
     fraud_decline_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     """Score at or above which a transaction is declined (default: the model card's)."""
+    reco_batch_max_rows: int = Field(default=64, ge=1, le=65_536)
+    """Reco lane: most requests of one path (catalogue or candidates) per model hand-off."""
+    reco_max_wait_ms: float = Field(default=5.0, ge=0.0, le=100.0)
+    """Reco lane: longest a request waits for a second concurrent batch (<= 100)."""
+    reco_budget_ms: float = Field(default=100.0, gt=0.0)
+    """Reco lane: end-to-end budget from ``sent_at``; results past it are counted as late."""
+    reco_model_dir: Path = _REPO_ROOT / "models" / "reco"
+    """Reco lane: model folder (card.json + ONNX files)."""
+    reco_model_precision: Literal["int8", "fp32"] = "int8"
+    """Reco lane: which file of the model card to serve."""
     inline_inference_max_us: float = Field(default=200.0, ge=0.0)
     """Run the model on the event loop when a full batch takes less than this (0 = never)."""
     inference_threads: int = Field(default=1, ge=1, le=64)

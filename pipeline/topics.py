@@ -16,7 +16,7 @@ from pipeline.errors import TopicError
 from pipeline.kafka import client_kwargs
 from pipeline.settings import Settings
 
-__all__ = ["TOPICS", "TopicSpec", "ensure_topics", "topic_specs"]
+__all__ = ["TOPICS", "TopicSpec", "archived_topics", "ensure_topics", "topic_specs"]
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +31,17 @@ class TopicSpec:
     partitions: int | None = None
     """Fixed partition count; ``None`` = ``Settings.realtime_partitions``."""
     configs: dict[str, str] = field(default_factory=dict)
+    results: bool = False
+    """A real-time lane's result topic: the archive lane copies it to S3."""
 
 
 TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("fraud.requests", lane="fraud"),
-    TopicSpec("fraud.scores", lane="fraud"),
+    TopicSpec("fraud.scores", lane="fraud", results=True),
     TopicSpec("fraud.requests.dlq", lane="fraud", partitions=1),
+    TopicSpec("reco.requests", lane="reco"),
+    TopicSpec("reco.results", lane="reco", results=True),
+    TopicSpec("reco.requests.dlq", lane="reco", partitions=1),
     TopicSpec("batch.requests", lane="batch"),
     TopicSpec("batch.jobs", lane="batch", partitions=1),
     TopicSpec("batch.jobs.dlq", lane="batch", partitions=1),
@@ -48,10 +53,20 @@ TOPICS: tuple[TopicSpec, ...] = (
 
 def topic_specs(lanes: Iterable[str] | None = None) -> list[TopicSpec]:
     """Specs of the topics the given lanes use (all when ``None``); the archive reads results."""
-    wanted = set(lanes) if lanes is not None else None
-    if wanted is not None and "archive" in wanted:
-        wanted.add("fraud")
-    return [spec for spec in TOPICS if wanted is None or spec.lane in wanted]
+    if lanes is None:
+        return list(TOPICS)
+    wanted = set(lanes)
+    archive = "archive" in wanted
+    return [spec for spec in TOPICS if spec.lane in wanted or (archive and spec.results)]
+
+
+def archived_topics() -> list[str]:
+    """Logical names of every real-time result topic: what the archive lane copies to S3.
+
+    All of them, whichever lanes the archiving worker itself serves: the results are usually
+    produced by other workers (``INFERLANE_LANES=archive`` is a complete archive worker).
+    """
+    return [spec.name for spec in TOPICS if spec.results]
 
 
 def _new_topic(spec: TopicSpec, settings: Settings) -> NewTopic:

@@ -47,7 +47,7 @@ def test_defaults() -> None:
     assert s.s3_region == "us-east-1"
     assert s.s3_access_key_id is None
     assert s.s3_secret_access_key is None
-    assert s.lanes == ("fraud", "archive", "batch")
+    assert s.lanes == ("fraud", "reco", "archive", "batch")
     assert s.lanes == KNOWN_LANES
     assert s.web_port == 6066
     assert s.web_enabled is True
@@ -59,6 +59,11 @@ def test_defaults() -> None:
     assert s.fraud_review_threshold is None
     assert s.fraud_decline_threshold is None
     assert s.inference_threads == 1
+    assert s.reco_batch_max_rows == 64
+    assert s.reco_max_wait_ms == 5.0
+    assert s.reco_budget_ms == 100.0
+    assert s.reco_model_dir == REPO_ROOT / "models" / "reco"
+    assert s.reco_model_precision == "int8"
     assert s.archive_max_bytes == 8 * 1024 * 1024
     assert s.archive_max_age_ms == 60_000
 
@@ -117,6 +122,7 @@ def test_group_id_follows_app_id(monkeypatch: pytest.MonkeyPatch) -> None:
         (" fraud , archive ", ("fraud", "archive")),
         ("archive,fraud", ("archive", "fraud")),
         ("fraud,,", ("fraud",)),
+        ("reco,archive", ("reco", "archive")),
     ],
 )
 def test_lanes_parsing(monkeypatch: pytest.MonkeyPatch, value: str, expected: tuple[str, ...]
@@ -183,7 +189,7 @@ def test_settings_are_frozen() -> None:
     with pytest.raises(ValidationError, match="frozen"):
         s.lanes = ("fraud",)  # type: ignore[misc]
     assert s.app_id == "inferlane"
-    assert s.lanes == ("fraud", "archive", "batch")
+    assert s.lanes == ("fraud", "reco", "archive", "batch")
 
 
 def test_secrets_are_not_printed(monkeypatch: pytest.MonkeyPatch) -> None:
