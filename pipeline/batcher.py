@@ -1,7 +1,9 @@
 """The micro-batcher: the one place where rows from many Kafka fetches meet the model.
 
-Callers ``await batcher.submit(rows)`` with a 2-D feature matrix and get back exactly one output
-per row, in order. A single runner task forms batches with these rules:
+Callers ``await batcher.submit(rows)`` with a 2-D matrix (feature rows, or e.g. id rows of any
+dtype) and get back exactly one output per row, in order (outputs may be any array whose first
+axis is the row: scores, or a structured top-k row per request). A single runner task forms
+batches with these rules:
 
 * **greedy**: when a model slot is free and anything waits, flush at once (a lone event under low
   load is scored immediately; it never waits for a timer);
@@ -14,7 +16,9 @@ The model function runs in an executor thread (onnxruntime releases the GIL), un
 measured it to be cheaper than the hand-off to a thread (``inline=True``: a call of a few tens of
 microseconds costs less on the loop than ``run_in_executor``'s queue, wake-up and GIL transfer).
 If it raises, every caller whose rows were in that batch gets the exception; the caller decides
-(see :mod:`pipeline.lane`, which bisects a failed batch to isolate a poison record).
+(:func:`submit_isolating` bisects a failed submission to isolate the poison rows).
+Rows of one ``submit`` share a width; rows of different submissions are joined by ``combine``
+(default :func:`numpy.concatenate`; a caller whose widths vary pads there).
 Deadlines use :func:`time.monotonic`. ``stop()`` flushes what is pending before returning.
 """
 
@@ -23,24 +27,28 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["BatchStats", "MicroBatcher", "ModelFn"]
+__all__ = ["BatchStats", "CombineFn", "MicroBatcher", "ModelFn", "submit_isolating"]
 
-ModelFn = Callable[[NDArray[np.float32]], NDArray[np.float32]]
+ModelFn = Callable[[NDArray[Any]], NDArray[Any]]
+"""The model: a matrix of n rows in, n outputs (first axis) out."""
+CombineFn = Callable[[Sequence[NDArray[Any]]], NDArray[Any]]
+"""Joins row slices of several submissions into one model input (default: concatenate)."""
 
 
 @dataclass
 class _Pending:
-    rows: NDArray[np.float32]
-    future: asyncio.Future[NDArray[np.float32]]
+    rows: NDArray[Any]
+    future: asyncio.Future[NDArray[Any]]
     enqueued: float
-    parts: dict[int, NDArray[np.float32]] = field(default_factory=dict)
+    parts: dict[int, NDArray[Any]] = field(default_factory=dict)
     """Outputs by start row: slices may come back from batches out of order."""
     taken: int = 0
     delivered: int = 0
@@ -75,6 +83,7 @@ class MicroBatcher:
         executor: Executor | None = None,
         max_in_flight_batches: int = 1,
         inline: bool = False,
+        combine: CombineFn | None = None,
     ) -> None:
         if batch_max_rows < 1:
             raise ValueError(f"batch_max_rows must be >= 1, got {batch_max_rows}")
@@ -83,6 +92,7 @@ class MicroBatcher:
         if max_in_flight_batches < 1:
             raise ValueError(f"max_in_flight_batches must be >= 1, got {max_in_flight_batches}")
         self._fn = fn
+        self._combine: CombineFn = combine if combine is not None else np.concatenate
         self.batch_max_rows = batch_max_rows
         self.max_wait_s = max_wait_ms / 1000.0
         self._executor = executor
@@ -112,6 +122,11 @@ class MicroBatcher:
         await self._runner
         self._runner = None
 
+    @property
+    def running(self) -> bool:
+        """Whether :meth:`submit` is accepted (started and not stopping)."""
+        return self._runner is not None and not self._closing
+
     async def __aenter__(self) -> MicroBatcher:
         await self.start()
         return self
@@ -119,15 +134,15 @@ class MicroBatcher:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
-    async def submit(self, rows: NDArray[np.float32]) -> NDArray[np.float32]:
-        """Score ``rows`` (n x features); return n outputs in the same order."""
+    async def submit(self, rows: NDArray[Any]) -> NDArray[Any]:
+        """Score ``rows`` (n x width); return n outputs in the same order."""
         if rows.ndim != 2:
             raise ValueError(f"rows must be a 2-D matrix, got shape {rows.shape}")
         if len(rows) == 0:
             return np.empty(0, dtype=np.float32)
-        if self._runner is None or self._closing:
+        if not self.running:
             raise RuntimeError("MicroBatcher is not running")
-        future: asyncio.Future[NDArray[np.float32]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[NDArray[Any]] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(rows, future, time.monotonic()))
         self._queued_rows += len(rows)
         self._wakeup.set()
@@ -191,7 +206,7 @@ class MicroBatcher:
         try:
             loop = asyncio.get_running_loop()
             try:
-                matrix = _assemble(taken)
+                matrix = self._assemble(taken)
                 if self.inline:
                     outputs = self._fn(matrix)
                 else:
@@ -212,8 +227,14 @@ class MicroBatcher:
             self._running -= 1
             self._wakeup.set()
 
+    def _assemble(self, taken: list[tuple[_Pending, int, int]]) -> NDArray[Any]:
+        if len(taken) == 1:
+            pending, start, stop = taken[0]
+            return pending.rows[start:stop]
+        return self._combine([pending.rows[start:stop] for pending, start, stop in taken])
+
     @staticmethod
-    def _deliver(taken: list[tuple[_Pending, int, int]], outputs: NDArray[np.float32]) -> None:
+    def _deliver(taken: list[tuple[_Pending, int, int]], outputs: NDArray[Any]) -> None:
         offset = 0
         for pending, start, stop in taken:
             pending.parts[start] = outputs[offset : offset + stop - start]
@@ -224,8 +245,33 @@ class MicroBatcher:
                 pending.future.set_result(parts[0] if len(parts) == 1 else np.concatenate(parts))
 
 
-def _assemble(taken: list[tuple[_Pending, int, int]]) -> NDArray[np.float32]:
-    if len(taken) == 1:
-        pending, start, stop = taken[0]
-        return pending.rows[start:stop]
-    return np.concatenate([pending.rows[start:stop] for pending, start, stop in taken])
+async def submit_isolating(
+    batcher: MicroBatcher, rows: NDArray[Any]
+) -> tuple[list[tuple[int, NDArray[Any]]], list[tuple[int, str]]]:
+    """Score ``rows``; if the model raises, bisect until the failing rows are isolated.
+
+    Returns ``(pieces, failed)``: ``(first row, outputs)`` pieces covering every scored row, in
+    row order, and ``(row, reason)`` for each row the model failed on (poison isolation: one bad
+    record must not take its batch, or the lane, down with it).
+    """
+    pieces: list[tuple[int, NDArray[Any]]] = []
+    failed: list[tuple[int, str]] = []
+    await _bisect(batcher, rows, 0, len(rows), pieces, failed)
+    return pieces, failed
+
+
+async def _bisect(batcher: MicroBatcher, rows: NDArray[Any], lo: int, hi: int,
+                  pieces: list[tuple[int, NDArray[Any]]], failed: list[tuple[int, str]]) -> None:
+    if hi <= lo:
+        return
+    try:
+        pieces.append((lo, await batcher.submit(rows[lo:hi])))
+    except Exception as exc:  # noqa: BLE001 - poison isolation: any model error
+        if not batcher.running:
+            raise  # stopping: not the rows' fault
+        if hi - lo == 1:
+            failed.append((lo, f"model failed on this record: {exc!r}"))
+            return
+        mid = (lo + hi) // 2
+        await _bisect(batcher, rows, lo, mid, pieces, failed)
+        await _bisect(batcher, rows, mid, hi, pieces, failed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -476,3 +476,78 @@ async def test_stats_count_batches_rows_and_histogram(
     assert batcher.stats.rows == 34
     assert batcher.stats.failures == 0
     assert batcher.stats.size_histogram == {1: 1, 2: 1, 4: 2, 8: 3}
+
+
+# --- rows of other dtypes and widths, structured outputs, poison isolation ---------------------
+
+
+def _pad_right(parts: Sequence[NDArray[np.int64]]) -> NDArray[np.int64]:
+    width = max(p.shape[1] for p in parts)
+    return np.concatenate([np.pad(p, ((0, 0), (0, width - p.shape[1])), constant_values=-1)
+                           for p in parts])
+
+
+_TOP = np.dtype([("item", np.int64), ("score", np.float32)])
+
+
+def _row_sums(m: NDArray[np.int64]) -> NDArray[np.void]:
+    """A structured output per row: (sum of the non-pad ids, width seen) x 2 columns."""
+    out = np.zeros((len(m), 2), dtype=_TOP)
+    out["item"][:, 0] = np.where(m >= 0, m, 0).sum(axis=1)
+    out["score"][:, 1] = m.shape[1]
+    return out
+
+
+async def test_combine_joins_rows_of_different_widths(
+    slow_model: FakeModel, executor: ThreadPoolExecutor
+) -> None:
+    slow_model.fn = _row_sums  # type: ignore[assignment]
+    b = MicroBatcher(slow_model, batch_max_rows=16, max_wait_ms=0, executor=executor,
+                     combine=_pad_right)
+    await b.start()
+    try:
+        first = asyncio.create_task(b.submit(np.array([[1, 2]], dtype=np.int64)))
+        await slow_model.started(1)  # the next two queue up behind the running batch
+        narrow = asyncio.create_task(b.submit(np.array([[3], [4]], dtype=np.int64)))
+        wide = asyncio.create_task(b.submit(np.array([[5, 6, 7, 8]], dtype=np.int64)))
+        await asyncio.sleep(0.01)
+        slow_model.gate.set()
+        results = [await first, await narrow, await wide]
+    finally:
+        await b.stop()
+    assert slow_model.sizes == [1, 3]
+    assert slow_model.inputs[1].tolist() == [[3, -1, -1, -1], [4, -1, -1, -1], [5, 6, 7, 8]]
+    assert [r.dtype for r in results] == [_TOP] * 3
+    assert [r["item"][:, 0].tolist() for r in results] == [[3], [3, 4], [26]]
+    assert results[2]["score"][0, 1] == 4.0
+
+
+def _fails_on_negative(m: Matrix) -> Matrix:
+    if (m[:, 0] < 0).any():
+        raise ValueError("negative input")
+    return m[:, 0] * 2
+
+
+async def test_submit_isolating_bisects_to_the_poison_rows(executor: ThreadPoolExecutor) -> None:
+    from pipeline.batcher import submit_isolating
+
+    rows = _rows(10, 0.0)
+    rows[3, 0] = rows[7, 0] = -1.0
+    async with MicroBatcher(_fails_on_negative, batch_max_rows=64, max_wait_ms=0,
+                            executor=executor) as b:
+        pieces, failed = await submit_isolating(b, rows)
+        assert b.stats.failures > 0
+    assert [row for row, _ in failed] == [3, 7]
+    assert all("negative input" in reason for _, reason in failed)
+    scored = {start + i: float(v) for start, out in pieces for i, v in enumerate(out)}
+    assert sorted(scored) == [0, 1, 2, 4, 5, 6, 8, 9]
+    assert all(scored[i] == 2 * rows[i, 0] for i in scored)
+    assert [start for start, _ in pieces] == sorted(start for start, _ in pieces)
+
+
+async def test_submit_isolating_on_a_stopped_batcher_raises() -> None:
+    from pipeline.batcher import submit_isolating
+
+    b = MicroBatcher(_double_first, batch_max_rows=4, max_wait_ms=0)
+    with pytest.raises(RuntimeError, match="not running"):
+        await submit_isolating(b, _rows(3, 0.0))
