@@ -1,0 +1,400 @@
+"""The reco lane's handler: validate, resolve ids, rank in micro-batches per graph path, produce.
+
+Per fetched batch: each record is validated against :class:`schemas.RecoRequest` (bad ones
+become dead letters naming field and problem), then resolved against the served model
+(:func:`resolve`: unknown user -> dead letter; candidate ids de-duplicated, unknown ones dropped
+and counted, none known -> dead letter). The graph has two paths, and rows of the two cannot
+share a model call (a catalogue row has no candidates, candidate rows are padded to one width),
+so each path has its own :class:`~pipeline.batcher.MicroBatcher`:
+
+* **catalogue** (no candidates): rows are user indices; TopK over the whole catalogue dominates
+  its cost and gets *slower per row* once a call's score matrix (rows x items floats) outgrows
+  the CPU cache, so at start the lane measures the per-row cost of each call size and runs
+  every batch as calls of the cheapest size (:func:`best_call_rows`);
+* **candidates**: rows are ``[user, candidates..., PAD_ID pads]``; batches are padded to their
+  widest row when joined. Cheap per row (a gather and a TopK over C, not over the catalogue).
+
+Both run in one two-thread executor (onnxruntime releases the GIL), unless a full batch is
+measured cheaper than the thread hand-off (``inline_inference_max_us``, as in the fraud lane).
+Results carry exactly ``min(k, available)`` items, best first, and the model version; chunks
+are reported done only after results and dead letters are acknowledged.
+
+The model is reached through one seam: :attr:`RecoHandler.scorer`, read once per batch. Ids are
+resolved, ranked and stamped by that same scorer (its own pair of batchers), so assigning a new,
+warmed scorer (a future model registry) takes effect at the next batch without mixing versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+from aiokafka import TopicPartition
+from numpy.typing import NDArray
+
+from pipeline.batcher import BatchStats, MicroBatcher, submit_isolating
+from pipeline.deadletter import dead_letter
+from pipeline.lane import LaneContext, PartitionRecords, Record
+from pipeline.priority import REALTIME_GATE
+from pipeline.reco import PAD_ID, RecoScorer
+from pipeline.settings import Settings
+from schemas import RECO_DEFAULT_K, RECO_MAX_CANDIDATES, RecoRequest, Rejection, validate_record
+
+__all__ = ["TOP_DTYPE", "RecoHandler", "RecoQuery", "best_call_rows", "encode_result", "resolve"]
+
+log = logging.getLogger(__name__)
+
+TOP_DTYPE = np.dtype([("item", np.int64), ("score", np.float32)])
+"""One ranked entry; a model output row is ``k_max`` of them, best first, padding last."""
+Top = NDArray[np.void]
+KeyedValue = tuple[bytes | None, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class RecoQuery:
+    """A valid request resolved against one scorer."""
+
+    request: dict[str, Any]
+    user: int
+    k: int
+    candidates: NDArray[np.int64] | None
+    """Distinct known candidate item indices in request order; None = the whole catalogue."""
+    available: int
+    """How many items can be returned: catalogue size, or ``len(candidates)``."""
+    dropped: int = 0
+    """Distinct candidate ids the model does not know."""
+
+
+def resolve(request: dict[str, Any], scorer: RecoScorer) -> RecoQuery | Rejection:
+    """Map a schema-valid request to model indices, or say why it cannot be served."""
+    user = scorer.user_index(request["user_id"])
+    if user is None:
+        return Rejection("unknown_user", "user_id: unknown user")
+    k = int(request.get("k", RECO_DEFAULT_K))
+    if k > scorer.k_max:
+        return Rejection("schema", f"k: above the model's k_max ({scorer.k_max})")
+    ids = request.get("candidate_ids")
+    if ids is None:
+        return RecoQuery(request, user, k, None, available=scorer.card.n_items)
+    distinct = dict.fromkeys(ids)  # duplicates count once, first occurrence keeps its place
+    known = [i for i in map(scorer.item_index, distinct) if i is not None]
+    if not known:
+        return Rejection("unknown_items", "candidate_ids: no known item id")
+    return RecoQuery(request, user, k, np.asarray(known, dtype=np.int64), available=len(known),
+                     dropped=len(distinct) - len(known))
+
+
+def encode_result(query: RecoQuery, top: Top, scorer: RecoScorer, now: float) -> bytes:
+    """The :class:`schemas.RecoResult` JSON: the first ``min(k, available)`` entries of ``top``."""
+    best = top[: min(query.k, query.available)]
+    request = query.request
+    return orjson.dumps({
+        "request_id": request["request_id"], "user_id": request["user_id"],
+        # float32 scores as numpy scalars: orjson writes their shortest float32 form.
+        "items": [{"item_id": scorer.item_id(item), "score": score}
+                  for item, score in zip(best["item"].tolist(), best["score"], strict=True)],
+        "model_version": scorer.version, "scored_at": now, "sent_at": request.get("sent_at"),
+        "dropped_candidates": query.dropped,
+    }, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _tops(items: NDArray[np.int64], scores: NDArray[np.float32], width: int) -> Top:
+    out = np.empty((len(items), width), dtype=TOP_DTYPE)
+    out["item"], out["score"] = PAD_ID, -np.inf
+    out["item"][:, : items.shape[1]] = items
+    out["score"][:, : items.shape[1]] = scores
+    return out
+
+
+def _catalogue_fn(scorer: RecoScorer, call_rows: int) -> Callable[[NDArray[np.int64]], Top]:
+    def run(rows: NDArray[np.int64]) -> Top:
+        users, out = rows[:, 0], np.empty((len(rows), scorer.k_max), dtype=TOP_DTYPE)
+        for lo in range(0, len(users), call_rows):
+            items, scores = scorer.recommend(users[lo : lo + call_rows], scorer.k_max)
+            out[lo : lo + call_rows] = _tops(items, scores, scorer.k_max)
+        return out
+    return run
+
+
+def _candidates_fn(scorer: RecoScorer) -> Callable[[NDArray[np.int64]], Top]:
+    def run(rows: NDArray[np.int64]) -> Top:
+        items, scores = scorer.recommend_candidates(rows[:, 0], rows[:, 1:])
+        return _tops(items, scores, scorer.k_max)
+    return run
+
+
+def _candidate_rows(queries: Sequence[RecoQuery]) -> NDArray[np.int64]:
+    """``[user, candidates..., PAD_ID...]`` per query, padded to the longest list."""
+    lists = [q.candidates if q.candidates is not None else np.empty(0, np.int64) for q in queries]
+    rows = np.full((len(queries), 1 + max(map(len, lists))), PAD_ID, dtype=np.int64)
+    for row, (query, candidates) in enumerate(zip(queries, lists, strict=True)):
+        rows[row, 0] = query.user
+        rows[row, 1 : 1 + len(candidates)] = candidates
+    return rows
+
+
+def _pad_join(parts: Sequence[NDArray[np.int64]]) -> NDArray[np.int64]:
+    """Join candidate rows of several requests: pad each to the widest with ``PAD_ID``."""
+    width = max(part.shape[1] for part in parts)
+    return np.concatenate([np.pad(part, ((0, 0), (0, width - part.shape[1])),
+                                  constant_values=PAD_ID) for part in parts])
+
+
+def _seconds(fn: Callable[[NDArray[np.int64]], Top], rows: NDArray[np.int64],
+             repeat: int = 5) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn(rows)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def _catalogue_rows(scorer: RecoScorer, n: int) -> NDArray[np.int64]:
+    return ((np.arange(n, dtype=np.int64) * 7919) % scorer.card.n_users)[:, None]
+
+
+def best_call_rows(scorer: RecoScorer, limit: int,
+                   sizes: Sequence[int] = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64),
+                   ) -> tuple[int, dict[int, float]]:
+    """Catalogue-path call size with the lowest measured cost per row (seconds per row by size).
+
+    Of the sizes within 10 % of the cheapest, the largest wins: fewer calls, same cost.
+    """
+    per_row = {size: _seconds(_catalogue_fn(scorer, size), _catalogue_rows(scorer, size)) / size
+               for size in sorted({min(s, limit) for s in sizes})}
+    cheapest = min(per_row.values())
+    return max(s for s, cost in per_row.items() if cost <= 1.1 * cheapest), per_row
+
+
+class _Paths:
+    """One scorer's two batchers; retired when the handler's scorer is replaced and idle."""
+
+    def __init__(self, scorer: RecoScorer, catalogue: MicroBatcher,
+                 candidates: MicroBatcher) -> None:
+        self.scorer, self.catalogue, self.candidates = scorer, catalogue, candidates
+        self.users = 0
+
+    async def start(self) -> None:
+        await self.catalogue.start()
+        await self.candidates.start()
+
+    async def stop(self) -> None:
+        await self.catalogue.stop()
+        await self.candidates.stop()
+
+    async def rank(self, queries: Sequence[RecoQuery]) -> tuple[list[Top | None],
+                                                               list[tuple[int, str]]]:
+        """Top rows per query (None where the model failed) and the (query, reason) failures."""
+        plain = [i for i, q in enumerate(queries) if q.candidates is None]
+        listed = [i for i, q in enumerate(queries) if q.candidates is not None]
+        jobs = []
+        if plain:
+            rows = np.asarray([[queries[i].user] for i in plain], dtype=np.int64)
+            jobs.append((plain, submit_isolating(self.catalogue, rows)))
+        if listed:
+            rows = _candidate_rows([queries[i] for i in listed])
+            jobs.append((listed, submit_isolating(self.candidates, rows)))
+        tops: list[Top | None] = [None] * len(queries)
+        failed: list[tuple[int, str]] = []
+        for (index, _), (pieces, fails) in zip(
+                jobs, await asyncio.gather(*(job for _, job in jobs)), strict=True):
+            for start, out in pieces:
+                for offset, row in enumerate(out):
+                    tops[index[start + offset]] = row
+            failed.extend((index[row], reason) for row, reason in fails)
+        return tops, failed
+
+
+class RecoHandler:
+    """Lane handler for ``reco.requests`` -> ``reco.results`` (+ ``reco.requests.dlq``)."""
+
+    def __init__(self, settings: Settings, scorer: RecoScorer | None = None) -> None:
+        self.settings = settings
+        self.requests_topic = settings.topic("reco.requests")
+        self.results_topic = settings.topic("reco.results")
+        self.dlq_topic = settings.topic("reco.requests.dlq")
+        self.topics = (self.requests_topic,)
+        self._scorer = scorer
+        # One thread per path: each batcher keeps at most one batch in flight.
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="reco-model")
+        self._paths: _Paths | None = None
+        self._retired: list[_Paths] = []
+        self._swap = asyncio.Lock()
+        self._ctx: LaneContext | None = None
+        self.cold_start_s = 0.0
+
+    @property
+    def scorer(self) -> RecoScorer:
+        """The served model, read once per batch. Assign a loaded, warmed scorer to swap it."""
+        if self._scorer is None:
+            raise RuntimeError("RecoHandler not started")
+        return self._scorer
+
+    @scorer.setter
+    def scorer(self, scorer: RecoScorer) -> None:
+        self._scorer = scorer
+
+    async def start(self, ctx: LaneContext) -> None:
+        """Load, warm up and calibrate the model before the lane takes traffic."""
+        self._ctx = ctx
+        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        if self._scorer is None:
+            self._scorer = await loop.run_in_executor(
+                self._executor, lambda: RecoScorer.load(
+                    self.settings.reco_model_dir, self.settings.reco_model_precision,
+                    self.settings.inference_threads))
+        loaded = time.monotonic()
+        await loop.run_in_executor(self._executor, self.scorer.warm_up)
+        self._paths = await self._open_paths(self.scorer)
+        self.cold_start_s = time.monotonic() - started
+        log.info("reco: model %s ready in %.3fs (load %.3fs, warm-up and calibration %.3fs)",
+                 self.scorer.version, self.cold_start_s, loaded - started,
+                 self.cold_start_s - (loaded - started))
+
+    async def _open_paths(self, scorer: RecoScorer) -> _Paths:
+        loop = asyncio.get_running_loop()
+        limit = self.settings.reco_batch_max_rows
+        call_rows, per_row = await loop.run_in_executor(
+            self._executor, best_call_rows, scorer, limit)
+        catalogue_fn, candidates_fn = _catalogue_fn(scorer, call_rows), _candidates_fn(scorer)
+        widest = np.concatenate([_catalogue_rows(scorer, limit),
+                                 np.zeros((limit, RECO_MAX_CANDIDATES), np.int64)], axis=1)
+        full_s = {
+            "catalogue": await loop.run_in_executor(
+                self._executor, _seconds, catalogue_fn, _catalogue_rows(scorer, limit)),
+            "candidates": await loop.run_in_executor(
+                self._executor, _seconds, candidates_fn, widest),
+        }
+        batchers = {
+            path: MicroBatcher(fn, batch_max_rows=limit,
+                               max_wait_ms=self.settings.reco_max_wait_ms,
+                               executor=self._executor, combine=combine,
+                               inline=full_s[path] * 1e6 < self.settings.inline_inference_max_us)
+            for path, fn, combine in (("catalogue", catalogue_fn, None),
+                                      ("candidates", candidates_fn, _pad_join))}
+        paths = _Paths(scorer, batchers["catalogue"], batchers["candidates"])
+        await paths.start()
+        log.info("reco: %s catalogue path in calls of %d rows (us/row by size: %s); a full "
+                 "batch of %d takes %.0f us (catalogue) / %.0f us (candidates, %d wide): "
+                 "inference %s / %s", scorer.version, call_rows,
+                 {size: round(cost * 1e6, 1) for size, cost in per_row.items()}, limit,
+                 full_s["catalogue"] * 1e6, full_s["candidates"] * 1e6, RECO_MAX_CANDIDATES,
+                 *("inline on the loop" if b.inline else "in an executor thread"
+                   for b in batchers.values()))
+        return paths
+
+    @property
+    def stats(self) -> dict[str, BatchStats] | None:
+        """Each path's batcher counters (batches, rows, batch-size histogram)."""
+        paths = self._paths
+        if paths is None:
+            return None
+        return {"catalogue": paths.catalogue.stats, "candidates": paths.candidates.stats}
+
+    async def stop(self) -> None:
+        for paths in [*self._retired, *([self._paths] if self._paths else [])]:
+            await paths.stop()
+        self._executor.shutdown(wait=True)
+
+    async def on_revoked(self, tps: set[TopicPartition]) -> None:
+        """Nothing buffered across calls: in-flight work finishes on its own."""
+
+    async def handle(self, batch: Sequence[PartitionRecords]) -> None:
+        with REALTIME_GATE.realtime():  # batch work in this process yields meanwhile
+            scorer = self.scorer  # the seam: one model for the whole batch
+            paths = await self._acquire(scorer)
+            try:
+                await self._handle(batch, scorer, paths)
+            finally:
+                await self._release(paths)
+
+    async def _acquire(self, scorer: RecoScorer) -> _Paths:
+        if self._paths is None or self._paths.scorer is not scorer:
+            async with self._swap:
+                if self._paths is None or self._paths.scorer is not scorer:
+                    old, self._paths = self._paths, await self._open_paths(scorer)
+                    log.info("reco: now serving %s", scorer.version)
+                    if old is not None and old.users == 0:
+                        await old.stop()
+                    elif old is not None:
+                        self._retired.append(old)  # stopped by the last batch still using it
+        paths = self._paths
+        paths.users += 1
+        return paths
+
+    async def _release(self, paths: _Paths) -> None:
+        paths.users -= 1
+        if paths in self._retired and paths.users == 0:
+            self._retired.remove(paths)
+            await paths.stop()
+
+    async def _handle(self, batch: Sequence[PartitionRecords], scorer: RecoScorer,
+                      paths: _Paths) -> None:
+        ctx = self._ctx
+        assert ctx is not None  # noqa: S101 - set in start()
+        queries: list[RecoQuery] = []
+        sources: list[Record] = []
+        dead: list[KeyedValue] = []
+        for part in batch:
+            for record in part.records:
+                query = self._query(record, scorer)
+                if isinstance(query, RecoQuery):
+                    queries.append(query)
+                    sources.append(record)
+                else:
+                    dead.append(self._dead(record, query.error, query.reason))
+        dlq_sent = asyncio.ensure_future(ctx.sender.send(self.dlq_topic, dead))
+        try:
+            tops, failed = await paths.rank(queries) if queries else ([], [])
+            dead_more = [self._dead(sources[i], "inference", reason) for i, reason in failed]
+            await ctx.sender.send(self.results_topic,
+                                  self._results(queries, sources, tops, scorer))
+            await ctx.sender.send(self.dlq_topic, dead_more)
+        finally:
+            await dlq_sent
+        ctx.stats.produced += len(queries) - len(failed)
+        ctx.stats.dead_lettered += len(dead) + len(failed)
+        for part in batch:
+            ctx.done(part.chunk)
+
+    @staticmethod
+    def _query(record: Record, scorer: RecoScorer) -> RecoQuery | Rejection:
+        data, rejection = validate_record(record.value, RecoRequest)
+        if data is None:
+            assert rejection is not None  # noqa: S101 - one of the two is set
+            return rejection
+        return resolve(data, scorer)
+
+    def _dead(self, record: Record, error: str, reason: str) -> KeyedValue:
+        assert self._ctx is not None  # noqa: S101
+        self._ctx.stats.dlq_reasons[error] = self._ctx.stats.dlq_reasons.get(error, 0) + 1
+        letter = dead_letter(record.value, error=error, reason=reason, topic=record.topic,
+                             partition=record.partition, offset=record.offset, lane="reco")
+        return record.key, letter
+
+    def _results(self, queries: list[RecoQuery], sources: list[Record], tops: list[Top | None],
+                 scorer: RecoScorer) -> list[KeyedValue]:
+        assert self._ctx is not None  # noqa: S101
+        now = time.time()
+        budget_s = self.settings.reco_budget_ms / 1000.0
+        out: list[KeyedValue] = []
+        for query, source, top in zip(queries, sources, tops, strict=True):
+            if top is None:
+                continue  # dead-lettered as an inference failure
+            sent_at = query.request.get("sent_at")
+            # The budget counts from when the request was produced: consumer lag counts too.
+            origin = sent_at if sent_at is not None else source.timestamp / 1000.0
+            if now - origin > budget_s:
+                self._ctx.stats.late += 1
+            out.append((query.request["user_id"].encode(),
+                        encode_result(query, top, scorer, now)))
+        return out
