@@ -24,7 +24,6 @@ from pipeline.recolane import (
     TOP_DTYPE,
     RecoHandler,
     RecoQuery,
-    best_call_rows,
     encode_result,
     resolve,
 )
@@ -97,12 +96,6 @@ def test_encode_result_takes_min_k_available(int8: RecoScorer) -> None:
     assert (result.sent_at, result.scored_at) == (1_700_000_000.0, 1_700_000_001.0)
     short = RecoQuery(request, 2, 2, None, available=10_000)
     assert len(orjson.loads(encode_result(short, top, int8, 0.0))["items"]) == 2
-
-
-def test_best_call_rows_is_a_measured_size_within_the_limit(int8: RecoScorer) -> None:
-    size, per_row = best_call_rows(int8, limit=16)
-    assert max(per_row) == 16 and size in per_row
-    assert per_row[size] <= 1.1 * min(per_row.values())
 
 
 # --- the handler, driven with in-memory records ---------------------------------------------------
@@ -276,3 +269,4 @@ async def test_assigning_a_scorer_swaps_the_model_at_the_next_batch(
     assert [i["item_id"] for i in results["after"]["items"]] == _ids(items[0])
     assert old_paths is not None and not old_paths.catalogue.running  # retired once idle
     assert harness.handler._paths is not None and harness.handler._paths.scorer is fp32
+
