@@ -1,11 +1,16 @@
 """Open-loop traffic and result reading, shared by the demo, the benchmarks and the tests.
 
-* :func:`produce_transactions` sends synthetic transactions at a steady rate (open loop: the
-  schedule never waits for results, so slow results cannot slow the offered load), stamping
-  ``sent_at`` at send time; a fraction can be deliberately invalid, one kind after another.
+* a :class:`RequestSource` makes a lane's synthetic requests (and deliberately bad variants):
+  :class:`TransactionSource` for the fraud lane, :class:`pipeline.recogen.RecoRequestSource`
+  for the reco lane; its :class:`Workload` names the lane's topics and id field;
+* :func:`produce_requests` sends them at a steady rate (open loop: the schedule never waits
+  for results, so slow results cannot slow the offered load), stamping ``sent_at`` at send
+  time; a fraction can be deliberately invalid, one kind after another
+  (:func:`produce_transactions` is the fraud lane's shorthand);
 * :class:`ResultReader` reads a topic from given offsets without a consumer group (it never
-  disturbs the pipeline's groups) and keeps what arrived, keyed by ``event_id``, with the
-  end-to-end latency from ``sent_at`` to the moment it was read.
+  disturbs the pipeline's groups) and keeps what arrived, keyed by the workload's id field
+  (``event_id``, ``request_id``), with the end-to-end latency from ``sent_at`` to the moment
+  it was read.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import orjson
@@ -25,12 +30,69 @@ from pipeline.produce import BatchSender
 from pipeline.settings import Settings
 from pipeline.synth import INVALID_KINDS, TransactionGenerator, make_invalid
 
-__all__ = ["ProduceReport", "ResultReader", "produce_transactions", "snapshot_end_offsets"]
+__all__ = ["FRAUD", "RECO", "ProduceReport", "RequestSource", "ResultReader",
+           "TransactionSource", "Workload", "produce_requests", "produce_transactions",
+           "snapshot_end_offsets"]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A real-time lane as traffic sees it: its topics (logical names), id and key fields."""
+
+    lane: str
+    requests_topic: str
+    results_topic: str
+    dlq_topic: str
+    id_field: str
+    """Field that identifies a request and its result (``event_id``, ``request_id``)."""
+    key_field: str
+    """Field whose value is the record key (``card_id``, ``user_id``)."""
+
+
+FRAUD = Workload("fraud", "fraud.requests", "fraud.scores", "fraud.requests.dlq",
+                 id_field="event_id", key_field="card_id")
+RECO = Workload("reco", "reco.requests", "reco.results", "reco.requests.dlq",
+                id_field="request_id", key_field="user_id")
+
+
+class RequestSource(Protocol):
+    """Deterministic synthetic requests of one lane."""
+
+    @property
+    def workload(self) -> Workload: ...
+
+    @property
+    def invalid_kinds(self) -> tuple[str, ...]: ...
+
+    def next(self) -> dict[str, Any]:
+        """A valid request, without ``sent_at`` (the sender stamps it)."""
+        ...
+
+    def make_invalid(self, kind: str, rng: np.random.Generator, base: dict[str, Any]) -> bytes:
+        """Raw value bytes of a deliberately bad variant of the valid request ``base``."""
+        ...
+
+
+class TransactionSource:
+    """The fraud lane's requests: :class:`pipeline.synth.TransactionGenerator` transactions."""
+
+    workload = FRAUD
+    invalid_kinds = INVALID_KINDS
+
+    def __init__(self, seed: int, start_ts: float | None = None) -> None:
+        self._generator = TransactionGenerator(seed=seed, start_ts=start_ts)
+
+    def next(self) -> dict[str, Any]:
+        txn, _label = self._generator.next()
+        return txn
+
+    def make_invalid(self, kind: str, rng: np.random.Generator, base: dict[str, Any]) -> bytes:
+        return make_invalid(kind, rng, base)
 
 
 @dataclass
 class ProduceReport:
-    """What the generator sent: valid event ids and invalid records by kind."""
+    """What the generator sent: valid request ids and invalid records by kind."""
 
     valid_ids: list[str] = field(default_factory=list)
     invalid_by_kind: dict[str, int] = field(default_factory=dict)
@@ -42,7 +104,20 @@ class ProduceReport:
 
 
 async def produce_transactions(
+    settings: Settings, *, rate_per_s: float, count: int | None = None,
+    duration_s: float | None = None, invalid_fraction: float = 0.0, seed: int = 0,
+    tick_s: float = 0.005, report: ProduceReport | None = None, stop: asyncio.Event | None = None,
+) -> ProduceReport:
+    """:func:`produce_requests` of synthetic transactions to ``fraud.requests``."""
+    return await produce_requests(
+        settings, TransactionSource(seed, start_ts=time.time()), rate_per_s=rate_per_s,
+        count=count, duration_s=duration_s, invalid_fraction=invalid_fraction, seed=seed,
+        tick_s=tick_s, report=report, stop=stop)
+
+
+async def produce_requests(
     settings: Settings,
+    source: RequestSource,
     *,
     rate_per_s: float,
     count: int | None = None,
@@ -53,15 +128,14 @@ async def produce_transactions(
     report: ProduceReport | None = None,
     stop: asyncio.Event | None = None,
 ) -> ProduceReport:
-    """Produce to ``fraud.requests`` at ``rate_per_s`` until ``count`` or ``duration_s``.
+    """Produce ``source``'s requests at ``rate_per_s`` until ``count`` or ``duration_s``.
 
     ``report`` (filled in place, so a caller can watch progress) is returned at the end; every
     record in it has been acknowledged by the broker when this returns.
     """
     if count is None and duration_s is None:
         raise ValueError("give count or duration_s")
-    topic = settings.topic("fraud.requests")
-    generator = TransactionGenerator(seed=seed, start_ts=time.time())
+    topic = settings.topic(source.workload.requests_topic)
     rng = np.random.default_rng(seed + 1)
     report = report if report is not None else ProduceReport()
     producer = make_producer(settings, linger_ms=2)
@@ -74,7 +148,7 @@ async def produce_transactions(
             elapsed = time.monotonic() - started
             due = int(elapsed * rate_per_s) if count is None else min(
                 int(elapsed * rate_per_s), count)
-            records = [_next_record(generator, rng, invalid_fraction, report)
+            records = [_next_record(source, rng, invalid_fraction, report)
                        for _ in range(due - report.sent)]
             if records:
                 task = asyncio.create_task(sender.send(topic, records))
@@ -91,18 +165,20 @@ async def produce_transactions(
     return report
 
 
-def _next_record(generator: TransactionGenerator, rng: np.random.Generator,
-                 invalid_fraction: float, report: ProduceReport) -> tuple[bytes | None, bytes]:
-    txn, _label = generator.next()
-    key = str(txn["card_id"]).encode()
+def _next_record(source: RequestSource, rng: np.random.Generator, invalid_fraction: float,
+                 report: ProduceReport) -> tuple[bytes | None, bytes]:
+    value = source.next()
+    workload = source.workload
+    key = str(value[workload.key_field]).encode()
     if invalid_fraction and rng.random() < invalid_fraction:
-        kind = INVALID_KINDS[sum(report.invalid_by_kind.values()) % len(INVALID_KINDS)]
+        kinds = source.invalid_kinds
+        kind = kinds[sum(report.invalid_by_kind.values()) % len(kinds)]
         report.invalid_by_kind[kind] = report.invalid_by_kind.get(kind, 0) + 1
         report.invalid_keys.append(key)
-        return key, make_invalid(kind, rng, txn)
-    txn["sent_at"] = time.time()
-    report.valid_ids.append(str(txn["event_id"]))
-    return key, orjson.dumps(txn)
+        return key, source.make_invalid(kind, rng, value)
+    value["sent_at"] = time.time()
+    report.valid_ids.append(str(value[workload.id_field]))
+    return key, orjson.dumps(value)
 
 
 async def snapshot_end_offsets(settings: Settings, topic: str) -> dict[TopicPartition, int]:
@@ -121,11 +197,13 @@ async def snapshot_end_offsets(settings: Settings, topic: str) -> dict[TopicPart
 
 
 class ResultReader:
-    """Read a result topic from given start offsets (no group) and index values by event id."""
+    """Read a result topic from given start offsets (no group) and index values by their id."""
 
-    def __init__(self, settings: Settings, topic: str, start: dict[TopicPartition, int]) -> None:
+    def __init__(self, settings: Settings, topic: str, start: dict[TopicPartition, int], *,
+                 id_field: str = "event_id") -> None:
         self.settings = settings
         self.topic = topic
+        self.id_field = id_field
         self.start_offsets = start
         self.results: dict[str, dict[str, Any]] = {}
         self.latencies_ms: list[float] = []
@@ -174,7 +252,7 @@ class ResultReader:
 
     def _add(self, value: dict[str, Any], now: float) -> None:
         self.records += 1
-        event_id = value.get("event_id")
+        event_id = value.get(self.id_field)
         if not isinstance(event_id, str):
             return
         if event_id in self.results:

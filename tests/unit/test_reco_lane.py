@@ -20,6 +20,7 @@ from pipeline.lane import LaneContext, LaneStats, PartitionRecords
 from pipeline.offsets import Chunk
 from pipeline.produce import BatchSender
 from pipeline.reco import RecoScorer
+from pipeline.recogen import RECO_INVALID_KINDS, RecoRequestSource, reco_reason_field
 from pipeline.recolane import (
     TOP_DTYPE,
     RecoHandler,
@@ -28,7 +29,7 @@ from pipeline.recolane import (
     resolve,
 )
 from pipeline.settings import Settings, load_settings
-from schemas import DeadLetter, RecoResult, Rejection
+from schemas import DeadLetter, RecoRequest, RecoResult, Rejection, validate_record
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "reco"
 TOPIC = "reco.requests"
@@ -270,3 +271,29 @@ async def test_assigning_a_scorer_swaps_the_model_at_the_next_batch(
     assert old_paths is not None and not old_paths.catalogue.running  # retired once idle
     assert harness.handler._paths is not None and harness.handler._paths.scorer is fp32
 
+
+# --- the request generator ---------------------------------------------------------------------
+
+
+def test_generated_requests_resolve_and_bad_kinds_fail_as_declared(int8: RecoScorer) -> None:
+    source = RecoRequestSource.for_model(MODEL_DIR, seed=3, candidate_fraction=0.5,
+                                         candidates=(5, 50))
+    with_candidates = 0
+    for _ in range(300):
+        value = source.next()
+        data, rejection = validate_record(orjson.dumps(value), RecoRequest)
+        assert rejection is None and data is not None
+        query = resolve(data, int8)
+        assert isinstance(query, RecoQuery) and query.k == 10
+        if query.candidates is not None:
+            with_candidates += 1
+            assert query.available == len(value["candidate_ids"]) and query.dropped == 0
+    assert 100 < with_candidates < 200
+    rng = np.random.default_rng(1)
+    for kind in RECO_INVALID_KINDS:
+        raw = source.make_invalid(kind, rng, source.next())
+        data, rejection = validate_record(raw, RecoRequest)
+        outcome = rejection if data is None else resolve(data, int8)
+        error, field = reco_reason_field(kind)
+        assert isinstance(outcome, Rejection), kind
+        assert outcome.error == error and outcome.reason.startswith(field), (kind, outcome)
