@@ -1,4 +1,4 @@
-"""``inferlane bench run``: the typer sub-application of the benchmark.
+"""``inferlane bench run|reco|batch``: the typer sub-application of the benchmarks.
 
 Registered by the main CLI as ``app.add_typer(bench_app, name="bench")``; also runnable alone
 as ``python -m pipeline.bench run --quick``. Writes ``results.md``, ``results.json`` and
@@ -23,8 +23,8 @@ from pipeline.bench.sut import IMPLS
 __all__ = ["bench_app"]
 
 bench_app = typer.Typer(
-    help="Benchmark the fraud lane against two yardsticks (naive faust agent, bare aiokafka "
-         "loop) on the local stack.",
+    help="Benchmarks on the local stack: the fraud lane against two yardsticks (naive faust "
+         "agent, bare aiokafka loop), the reco lane, the batch lane.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 # Piped output gets a table wide enough to read instead of rich's 80-column fallback.
 console = Console(width=None if sys.stdout.isatty() else 132)
@@ -43,7 +43,7 @@ _QUICK = _Preset((100.0, 1000.0), 5.0, 20_000)
 
 @bench_app.callback()
 def _group() -> None:
-    """Benchmark the fraud lane against two yardsticks on the local stack."""
+    """Benchmarks of the lanes on the local stack."""
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -122,6 +122,47 @@ def run(
 
     config = _config(impl, rates, duration, drain_events, out, poisson, quick, warmup,
                      result_timeout, seed)
+    signal.signal(signal.SIGTERM, _interrupt)
+    record = new_run(config)
+    try:
+        run_bench(record, console)
+    except KeyboardInterrupt:
+        record.notes.append("interrupted: partial results")
+        _finish(record)
+        raise typer.Exit(130) from None
+    raise typer.Exit(_finish(record))
+
+
+@bench_app.command("reco")
+def reco(
+    rates: Annotated[str, typer.Option(help="Offered loads, requests/s.")] = "2000",
+    duration: Annotated[float, typer.Option(help="Seconds per rate.")] = 20.0,
+    k: Annotated[int, typer.Option(help="Items asked for by every request.", min=1,
+                                   max=100)] = 10,
+    candidate_fraction: Annotated[float, typer.Option(
+        help="Share of requests with 20-200 candidates (the rest rank the catalogue).",
+        min=0.0, max=1.0)] = 0.2,
+    drain_events: Annotated[int, typer.Option(help="Backlog size for the drain, 0 = "
+                                                   "skip.")] = 20_000,
+    out: Annotated[Path | None, typer.Option(help="Results folder (default "
+                                                  "bench-results/reco-<UTC timestamp>).")] = None,
+    poisson: Annotated[bool, typer.Option("--poisson/--constant",
+                                          help="Poisson or constant-rate arrivals.")] = False,
+    warmup: Annotated[float, typer.Option(help="Seconds of latencies discarded.")] = 2.0,
+    result_timeout: Annotated[float, typer.Option(help="Max wait for results after a rate, "
+                                                       "s.")] = 30.0,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic requests.")] = 1,
+) -> None:
+    """The reco lane: open-loop requests, end-to-end latency from sent_at, backlog drain."""
+    from pipeline.bench.runner import new_run, run_bench
+
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    config = BenchConfig(
+        impls=("r",), rates=_rates(rates), duration_s=duration, drain_events=drain_events,
+        warmup_s=warmup, poisson=poisson,
+        out=(out or Path("bench-results") / f"reco-{stamp}").resolve(),
+        result_timeout_s=result_timeout, seed=seed, quick=False, reco_k=k,
+        reco_candidate_fraction=candidate_fraction)
     signal.signal(signal.SIGTERM, _interrupt)
     record = new_run(config)
     try:

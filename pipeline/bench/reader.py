@@ -7,8 +7,9 @@ generator's, so neither delays the other's timestamps. Protocol over stdin/stdou
    prints ``READY``;
 2. it then reads everything that arrives, stamping the wall-clock receive time per fetch;
 3. on the stdin line ``WAIT <ids file> <timeout s>`` it waits until a result for every id in the
-   file has arrived or the timeout passes, writes ``--out`` (JSON rows ``[event_id, sent_at,
-   received_at, scored_at]``) and prints ``DONE <rows>``; EOF on stdin writes and exits too.
+   file has arrived or the timeout passes, writes ``--out`` (JSON rows ``[id, sent_at,
+   received_at, scored_at]``, the id being the ``--id-field`` of each result, default
+   ``event_id``) and prints ``DONE <rows>``; EOF on stdin writes and exits too.
 
 :class:`ReaderProcess` is the parent's handle on such a process. Settings (bootstrap, broker
 flavour) come from the ``INFERLANE_*`` environment like every other process of the pipeline.
@@ -47,7 +48,8 @@ class ReaderOutput:
 
 
 class _Collector:
-    def __init__(self) -> None:
+    def __init__(self, id_field: str = "event_id") -> None:
+        self.id_field = id_field
         self.rows: list[ResultRow] = []
         self.ids: set[str] = set()
         self.unparsed = 0
@@ -62,7 +64,7 @@ class _Collector:
     def add(self, raw: bytes | None, received_at: float) -> None:
         try:
             value: Any = orjson.loads(raw or b"")
-            event_id = str(value["event_id"])
+            event_id = str(value[self.id_field])
         except (orjson.JSONDecodeError, KeyError, TypeError):
             self.unparsed += 1
             return
@@ -94,12 +96,12 @@ async def _wait_command(collector: _Collector) -> None:
         await asyncio.wait_for(collector.complete.wait(), float(parts[2]))
 
 
-async def _run(topic: str) -> _Collector:
+async def _run(topic: str, id_field: str) -> _Collector:
     settings = load_settings()
     consumer = AIOKafkaConsumer(**client_kwargs(settings, client_id="inferlane-bench-reader"),
                                 enable_auto_commit=False, fetch_max_wait_ms=50)
     await consumer.start()
-    collector = _Collector()
+    collector = _Collector(id_field)
     try:
         if settings.is_local_broker:
             apply_idle_fetch_backoff(consumer, settings.idle_fetch_sleep_ms)
@@ -128,8 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--topic", required=True)
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--id-field", default="event_id")
     args = parser.parse_args(argv)
-    collector = asyncio.run(_run(args.topic))
+    collector = asyncio.run(_run(args.topic, args.id_field))
     args.out.write_bytes(orjson.dumps({"rows": collector.rows, "unparsed": collector.unparsed}))
     print(f"DONE {len(collector.rows)}", flush=True)
 
@@ -143,9 +146,11 @@ def _read_line(stream: IO[bytes], timeout_s: float) -> str:
 class ReaderProcess:
     """Parent-side handle: start a reader, hand it the ids to wait for, collect its rows."""
 
-    def __init__(self, env: dict[str, str], topic: str, work_dir: Path, log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], topic: str, work_dir: Path, log_path: Path, *,
+                 id_field: str = "event_id") -> None:
         self.env = {**os.environ, **env}
         self.topic = topic
+        self.id_field = id_field
         self.out_path = work_dir / f"{log_path.stem}.rows.json"
         self.ids_path = work_dir / f"{log_path.stem}.ids"
         self.log_path = log_path
@@ -156,7 +161,7 @@ class ReaderProcess:
         self.out_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "pipeline.bench.reader", "--topic", self.topic,
-                "--out", str(self.out_path)]
+                "--out", str(self.out_path), "--id-field", self.id_field]
         with open(self.log_path, "ab") as log:
             self._popen = subprocess.Popen(  # noqa: S603 - argv built here
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=self.env,

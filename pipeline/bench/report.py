@@ -39,6 +39,10 @@ class BenchConfig:
     result_timeout_s: float
     seed: int
     quick: bool
+    reco_k: int = 10
+    """Reco lane scenarios: ``k`` of every request."""
+    reco_candidate_fraction: float = 0.2
+    """Reco lane scenarios: share of requests that name candidates (20-200 of them)."""
 
 
 @dataclass
@@ -147,8 +151,13 @@ def _intro(run: BenchRun) -> list[str]:
         "result reader (a separate process) share the machine with the system under test.", "",
     ]
     lines += [f"- **{key}**: {label}" for key, label in run.labels.items()]
-    lines += ["", "(b) and (c) are yardsticks to put (a) in context, not features.", ""]
-    return lines
+    if "r" in run.labels:
+        lines += ["", f"Reco requests: users uniform over the model's users, k = {cfg.reco_k}, "
+                  f"{cfg.reco_candidate_fraction:.0%} with a list of 20-200 candidates, the "
+                  "rest ranked over the whole catalogue."]
+    if {"b", "c"} & set(run.labels):
+        lines += ["", "(b) and (c) are yardsticks to put (a) in context, not features."]
+    return [*lines, ""]
 
 
 _DEFINITIONS = [

@@ -36,6 +36,8 @@ from pipeline.bench.stats import ScenarioResult, drain_result, match_results, ra
 from pipeline.bench.sut import IMPLS, SutProcess, impl_env, parse_logged_stats, settings_for
 from pipeline.bench.traffic import Arrivals, SentLog, preload, produce_open_loop
 from pipeline.errors import InferlaneError
+from pipeline.loadgen import RECO, RequestSource, TransactionSource
+from pipeline.recogen import RecoRequestSource
 from pipeline.settings import Settings
 from pipeline.stack import LocalStack
 from pipeline.topics import ensure_topics
@@ -95,6 +97,23 @@ def run_bench(run: BenchRun, console: Console) -> BenchRun:
         shutil.rmtree(config.out / "work", ignore_errors=True)
         run.finished_at = _utc_now()
     return run
+
+
+def _source(ctx: _Ctx, impl: str, settings: Settings, seed: int) -> RequestSource:
+    """The traffic of ``impl``: reco requests for the reco lane, transactions otherwise."""
+    if IMPLS[impl].workload == RECO:
+        return RecoRequestSource.for_model(
+            settings.reco_model_dir, seed, k=ctx.config.reco_k,
+            candidate_fraction=ctx.config.reco_candidate_fraction)
+    return TransactionSource(seed, start_ts=time.time())
+
+
+def _reader(ctx: _Ctx, impl: str, settings: Settings, env: dict[str, str],
+            name: str) -> ReaderProcess:
+    workload = IMPLS[impl].workload
+    return ReaderProcess(env, settings.topic(workload.results_topic), ctx.config.out / "work",
+                         ctx.config.out / "logs" / f"{impl}-{name}-reader.log",
+                         id_field=workload.id_field)
 
 
 def _guarded(ctx: _Ctx, impl: str, phase: str, body: Callable[[], None]) -> None:
@@ -181,12 +200,12 @@ def _rate_scenario(ctx: _Ctx, impl: str, env: dict[str, str], settings: Settings
     cfg = ctx.config
     arrivals = (Arrivals.poisson(target, cfg.duration_s, seed) if cfg.poisson
                 else Arrivals.constant(target, cfg.duration_s))
-    reader = ReaderProcess(env, settings.topic("fraud.scores"), cfg.out / "work",
-                           cfg.out / "logs" / f"{impl}-rate{target:g}-reader.log")
+    reader = _reader(ctx, impl, settings, env, f"rate{target:g}")
+    source = _source(ctx, impl, settings, seed)
     loadavg = os.getloadavg()
     try:
         reader.start()
-        sent = asyncio.run(produce_open_loop(settings, arrivals, seed=seed))
+        sent = asyncio.run(produce_open_loop(settings, arrivals, seed=seed, source=source))
         reader.request(sent.ids, cfg.result_timeout_s)
         output = reader.collect(cfg.result_timeout_s + 30)
     finally:
@@ -215,13 +234,14 @@ def _lag_note(ctx: _Ctx, result: ScenarioResult, sent: SentLog) -> None:
 def _drain_phase(ctx: _Ctx, impl: str) -> None:
     cfg = ctx.config
     env, settings = _phase_env(ctx, impl, "drain")
-    reader = ReaderProcess(env, settings.topic("fraud.scores"), cfg.out / "work",
-                           cfg.out / "logs" / f"{impl}-drain-reader.log")
+    reader = _reader(ctx, impl, settings, env, "drain")
+    seed = cfg.seed + _DRAIN_SEED_OFFSET
+    source = _source(ctx, impl, settings, seed)
     timeout_s = 120.0 + cfg.drain_events / 500.0
     loadavg = os.getloadavg()
     try:
         reader.start()
-        sent = asyncio.run(preload(settings, cfg.drain_events, seed=cfg.seed + _DRAIN_SEED_OFFSET))
+        sent = asyncio.run(preload(settings, cfg.drain_events, seed=seed, source=source))
         ctx.console.print(f"  ({impl}) drain: {len(sent.ids):,} events preloaded")
         reader.request(sent.ids, timeout_s)
         sut, info = _start_sut(ctx, impl, "drain", env)

@@ -3,7 +3,8 @@ process handle that starts one, tells when it reported ready, and always stops i
 
 * ``a`` - inferlane's fraud lane: the real ``faust -A agents worker``, ``INFERLANE_LANES=fraud``;
 * ``b`` - yardstick: a naive faust agent (:mod:`pipeline.bench.naive_faust`);
-* ``c`` - yardstick: a bare aiokafka loop (:mod:`pipeline.bench.bare_loop`).
+* ``c`` - yardstick: a bare aiokafka loop (:mod:`pipeline.bench.bare_loop`);
+* ``r`` - inferlane's reco lane: the real worker, ``INFERLANE_LANES=reco``, reco requests.
 
 Every run of an implementation gets its own topic prefix, app id (so consumer groups) and log.
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.loadgen import FRAUD, RECO, Workload
 from pipeline.settings import Settings, load_settings
 from pipeline.worker import FAUST_READY_MARK, WorkerProcess, faust_worker_argv
 
@@ -28,13 +30,16 @@ BARE_READY_MARK = "bare_loop: ready"
 
 @dataclass(frozen=True)
 class ImplSpec:
-    """One implementation: short key, label for the report, command line, ready log mark."""
+    """One implementation: short key, label for the report, command line, ready log mark, the
+    lanes it serves (``INFERLANE_LANES``) and the traffic it gets."""
 
     key: str
     label: str
     argv: tuple[str, ...]
     ready_mark: str
     yardstick: bool
+    lanes: str = "fraud"
+    workload: Workload = FRAUD
 
 
 def _faust(app_module: str) -> tuple[str, ...]:
@@ -47,6 +52,8 @@ IMPLS: dict[str, ImplSpec] = {
                   FAUST_READY_MARK, True),
     "c": ImplSpec("c", "bare aiokafka loop (yardstick)",
                   (sys.executable, "-m", "pipeline.bench.bare_loop"), BARE_READY_MARK, True),
+    "r": ImplSpec("r", "inferlane reco lane", _faust("agents"), FAUST_READY_MARK, False,
+                  lanes="reco", workload=RECO),
 }
 
 
@@ -59,7 +66,7 @@ def impl_env(base: dict[str, str], *, tag: str, impl: str, phase: str,
         "INFERLANE_TOPIC_PREFIX": f"bench{tag}.{run}.",
         "INFERLANE_APP_ID": f"bench{tag}-{run}",
         "INFERLANE_WORKER_ID": "bench",
-        "INFERLANE_LANES": "fraud",
+        "INFERLANE_LANES": IMPLS[impl].lanes,
         "INFERLANE_WEB_ENABLED": "false",
         "INFERLANE_STATE_DIR": str(state_dir / run),
     }

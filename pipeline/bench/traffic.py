@@ -1,4 +1,5 @@
-"""Open-loop traffic for the benchmark: constant or Poisson arrivals, and a backlog preload.
+"""Open-loop traffic for the benchmark: constant or Poisson arrivals, and a backlog preload,
+of any lane's requests (a :class:`~pipeline.loadgen.RequestSource`; transactions by default).
 
 Open loop: the arrival schedule is fixed before the first send and every tick sends what is due,
 without waiting for earlier sends or for results, so a slow system under test cannot slow the
@@ -18,9 +19,9 @@ import orjson
 from numpy.typing import NDArray
 
 from pipeline.kafka import make_producer
+from pipeline.loadgen import RequestSource, TransactionSource
 from pipeline.produce import BatchSender
 from pipeline.settings import Settings
-from pipeline.synth import TransactionGenerator
 
 __all__ = ["Arrivals", "SentLog", "preload", "produce_open_loop"]
 
@@ -69,13 +70,14 @@ class Arrivals:
         return int(np.searchsorted(self.offsets, elapsed_s, side="right"))
 
 
-def _records(generator: TransactionGenerator, count: int, log: SentLog) -> list[Record]:
+def _records(source: RequestSource, count: int, log: SentLog) -> list[Record]:
     out: list[Record] = []
+    id_field, key_field = source.workload.id_field, source.workload.key_field
     for _ in range(count):
-        txn, _label = generator.next()
-        txn["sent_at"] = now = time.time()
-        log.ids.append(str(txn["event_id"]))
-        out.append((str(txn["card_id"]).encode(), orjson.dumps(txn)))
+        value = source.next()
+        value["sent_at"] = now = time.time()
+        log.ids.append(str(value[id_field]))
+        out.append((str(value[key_field]).encode(), orjson.dumps(value)))
         if log.first_at is None:
             log.first_at = now
         log.last_at = now
@@ -83,11 +85,13 @@ def _records(generator: TransactionGenerator, count: int, log: SentLog) -> list[
 
 
 async def produce_open_loop(settings: Settings, arrivals: Arrivals, *, seed: int,
-                            tick_s: float = 0.002) -> SentLog:
-    """Send one transaction per scheduled arrival to ``fraud.requests``; all acked on return."""
-    topic = settings.topic("fraud.requests")
-    generator = TransactionGenerator(seed=seed, start_ts=time.time())
-    generator.next()  # the first call pays one-off set-up costs: keep them off the schedule
+                            tick_s: float = 0.002,
+                            source: RequestSource | None = None) -> SentLog:
+    """Send one request per scheduled arrival to the source's request topic (default:
+    transactions to ``fraud.requests``); all acked on return."""
+    source = source if source is not None else TransactionSource(seed, start_ts=time.time())
+    topic = settings.topic(source.workload.requests_topic)
+    source.next()  # the first call pays one-off set-up costs: keep them off the schedule
     log = SentLog()
     producer = make_producer(settings, linger_ms=2)
     await producer.start()
@@ -104,7 +108,7 @@ async def produce_open_loop(settings: Settings, arrivals: Arrivals, *, seed: int
                 lag_ms = (elapsed - float(arrivals.offsets[sent])) * 1000.0
                 if lag_ms > log.max_lag_ms:
                     log.max_lag_ms, log.max_lag_at_s = lag_ms, float(arrivals.offsets[sent])
-                task = asyncio.create_task(sender.send(topic, _records(generator, due - sent,
+                task = asyncio.create_task(sender.send(topic, _records(source, due - sent,
                                                                        log)))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
@@ -116,10 +120,11 @@ async def produce_open_loop(settings: Settings, arrivals: Arrivals, *, seed: int
     return log
 
 
-async def preload(settings: Settings, count: int, *, seed: int, chunk: int = 5000) -> SentLog:
-    """Send ``count`` transactions as fast as the broker takes them (a backlog to drain)."""
-    topic = settings.topic("fraud.requests")
-    generator = TransactionGenerator(seed=seed, start_ts=time.time())
+async def preload(settings: Settings, count: int, *, seed: int, chunk: int = 5000,
+                  source: RequestSource | None = None) -> SentLog:
+    """Send ``count`` requests as fast as the broker takes them (a backlog to drain)."""
+    source = source if source is not None else TransactionSource(seed, start_ts=time.time())
+    topic = settings.topic(source.workload.requests_topic)
     log = SentLog()
     producer = make_producer(settings, linger_ms=5)
     await producer.start()
@@ -127,7 +132,7 @@ async def preload(settings: Settings, count: int, *, seed: int, chunk: int = 500
     try:
         in_flight: list[asyncio.Task[None]] = []
         for start in range(0, count, chunk):
-            records = _records(generator, min(chunk, count - start), log)
+            records = _records(source, min(chunk, count - start), log)
             in_flight.append(asyncio.create_task(sender.send(topic, records)))
             if len(in_flight) >= 4:  # bounded pipelining keeps memory flat
                 await in_flight.pop(0)

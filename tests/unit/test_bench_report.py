@@ -280,3 +280,41 @@ def test_git_commit_reads_refs_without_git(tmp_path: Path) -> None:
     (git / "packed-refs").write_text("# pack-refs\ndef456 refs/heads/main\n")
     assert git_commit(tmp_path) == "def456"
     assert git_commit(tmp_path / "nowhere") is None
+
+
+# --- the reco lane scenario ----------------------------------------------------------------
+
+
+def test_reco_run_renders_its_traffic_and_no_yardstick_line(tmp_path: Path) -> None:
+    config = BenchConfig(impls=("r",), rates=(2000.0,), duration_s=10.0, drain_events=0,
+                         warmup_s=2.0, poisson=False, out=tmp_path / "out",
+                         result_timeout_s=30.0, seed=1, quick=False, reco_k=7,
+                         reco_candidate_fraction=0.25)
+    run = BenchRun(config=config, machine={"cpu_count": 2, "cpu_model": "test cpu"},
+                   labels={"r": "(r) inferlane reco lane"}, started_at="2030-01-01 00:00:00 UTC")
+    text = render_markdown(run)
+    assert "k = 7, 25% with a list of 20-200 candidates" in text
+    assert "yardstick" not in text
+
+
+def test_reco_traffic_is_keyed_by_user_and_logged_by_request_id() -> None:
+    from pipeline.bench.reader import _Collector
+    from pipeline.bench.sut import IMPLS
+    from pipeline.bench.traffic import SentLog, _records
+    from pipeline.recogen import RecoRequestSource
+
+    assert IMPLS["r"].lanes == "reco" and IMPLS["r"].workload.id_field == "request_id"
+    source = RecoRequestSource.for_model(Path(__file__).resolve().parents[2] / "models" / "reco",
+                                         seed=2)
+    log = SentLog()
+    records = _records(source, 5, log)
+    values = [orjson.loads(value) for _, value in records]
+    assert log.ids == [v["request_id"] for v in values]
+    assert [key for key, _ in records] == [v["user_id"].encode() for v in values]
+    assert all(log.first_at is not None and v["sent_at"] >= log.first_at for v in values)
+    collector = _Collector("request_id")
+    collector.expect({log.ids[0]})
+    collector.add(orjson.dumps({"request_id": log.ids[0], "sent_at": 1.0, "scored_at": 2.0}), 3.0)
+    collector.add(orjson.dumps({"event_id": "not-a-reco-result"}), 3.0)
+    assert collector.rows == [(log.ids[0], 1.0, 3.0, 2.0)] and collector.unparsed == 1
+    assert collector.complete.is_set()
