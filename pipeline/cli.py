@@ -215,21 +215,26 @@ def demo(
     duration: Annotated[float, typer.Option(help="Seconds of traffic.", envvar="DURATION")] = 30,
     rate: Annotated[float, typer.Option(help="Events per second.", envvar="RATE")] = 500,
     invalid: Annotated[float, typer.Option(help="Fraction of invalid events.")] = 0.03,
+    reco_rate: Annotated[float | None, typer.Option(
+        help="Recommendation requests per second (default: a fifth of --rate; 0 = none).")
+    ] = None,
     root: Annotated[Path, typer.Option("--dir", help="Working folder (wiped).")] = Path(
         ".inferlane/demo"),
 ) -> None:
-    """Run the fraud lane end to end on the local stack and print a summary."""
+    """Run the fraud and reco lanes end to end on the local stack and print a summary."""
     from pipeline.demo import render_summary, run_demo
 
     # SIGTERM unwinds like Ctrl-C, so the demo always stops the stack and worker it started.
     signal.signal(signal.SIGTERM, _interrupt)
     summary = run_demo(root, duration_s=duration, rate_per_s=rate, invalid_fraction=invalid,
-                       console=console)
+                       console=console,
+                       reco_rate_per_s=rate / 5 if reco_rate is None else reco_rate)
     console.print(render_summary(summary, duration, rate))
     if not summary.ok:
         console.print("[red]demo FAILED: not every event is accounted for[/]")
         raise typer.Exit(1)
-    console.print("[green]demo OK[/]: every event was scored or dead-lettered, and archived")
+    console.print("[green]demo OK[/]: every event and request was answered or dead-lettered, "
+                  "and archived")
 
 
 def _interrupt(signum: int, frame: object) -> None:

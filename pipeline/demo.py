@@ -1,10 +1,11 @@
-"""``make demo`` / ``inferlane demo``: the whole fraud lane on the embedded local stack.
+"""``make demo`` / ``inferlane demo``: the fraud and reco lanes on the embedded local stack.
 
 Starts the broker and S3 server, creates the topics, starts one ``faust -A agents worker``,
-produces synthetic transactions (a few percent deliberately invalid) at a steady rate while a
-reader follows ``fraud.scores`` and the DLQ, shows live progress, and after ``duration_s`` drains,
-stops the worker gracefully (the archive writes its last windows), counts the S3 archive and
-prints a summary. Everything it started is stopped before it returns, whatever happens.
+produces synthetic transactions and recommendation requests (a few percent deliberately
+invalid) at steady rates while readers follow ``fraud.scores``, ``reco.results`` and the DLQs,
+shows live progress, and after ``duration_s`` drains, stops the worker gracefully (the archive
+writes its last windows), counts the S3 archive and prints a summary. Everything it started is
+stopped before it returns, whatever happens.
 """
 
 from __future__ import annotations
@@ -20,14 +21,40 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from pipeline.loadgen import ProduceReport, ResultReader, produce_transactions, snapshot_end_offsets
+from pipeline.loadgen import (
+    RECO,
+    ProduceReport,
+    ResultReader,
+    produce_requests,
+    produce_transactions,
+    snapshot_end_offsets,
+)
+from pipeline.recogen import RecoRequestSource
 from pipeline.s3 import S3Store
 from pipeline.settings import Settings, load_settings
 from pipeline.stack import LocalStack
 from pipeline.topics import ensure_topics
 from pipeline.worker import WorkerProcess
 
-__all__ = ["DemoSummary", "render_summary", "run_demo"]
+__all__ = ["DemoSummary", "RecoSummary", "render_summary", "run_demo"]
+
+
+@dataclass
+class RecoSummary:
+    """The reco lane's share of the demo."""
+
+    produced: int
+    answered: int
+    dead_lettered: int
+    duplicates: int
+    p50_ms: float
+    p99_ms: float
+    s3_records: int
+
+    @property
+    def ok(self) -> bool:
+        return (self.answered + self.dead_lettered == self.produced
+                and self.s3_records >= self.answered)
 
 
 @dataclass
@@ -46,16 +73,18 @@ class DemoSummary:
     s3_objects: int
     s3_records: int
     decisions: dict[str, int]
+    reco: RecoSummary | None = None
 
     @property
     def ok(self) -> bool:
         return (self.scored + self.dead_lettered == self.produced
-                and self.s3_records >= self.scored)
+                and self.s3_records >= self.scored and (self.reco is None or self.reco.ok))
 
 
 def run_demo(root: Path, *, duration_s: float, rate_per_s: float, invalid_fraction: float,
-             console: Console) -> DemoSummary:
-    """Run the demo under ``root`` (wiped first) and return its summary."""
+             console: Console, reco_rate_per_s: float = 0.0) -> DemoSummary:
+    """Run the demo under ``root`` (wiped first) and return its summary; reco requests go at
+    ``reco_rate_per_s`` alongside the transactions (0 = none)."""
     stack = LocalStack(root / "stack", fresh=True)
     console.print(f"[bold]inferlane demo[/] - starting the local stack under {root}")
     endpoints = stack.start()
@@ -73,50 +102,94 @@ def run_demo(root: Path, *, duration_s: float, rate_per_s: float, invalid_fracti
         console.print(f"  worker ready in {time.monotonic() - started:.1f}s "
                       f"(log {worker.log_path})")
         return asyncio.run(_traffic(settings, worker, duration_s, rate_per_s, invalid_fraction,
-                                    console))
+                                    console, reco_rate_per_s))
     finally:
         if worker is not None:
             worker.terminate()
         stack.stop()
 
 
+class _RecoTraffic:
+    """Reco requests at a steady rate, and readers of their results and dead letters."""
+
+    def __init__(self, settings: Settings, rate_per_s: float) -> None:
+        self.settings, self.rate_per_s = settings, rate_per_s
+        self.report = ProduceReport()
+        self.results: ResultReader | None = None
+        self.dlq: ResultReader | None = None
+
+    async def readers(self) -> tuple[ResultReader, ResultReader]:
+        topics = [self.settings.topic(t) for t in (RECO.results_topic, RECO.dlq_topic)]
+        starts = [await snapshot_end_offsets(self.settings, t) for t in topics]
+        self.results = ResultReader(self.settings, topics[0], starts[0], id_field=RECO.id_field)
+        self.dlq = ResultReader(self.settings, topics[1], starts[1])
+        return self.results, self.dlq
+
+    async def produce(self, duration_s: float, invalid_fraction: float) -> ProduceReport:
+        if self.rate_per_s <= 0:
+            return self.report
+        source = RecoRequestSource.for_model(self.settings.reco_model_dir, seed=7)
+        return await produce_requests(self.settings, source, rate_per_s=self.rate_per_s,
+                                      duration_s=duration_s, invalid_fraction=invalid_fraction,
+                                      seed=7, report=self.report)
+
+    async def drain(self) -> None:
+        assert self.results is not None and self.dlq is not None  # noqa: S101
+        await self.results.wait_for(set(self.report.valid_ids), timeout_s=20)
+        await self.dlq.wait_for_count(sum(self.report.invalid_by_kind.values()), timeout_s=10)
+
+
 async def _traffic(settings: Settings, worker: WorkerProcess, duration_s: float,
-                   rate_per_s: float, invalid_fraction: float, console: Console) -> DemoSummary:
+                   rate_per_s: float, invalid_fraction: float, console: Console,
+                   reco_rate_per_s: float) -> DemoSummary:
     scores_topic, dlq_topic = settings.topic("fraud.scores"), settings.topic("fraud.requests.dlq")
     scores_from = await snapshot_end_offsets(settings, scores_topic)
     dlq_from = await snapshot_end_offsets(settings, dlq_topic)
     scores = ResultReader(settings, scores_topic, scores_from)
     dlq = ResultReader(settings, dlq_topic, dlq_from)
-    async with scores, dlq:
+    reco = _RecoTraffic(settings, reco_rate_per_s)
+    reco_results, reco_dlq = await reco.readers()
+    async with scores, dlq, reco_results, reco_dlq:
         report = ProduceReport()
-        with Live(_progress(report, scores, dlq, 0.0, duration_s), console=console,
+        rows = [("fraud", report, scores, dlq), ("reco", reco.report, reco_results, reco_dlq)]
+        with Live(_progress(rows, 0.0, duration_s), console=console,
                   refresh_per_second=4) as live:
-            produce = asyncio.create_task(produce_transactions(
+            produce = asyncio.gather(produce_transactions(
                 settings, rate_per_s=rate_per_s, duration_s=duration_s,
-                invalid_fraction=invalid_fraction, report=report))
+                invalid_fraction=invalid_fraction, report=report),
+                reco.produce(duration_s, invalid_fraction))
             started = time.monotonic()
             while not produce.done():
-                live.update(_progress(report, scores, dlq, time.monotonic() - started, duration_s))
+                live.update(_progress(rows, time.monotonic() - started, duration_s))
                 await asyncio.sleep(0.25)
-            report = produce.result()
+            report = produce.result()[0]
             await scores.wait_for(set(report.valid_ids), timeout_s=20)
             await dlq.wait_for_count(sum(report.invalid_by_kind.values()), timeout_s=10)
-            live.update(_progress(report, scores, dlq, time.monotonic() - started, duration_s))
+            await reco.drain()
+            live.update(_progress(rows, time.monotonic() - started, duration_s))
     console.print("  stopping the worker (the archive writes its last windows) ...")
     await asyncio.to_thread(worker.terminate)
     objects, records = await _count_archive(settings, scores_topic)
-    return _summary(report, scores, dlq, objects, records)
+    summary = _summary(report, scores, dlq, objects, records)
+    if reco_rate_per_s > 0:
+        _, reco_records = await _count_archive(settings, settings.topic(RECO.results_topic))
+        summary.reco = _reco_summary(reco.report, reco_results, reco_dlq, reco_records)
+    return summary
 
 
-def _progress(report: ProduceReport, scores: ResultReader, dlq: ResultReader, elapsed: float,
-              duration_s: float) -> Table:
-    table = Table(title=f"fraud lane - {min(elapsed, duration_s):.0f}/{duration_s:.0f}s")
-    for column in ("produced", "scored", "dead-lettered", "in flight", "p50 ms", "p99 ms"):
+_Row = tuple[str, ProduceReport, ResultReader, ResultReader]
+
+
+def _progress(rows: list[_Row], elapsed: float, duration_s: float) -> Table:
+    table = Table(title=f"inferlane demo - {min(elapsed, duration_s):.0f}/{duration_s:.0f}s")
+    for column in ("lane", "produced", "answered", "dead-lettered", "in flight", "p50 ms",
+                   "p99 ms"):
         table.add_column(column, justify="right")
-    p50, p99 = _percentiles(scores.latencies_ms[-5000:])
-    in_flight = report.sent - len(scores.results) - dlq.records
-    table.add_row(f"{report.sent:,}", f"{len(scores.results):,}", f"{dlq.records:,}",
-                  f"{max(in_flight, 0):,}", f"{p50:.1f}", f"{p99:.1f}")
+    for lane, report, results, dlq in rows:
+        p50, p99 = _percentiles(results.latencies_ms[-5000:])
+        in_flight = report.sent - len(results.results) - dlq.records
+        table.add_row(lane, f"{report.sent:,}", f"{len(results.results):,}", f"{dlq.records:,}",
+                      f"{max(in_flight, 0):,}", f"{p50:.1f}", f"{p99:.1f}")
     return table
 
 
@@ -152,6 +225,14 @@ def _summary(report: ProduceReport, scores: ResultReader, dlq: ResultReader, obj
         decisions=decisions)
 
 
+def _reco_summary(report: ProduceReport, results: ResultReader, dlq: ResultReader,
+                  s3_records: int) -> RecoSummary:
+    p50, p99 = _percentiles(results.latencies_ms)
+    return RecoSummary(produced=report.sent, answered=len(results.results),
+                       dead_lettered=dlq.records, duplicates=results.duplicates, p50_ms=p50,
+                       p99_ms=p99, s3_records=s3_records)
+
+
 def render_summary(summary: DemoSummary, duration_s: float, rate_per_s: float) -> Table:
     """The closing table of the demo."""
     table = Table(title=f"inferlane demo summary ({duration_s:.0f}s at {rate_per_s:.0f} ev/s)")
@@ -171,6 +252,15 @@ def render_summary(summary: DemoSummary, duration_s: float, rate_per_s: float) -
         ("S3 archive objects", f"{summary.s3_objects:,}"),
         ("S3 archived records", f"{summary.s3_records:,}"),
     ]
+    if (reco := summary.reco) is not None:
+        rows += [
+            ("reco requests produced", f"{reco.produced:,}"),
+            ("reco results + dead-lettered == produced",
+             f"{reco.answered:,} + {reco.dead_lettered:,}: "
+             + ("yes" if reco.answered + reco.dead_lettered == reco.produced else "NO")),
+            ("reco e2e latency p50 / p99 (ms)", f"{reco.p50_ms:.1f} / {reco.p99_ms:.1f}"),
+            ("reco results archived in S3", f"{reco.s3_records:,}"),
+        ]
     for name, value in rows:
         table.add_row(name, value)
     return table
