@@ -14,7 +14,9 @@ batches with these rules:
 
 The model function runs in an executor thread (onnxruntime releases the GIL), unless the caller
 measured it to be cheaper than the hand-off to a thread (``inline=True``: a call of a few tens of
-microseconds costs less on the loop than ``run_in_executor``'s queue, wake-up and GIL transfer).
+microseconds costs less on the loop than ``run_in_executor``'s queue, wake-up and GIL transfer),
+or the batch has at most ``inline_max_rows`` rows (small batches on the loop, big ones in the
+thread, for models whose cost grows with the batch).
 If it raises, every caller whose rows were in that batch gets the exception; the caller decides
 (:func:`submit_isolating` bisects a failed submission to isolate the poison rows).
 Rows of one ``submit`` share a width; rows of different submissions are joined by ``combine``
@@ -84,6 +86,7 @@ class MicroBatcher:
         max_in_flight_batches: int = 1,
         inline: bool = False,
         combine: CombineFn | None = None,
+        inline_max_rows: int = 0,
     ) -> None:
         if batch_max_rows < 1:
             raise ValueError(f"batch_max_rows must be >= 1, got {batch_max_rows}")
@@ -91,13 +94,15 @@ class MicroBatcher:
             raise ValueError(f"max_wait_ms must be within [0, 100], got {max_wait_ms}")
         if max_in_flight_batches < 1:
             raise ValueError(f"max_in_flight_batches must be >= 1, got {max_in_flight_batches}")
+        if inline_max_rows < 0:
+            raise ValueError(f"inline_max_rows must be >= 0, got {inline_max_rows}")
         self._fn = fn
         self._combine: CombineFn = combine if combine is not None else np.concatenate
         self.batch_max_rows = batch_max_rows
         self.max_wait_s = max_wait_ms / 1000.0
         self._executor = executor
-        self.inline = inline
-        """Call ``fn`` on the loop itself: for models faster than a thread hand-off."""
+        self.inline_max_rows = batch_max_rows if inline else min(inline_max_rows, batch_max_rows)
+        """Batches of at most this many rows call ``fn`` on the loop itself (no thread hop)."""
         self._max_in_flight = max_in_flight_batches
         self._running = 0
         self._queue: deque[_Pending] = deque()
@@ -121,6 +126,11 @@ class MicroBatcher:
         self._wakeup.set()
         await self._runner
         self._runner = None
+
+    @property
+    def inline(self) -> bool:
+        """Whether every batch runs on the loop (a model faster than a thread hand-off)."""
+        return self.inline_max_rows >= self.batch_max_rows
 
     @property
     def running(self) -> bool:
@@ -207,7 +217,7 @@ class MicroBatcher:
             loop = asyncio.get_running_loop()
             try:
                 matrix = self._assemble(taken)
-                if self.inline:
+                if len(matrix) <= self.inline_max_rows:
                     outputs = self._fn(matrix)
                 else:
                     outputs = await loop.run_in_executor(self._executor, self._fn, matrix)

@@ -255,14 +255,15 @@ class RecoHandler:
         for path, (fn, rows, combine) in paths.items():
             full_batch_s = await asyncio.get_running_loop().run_in_executor(
                 self._executor, _seconds, fn, rows, scorer.card.n_users)
-            inline = full_batch_s * 1e6 < self.settings.inline_inference_max_us
+            # Batches estimated to fit the inline budget run on the loop, bigger ones in a thread.
+            inline_rows = int(self.settings.inline_inference_max_us / 1e6 / full_batch_s * limit)
             batchers[path] = MicroBatcher(
                 fn, batch_max_rows=limit, max_wait_ms=self.settings.reco_max_wait_ms,
-                executor=self._executor, inline=inline, combine=combine)
-            log.info("reco: %s %s path: a full batch of %d%s takes %.0f us: inference %s",
-                     scorer.version, path, limit,
-                     f" x {RECO_MAX_CANDIDATES} candidates" if combine else "",
-                     full_batch_s * 1e6, "inline on the loop" if inline else "in a thread")
+                executor=self._executor, combine=combine, inline_max_rows=inline_rows)
+            log.info("reco: %s %s path: a full batch of %d%s takes %.0f us: batches of up to "
+                     "%d rows run inline on the loop, bigger ones in a thread", scorer.version,
+                     path, limit, f" x {RECO_MAX_CANDIDATES} candidates" if combine else "",
+                     full_batch_s * 1e6, batchers[path].inline_max_rows)
         opened = _Paths(scorer, batchers["catalogue"], batchers["candidates"])
         await opened.start()
         return opened

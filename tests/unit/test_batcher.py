@@ -551,3 +551,28 @@ async def test_submit_isolating_on_a_stopped_batcher_raises() -> None:
     b = MicroBatcher(_double_first, batch_max_rows=4, max_wait_ms=0)
     with pytest.raises(RuntimeError, match="not running"):
         await submit_isolating(b, _rows(3, 0.0))
+
+
+async def test_small_batches_run_inline_and_big_ones_in_the_executor(
+    executor: ThreadPoolExecutor
+) -> None:
+    threads: list[tuple[int, str]] = []
+
+    def fn(m: Matrix) -> Matrix:
+        threads.append((len(m), threading.current_thread().name))
+        return _double_first(m)
+
+    b = MicroBatcher(fn, batch_max_rows=16, max_wait_ms=0, executor=executor,
+                     inline_max_rows=3)
+    assert not b.inline and b.inline_max_rows == 3
+    async with b:
+        for n in (1, 3, 4, 16):
+            out = await b.submit(_rows(n, 10.0))
+            assert out.tolist() == (2 * _rows(n, 10.0)[:, 0]).tolist()
+    loop_thread = threading.current_thread().name
+    assert [(n, name == loop_thread) for n, name in threads] == [
+        (1, True), (3, True), (4, False), (16, False)]
+    assert MicroBatcher(fn, batch_max_rows=8, max_wait_ms=0, inline=True).inline_max_rows == 8
+    assert MicroBatcher(fn, batch_max_rows=8, max_wait_ms=0, inline_max_rows=50).inline
+    with pytest.raises(ValueError, match="inline_max_rows"):
+        MicroBatcher(fn, batch_max_rows=8, max_wait_ms=0, inline_max_rows=-1)
