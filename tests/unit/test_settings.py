@@ -59,9 +59,10 @@ def test_defaults() -> None:
     assert s.fraud_review_threshold is None
     assert s.fraud_decline_threshold is None
     assert s.inference_threads == 1
-    assert s.reco_batch_max_rows == 64
+    assert s.reco_batch_max_rows == 32
     assert s.reco_max_wait_ms == 5.0
     assert s.reco_budget_ms == 100.0
+    assert s.reco_inline_max_us == 4000.0
     assert s.reco_model_dir == REPO_ROOT / "models" / "reco"
     assert s.reco_model_precision == "int8"
     assert s.archive_max_bytes == 8 * 1024 * 1024
