@@ -4,7 +4,8 @@
 cutime + cstime each of them holds for children it has already reaped, in seconds. A
 :class:`CpuSampler` records ``(wall time, cpu seconds)`` pairs every ``interval_s`` so that the
 CPU spent between two wall-clock instants (e.g. "SUT ready" and "last result received", known
-only afterwards) is read off by linear interpolation.
+only afterwards) is read off by linear interpolation. :class:`ForeignCpuSampler` does the same
+for every process *outside* a tree (other users of a shared machine, which distort a benchmark).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CpuSampler", "descendants", "parse_stat_ticks", "peak_rss_mb", "tree_cpu_seconds"]
+__all__ = ["CpuSampler", "ForeignCpuSampler", "descendants", "parse_stat_ticks", "peak_rss_mb",
+           "tree_cpu_seconds"]
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PROC = Path("/proc")
@@ -126,3 +128,46 @@ class CpuSampler:
         if first is None or last is None:
             return None
         return max(last - first, 0.0)
+
+
+def _own_ticks(stat: str) -> int:
+    """utime + stime (clock ticks) of one process, without its reaped children."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+class ForeignCpuSampler(CpuSampler):
+    """CPU seconds used by processes outside ``pid``'s tree, accumulated sample by sample.
+
+    Each process counts with its own utime + stime (not its reaped children, which would count
+    twice); a process that starts and ends between two samples is missed, so this is a lower
+    bound. Kernel threads (empty command line) are left out.
+    """
+
+    def __init__(self, pid: int, interval_s: float = 0.5) -> None:
+        super().__init__(pid, interval_s)
+        self._last: dict[int, int] = {}
+        self._total_ticks = 0
+
+    def sample(self) -> float | None:
+        own = {self.pid, *descendants(self.pid)}
+        seen: dict[int, int] = {}
+        for entry in _PROC.iterdir():
+            if not entry.name.isdigit() or int(entry.name) in own:
+                continue
+            try:
+                if not (entry / "cmdline").read_bytes():
+                    continue
+                ticks = _own_ticks((entry / "stat").read_text())
+            except (OSError, IndexError, ValueError):
+                continue
+            pid = int(entry.name)
+            seen[pid] = ticks
+            if pid in self._last:
+                self._total_ticks += max(ticks - self._last[pid], 0)
+        self._last = seen
+        value = self._total_ticks / CLK_TCK
+        with self._lock:
+            self.times.append(time.time())
+            self.cpu.append(value)
+        return value

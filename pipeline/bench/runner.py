@@ -29,7 +29,7 @@ from aiokafka.errors import KafkaError
 from rich.console import Console
 
 from pipeline.bench.machine import machine_info
-from pipeline.bench.procstat import CpuSampler, peak_rss_mb
+from pipeline.bench.procstat import CpuSampler, ForeignCpuSampler, peak_rss_mb
 from pipeline.bench.reader import ReaderProcess
 from pipeline.bench.report import BenchConfig, BenchRun, PhaseInfo, main_row
 from pipeline.bench.stats import ScenarioResult, drain_result, match_results, rate_result
@@ -47,6 +47,9 @@ __all__ = ["new_run", "run_bench"]
 _DRAIN_SEED_OFFSET = 1_000_000
 _IDLE_S = 2.0
 _LAG_NOTE_MS = 50.0
+_FOREIGN_NOTE_CORES = 0.05
+
+
 
 
 @dataclass
@@ -56,6 +59,8 @@ class _Ctx:
     tag: str
     console: Console
     run: BenchRun
+    foreign: ForeignCpuSampler
+    """CPU of processes that are not part of this run (a shared machine distorts the tails)."""
 
 
 def _utc_now() -> str:
@@ -85,12 +90,17 @@ def run_bench(run: BenchRun, console: Console) -> BenchRun:
             kafka_log.setLevel(level)
         console.print(f"  local stack: broker {endpoints.kafka_bootstrap}")
         tag = datetime.now(timezone.utc).strftime("%H%M%S")
-        ctx = _Ctx(config, endpoints.env(), tag, console, run)
-        for impl in config.impls:
-            if config.rates:
-                _guarded(ctx, impl, "rates", partial(_rates_phase, ctx, impl))
-            if config.drain_events > 0:
-                _guarded(ctx, impl, "drain", partial(_drain_phase, ctx, impl))
+        foreign = ForeignCpuSampler(os.getpid())
+        foreign.start()
+        ctx = _Ctx(config, endpoints.env(), tag, console, run, foreign)
+        try:
+            for impl in config.impls:
+                if config.rates:
+                    _guarded(ctx, impl, "rates", partial(_rates_phase, ctx, impl))
+                if config.drain_events > 0:
+                    _guarded(ctx, impl, "drain", partial(_drain_phase, ctx, impl))
+        finally:
+            ctx.foreign.stop()
     finally:
         stack.stop()
         shutil.rmtree(stack.data_dir, ignore_errors=True)
@@ -161,7 +171,17 @@ def _stop_sut(sut: SutProcess, info: PhaseInfo) -> None:
     info.batcher_stats = parse_logged_stats(text, "BatchStats")
 
 
-def _record(ctx: _Ctx, result: ScenarioResult) -> None:
+def _record(ctx: _Ctx, result: ScenarioResult, start: float | None) -> None:
+    end = time.time()
+    ctx.foreign.sample()
+    foreign_s = ctx.foreign.between(start, end)
+    if foreign_s is not None and start is not None and end > start:
+        cores = foreign_s / (end - start)
+        result.extra["foreign_cpu_cores"] = round(cores, 3)
+        if cores > _FOREIGN_NOTE_CORES:
+            ctx.run.notes.append(
+                f"({result.impl}) {result.scenario}: other processes on the machine used "
+                f"{cores:.2f} cores meanwhile; its figures may be distorted")
     ctx.run.results.append(result)
     cells = main_row(result)
     ctx.console.print(f"    {cells[1]}: offered {cells[2]} achieved {cells[3]} ev/s, "
@@ -187,8 +207,9 @@ def _rates_phase(ctx: _Ctx, impl: str) -> None:
         try:
             info.idle_cpu_cores = _idle_cpu(sampler, _IDLE_S)
             for index, target in enumerate(ctx.config.rates):
+                start = time.time()
                 _record(ctx, _rate_scenario(ctx, impl, env, settings, sampler, target,
-                                            seed=ctx.config.seed + index))
+                                            seed=ctx.config.seed + index), start)
         finally:
             sampler.stop()
     finally:
@@ -261,4 +282,4 @@ def _drain_phase(ctx: _Ctx, impl: str) -> None:
                           cpu_s=sampler.between(sut.ready_at, matched.last_received))
     result.extra.update(loadavg_before=list(loadavg), unexpected_results=matched.unexpected,
                         unparsed_results=output.unparsed)
-    _record(ctx, result)
+    _record(ctx, result, sut.ready_at)

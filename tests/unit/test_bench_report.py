@@ -318,3 +318,28 @@ def test_reco_traffic_is_keyed_by_user_and_logged_by_request_id() -> None:
     collector.add(orjson.dumps({"event_id": "not-a-reco-result"}), 3.0)
     assert collector.rows == [(log.ids[0], 1.0, 3.0, 2.0)] and collector.unparsed == 1
     assert collector.complete.is_set()
+
+
+def test_foreign_cpu_sampler_counts_processes_outside_the_tree() -> None:
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.bench.procstat import ForeignCpuSampler
+
+    # Rooted at a sleeping child, this test process itself is "foreign": burn 0.3 s of CPU.
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        sampler = ForeignCpuSampler(child.pid, interval_s=0.05)
+        sampler.start()
+        start = time.time()
+        while time.time() - start < 0.3:
+            pass
+        time.sleep(0.1)
+        sampler.sample()
+        sampler.stop()
+        foreign = sampler.between(start, time.time())
+    finally:
+        child.kill()
+        child.wait()
+    assert foreign is not None and foreign >= 0.2
