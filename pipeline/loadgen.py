@@ -142,7 +142,7 @@ async def produce_requests(
     await producer.start()
     sender = BatchSender(producer)
     started = time.monotonic()
-    pending: set[asyncio.Task[None]] = set()
+    sends: list[asyncio.Task[None]] = []
     try:
         while stop is None or not stop.is_set():
             elapsed = time.monotonic() - started
@@ -152,14 +152,13 @@ async def produce_requests(
                        for _ in range(due - report.sent)]
             if records:
                 task = asyncio.create_task(sender.send(topic, records))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
+                sends.append(task)
             if (count is not None and report.sent >= count) or (
                     duration_s is not None and elapsed >= duration_s):
                 break
             await asyncio.sleep(tick_s)
-        if pending:
-            await asyncio.gather(*pending)
+            sends = [t for t in sends if not t.done() or t.cancelled() or t.exception() is not None]
+        await asyncio.gather(*sends)  # a send the broker never acknowledged raises here
     finally:
         await producer.stop()
     return report

@@ -239,12 +239,17 @@ def _rate_scenario(ctx: _Ctx, impl: str, env: dict[str, str], settings: Settings
     result.extra.update(arrivals="poisson" if cfg.poisson else "constant",
                         generator_max_lag_ms=sent.max_lag_ms,
                         generator_max_lag_at_s=sent.max_lag_at_s, loadavg_before=list(loadavg),
+                        generator_unsent=sent.unsent,
                         unexpected_results=matched.unexpected, unparsed_results=output.unparsed)
     _lag_note(ctx, result, sent)
     return result
 
 
 def _lag_note(ctx: _Ctx, result: ScenarioResult, sent: SentLog) -> None:
+    if sent.unsent:
+        ctx.run.notes.append(
+            f"({result.impl}) {result.scenario}: the generator could not send {sent.unsent:,} "
+            f"events ({sent.send_error}); they are not counted as sent")
     if sent.max_lag_ms > _LAG_NOTE_MS:
         ctx.run.notes.append(
             f"({result.impl}) {result.scenario}: the generator fell up to "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import orjson
@@ -40,6 +41,10 @@ class SentLog:
     max_lag_ms: float = 0.0
     max_lag_at_s: float | None = None
     """Schedule offset at which the generator was furthest behind."""
+    unsent: int = 0
+    """Events whose send the broker never acknowledged (left out of ``ids``)."""
+    send_error: str | None = None
+    """The first such failure, e.g. the generator's producer timing out on a saturated box."""
 
 
 class Arrivals:
@@ -97,6 +102,14 @@ async def produce_open_loop(settings: Settings, arrivals: Arrivals, *, seed: int
     await producer.start()
     sender = BatchSender(producer)
     pending: set[asyncio.Task[None]] = set()
+    unsent: set[str] = set()
+
+    def sent_or_not(task: asyncio.Task[None], ids: list[str]) -> None:
+        pending.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            unsent.update(ids)  # never acknowledged: not an event the pipeline could answer
+            log.send_error = log.send_error or repr(exc)
+
     sent = 0
     try:
         started = time.monotonic()
@@ -111,12 +124,15 @@ async def produce_open_loop(settings: Settings, arrivals: Arrivals, *, seed: int
                 task = asyncio.create_task(sender.send(topic, _records(source, due - sent,
                                                                        log)))
                 pending.add(task)
-                task.add_done_callback(pending.discard)
+                task.add_done_callback(partial(sent_or_not, ids=log.ids[sent:due]))
                 sent = due
             await asyncio.sleep(tick_s)
-        await asyncio.gather(*pending)
+        await asyncio.gather(*pending, return_exceptions=True)
     finally:
         await producer.stop()
+    if unsent:
+        log.ids = [event_id for event_id in log.ids if event_id not in unsent]
+        log.unsent = len(unsent)
     return log
 
 
