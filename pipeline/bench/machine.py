@@ -33,9 +33,15 @@ def _first_line_with(path: Path, prefix: str) -> str | None:
 
 
 def git_commit(repo: Path = _REPO) -> str | None:
-    """The commit HEAD points at, from ``.git/HEAD`` and the refs; None if unknown."""
+    """The commit HEAD points at, from ``.git/HEAD`` and the refs; None if unknown.
+
+    In a ``git worktree`` checkout ``.git`` is a file naming the worktree's own git dir (its
+    HEAD), whose ``commondir`` holds the shared refs.
+    """
     git = repo / ".git"
     try:
+        if git.is_file() and (link := git.read_text().strip()).startswith("gitdir:"):
+            git = repo / link.split(":", 1)[1].strip()
         head = (git / "HEAD").read_text().strip()
     except OSError:
         return None
@@ -43,11 +49,16 @@ def git_commit(repo: Path = _REPO) -> str | None:
         return head or None
     ref = head.split(":", 1)[1].strip()
     try:
-        return (git / ref).read_text().strip()
+        common = git / (git / "commondir").read_text().strip()
     except OSError:
-        pass
+        common = git
+    for folder in dict.fromkeys((git, common)):
+        try:
+            return (folder / ref).read_text().strip()
+        except OSError:
+            pass
     try:
-        for line in (git / "packed-refs").read_text().splitlines():
+        for line in (common / "packed-refs").read_text().splitlines():
             if line.endswith(f" {ref}"):
                 return line.split(" ", 1)[0]
     except OSError:

@@ -282,6 +282,20 @@ def test_git_commit_reads_refs_without_git(tmp_path: Path) -> None:
     assert git_commit(tmp_path / "nowhere") is None
 
 
+def test_git_commit_in_a_worktree_checkout(tmp_path: Path) -> None:
+    common = tmp_path / "main" / ".git"
+    own = common / "worktrees" / "wt"
+    (common / "refs" / "heads").mkdir(parents=True)
+    own.mkdir(parents=True)
+    (own / "HEAD").write_text("ref: refs/heads/feature\n")
+    (own / "commondir").write_text("../..\n")
+    (common / "refs" / "heads" / "feature").write_text("fea7\n")
+    checkout = tmp_path / "wt"
+    checkout.mkdir()
+    (checkout / ".git").write_text(f"gitdir: {own}\n")
+    assert git_commit(checkout) == "fea7"
+
+
 # --- the reco lane scenario ----------------------------------------------------------------
 
 
