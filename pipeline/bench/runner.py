@@ -33,7 +33,14 @@ from pipeline.bench.procstat import CpuSampler, ForeignCpuSampler, peak_rss_mb
 from pipeline.bench.reader import ReaderProcess
 from pipeline.bench.report import BenchConfig, BenchRun, PhaseInfo, main_row
 from pipeline.bench.stats import ScenarioResult, drain_result, match_results, rate_result
-from pipeline.bench.sut import IMPLS, SutProcess, impl_env, parse_logged_stats, settings_for
+from pipeline.bench.sut import (
+    IMPLS,
+    SutProcess,
+    impl_env,
+    parse_batcher_stats,
+    parse_logged_stats,
+    settings_for,
+)
 from pipeline.bench.traffic import Arrivals, SentLog, preload, produce_open_loop
 from pipeline.errors import InferlaneError
 from pipeline.loadgen import RECO, RequestSource, TransactionSource
@@ -168,7 +175,7 @@ def _stop_sut(sut: SutProcess, info: PhaseInfo) -> None:
     info.exit_code = sut.stop()
     text = sut.log_text()
     info.lane_stats = parse_logged_stats(text, "LaneStats")
-    info.batcher_stats = parse_logged_stats(text, "BatchStats")
+    info.batcher_stats = parse_batcher_stats(text)
 
 
 def _record(ctx: _Ctx, result: ScenarioResult, start: float | None) -> None:

@@ -23,7 +23,7 @@ from pipeline.settings import Settings, load_settings
 from pipeline.worker import FAUST_READY_MARK, WorkerProcess, faust_worker_argv
 
 __all__ = ["BARE_READY_MARK", "IMPLS", "FAUST_READY_MARK", "ImplSpec", "SutProcess",
-           "impl_env", "parse_logged_stats", "settings_for"]
+           "impl_env", "parse_batcher_stats", "parse_logged_stats", "settings_for"]
 
 BARE_READY_MARK = "bare_loop: ready"
 
@@ -99,6 +99,22 @@ def parse_logged_stats(log: str, name: str) -> dict[str, Any] | None:
         except (ValueError, SyntaxError):
             fields[key] = raw.strip()
     return fields
+
+
+_LABELLED_BATCH_STATS = re.compile(r"'(\w+)': BatchStats\(([^()]*)\)")
+
+
+def parse_batcher_stats(log: str) -> dict[str, Any] | None:
+    """The last batcher counters a lane logged: ``BatchStats`` fields, or for a lane with one
+    batcher per path (``{'catalogue': BatchStats(...), ...}``) those fields per path."""
+    lines = [line for line in log.splitlines() if "BatchStats(" in line]
+    if not lines:
+        return None
+    labelled = _LABELLED_BATCH_STATS.findall(lines[-1])
+    if not labelled:
+        return parse_logged_stats(lines[-1], "BatchStats")
+    return {label: parse_logged_stats(f"BatchStats({body})", "BatchStats")
+            for label, body in labelled}
 
 
 class SutProcess(WorkerProcess):

@@ -357,3 +357,18 @@ def test_foreign_cpu_sampler_counts_processes_outside_the_tree() -> None:
         child.kill()
         child.wait()
     assert foreign is not None and foreign >= 0.2
+
+
+def test_batcher_stats_of_one_or_of_several_labelled_batchers() -> None:
+    from pipeline.bench.sut import parse_batcher_stats
+
+    one = "x: BatchStats(batches=1, rows=2, failures=0, size_histogram={2: 1})\n"
+    assert parse_batcher_stats(one) == {"batches": 1, "rows": 2, "failures": 0,
+                                        "size_histogram": {2: 1}}
+    two = ("Lane[reco]: {'catalogue': BatchStats(batches=3, rows=9, failures=0, "
+           "size_histogram={4: 3}), 'candidates': BatchStats(batches=1, rows=1, failures=0, "
+           "size_histogram={1: 1})}\n")
+    stats = parse_batcher_stats(one + two)
+    assert stats is not None and set(stats) == {"catalogue", "candidates"}
+    assert stats["catalogue"]["rows"] == 9 and stats["candidates"]["batches"] == 1
+    assert parse_batcher_stats("nothing here") is None
