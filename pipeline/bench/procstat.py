@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["CpuSampler", "ForeignCpuSampler", "descendants", "parse_stat_ticks", "peak_rss_mb",
-           "tree_cpu_seconds"]
+           "steal_ticks", "tree_cpu_seconds"]
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PROC = Path("/proc")
@@ -136,8 +136,18 @@ def _own_ticks(stat: str) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+def steal_ticks() -> int:
+    """Clock ticks the hypervisor has taken from this (virtual) machine since boot."""
+    try:
+        fields = (_PROC / "stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8]) if len(fields) > 8 else 0
+    except (OSError, ValueError):
+        return 0
+
+
 class ForeignCpuSampler(CpuSampler):
-    """CPU seconds used by processes outside ``pid``'s tree, accumulated sample by sample.
+    """CPU seconds the run did not get: used by processes outside ``pid``'s tree, plus stolen
+    by the hypervisor (``steal`` in ``/proc/stat``), accumulated sample by sample.
 
     Each process counts with its own utime + stime (not its reaped children, which would count
     twice); a process that starts and ends between two samples is missed, so this is a lower
@@ -148,6 +158,7 @@ class ForeignCpuSampler(CpuSampler):
         super().__init__(pid, interval_s)
         self._last: dict[int, int] = {}
         self._total_ticks = 0
+        self._steal = steal_ticks()
 
     def sample(self) -> float | None:
         own = {self.pid, *descendants(self.pid)}
@@ -166,6 +177,9 @@ class ForeignCpuSampler(CpuSampler):
             if pid in self._last:
                 self._total_ticks += max(ticks - self._last[pid], 0)
         self._last = seen
+        steal = steal_ticks()
+        self._total_ticks += max(steal - self._steal, 0)
+        self._steal = steal
         value = self._total_ticks / CLK_TCK
         with self._lock:
             self.times.append(time.time())

@@ -67,7 +67,8 @@ class _Ctx:
     console: Console
     run: BenchRun
     foreign: ForeignCpuSampler
-    """CPU of processes that are not part of this run (a shared machine distorts the tails)."""
+    """CPU of processes that are not part of this run, and steal (a shared machine distorts
+    the tails)."""
 
 
 def _utc_now() -> str:
@@ -187,7 +188,7 @@ def _record(ctx: _Ctx, result: ScenarioResult, start: float | None) -> None:
         result.extra["foreign_cpu_cores"] = round(cores, 3)
         if cores > _FOREIGN_NOTE_CORES:
             ctx.run.notes.append(
-                f"({result.impl}) {result.scenario}: other processes on the machine used "
+                f"({result.impl}) {result.scenario}: other processes (or the hypervisor) took "
                 f"{cores:.2f} cores meanwhile; its figures may be distorted")
     ctx.run.results.append(result)
     cells = main_row(result)
