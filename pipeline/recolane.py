@@ -229,7 +229,7 @@ class RecoHandler:
         self._scorer = scorer
 
     async def start(self, ctx: LaneContext) -> None:
-        """Load, warm up and calibrate the model before the lane takes traffic."""
+        """Load, warm up and time the model (both paths) before the lane takes traffic."""
         self._ctx = ctx
         started = time.monotonic()
         loop = asyncio.get_running_loop()
