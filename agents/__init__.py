@@ -6,7 +6,7 @@ named in ``INFERLANE_LANES`` (default: all); each lane module here only wires li
 
 from __future__ import annotations
 
-from agents import archive, batch, fraud
+from agents import archive, batch, fraud, history
 from pipeline.app import create_app
 from pipeline.runtime import tune_process
 from pipeline.settings import load_settings
@@ -17,6 +17,7 @@ settings = load_settings()
 app = create_app(settings)
 
 fraud.register(app, settings)
+history.register(app, settings)
 archive.register(app, settings)
 batch.register(app, settings)
 tune_process(settings)

@@ -170,11 +170,12 @@ def score_jsonl(scorer: OnnxScorer, thresholds: Thresholds,
     """Score validated transactions in one model call; their FraudScores as JSONL."""
     if not valid:
         return b""
-    scores = scorer.predict(fast_features(valid))
+    # Backfills have no slow-path snapshot: a history model scores them on default history.
+    scores = scorer.predict_fast(fast_features(valid))
     decisions = decide(scores, thresholds)
-    now, version = time.time(), scorer.version
+    now, version, degraded = time.time(), scorer.version, scorer.uses_history
     return _ENCODER.encode_lines([
-        score_fields(t, s, d, version, now)
+        score_fields(t, s, d, version, now, degraded)
         for t, s, d in zip(valid, scores.tolist(), decisions, strict=True)])
 
 

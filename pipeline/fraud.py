@@ -2,10 +2,13 @@
 
 Per fetched batch: each record is validated against :class:`schemas.Transaction` (bad ones
 become dead letters naming field and problem), fast features are computed for the valid ones
-in one vectorised pass, the matrix goes through the shared :class:`~pipeline.batcher.MicroBatcher`
-(INT8 ONNX in an executor thread), scores map to decisions by thresholds, and the
-:class:`schemas.FraudScore` records are produced in per-partition batches. The chunks are
-reported done only after both the scores and the dead letters are acknowledged.
+in one vectorised pass, a history model also gets each card's slow-path snapshot from the
+:class:`~pipeline.historyview.HistoryView` (never waiting for it: missing or lagging history
+means default history and ``degraded: true``), the matrix goes through the shared
+:class:`~pipeline.batcher.MicroBatcher` (INT8 ONNX in an executor thread), scores map to
+decisions by thresholds, and the :class:`schemas.FraudScore` records are produced in
+per-partition batches. The chunks are reported done only after both the scores and the dead
+letters are acknowledged.
 
 If the model raises on a batch, the rows are bisected until the failing rows are isolated; those
 go to the DLQ (``error: inference``) and the rest are scored (poison isolation).
@@ -15,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +34,8 @@ from numpy.typing import NDArray
 from pipeline.batcher import BatchStats, MicroBatcher
 from pipeline.deadletter import dead_letter
 from pipeline.features import fast_features
+from pipeline.history import history_features
+from pipeline.historyview import HistoryView, PartitionClock
 from pipeline.lane import LaneContext, PartitionRecords, Record
 from pipeline.model import OnnxScorer
 from pipeline.priority import REALTIME_GATE
@@ -68,19 +75,19 @@ def decide(scores: NDArray[np.float32], thresholds: Thresholds) -> list[str]:
 
 
 def score_fields(txn: dict[str, Any], score: float, decision: str, version: str,
-                 now: float) -> dict[str, Any]:
+                 now: float, degraded: bool) -> dict[str, Any]:
     """The :class:`schemas.FraudScore` fields of one scored transaction (real-time and batch)."""
     return {
         "event_id": txn["event_id"], "card_id": txn["card_id"], "score": score,
-        "decision": decision, "model_version": version, "degraded": False,
+        "decision": decision, "model_version": version, "degraded": degraded,
         "scored_at": now, "sent_at": txn.get("sent_at"),
     }
 
 
 def encode_score(txn: dict[str, Any], score: float, decision: str, version: str,
-                 now: float) -> bytes:
+                 now: float, degraded: bool) -> bytes:
     """The :class:`schemas.FraudScore` JSON of one scored transaction."""
-    return orjson.dumps(score_fields(txn, score, decision, version, now))
+    return orjson.dumps(score_fields(txn, score, decision, version, now, degraded))
 
 
 class FraudHandler:
@@ -98,6 +105,9 @@ class FraudHandler:
         self._ctx: LaneContext | None = None
         self.thresholds: Thresholds | None = None
         self.cold_start_s = 0.0
+        self.history: HistoryView | None = None
+        """Snapshots of the slow path's card history (only for a model that reads history)."""
+        self._clocks: defaultdict[int, PartitionClock] = defaultdict(PartitionClock)
 
     @property
     def scorer(self) -> OnnxScorer:
@@ -120,6 +130,9 @@ class FraudHandler:
             self._executor, self.scorer.batch_seconds, self.settings.fraud_batch_max_rows)
         inline = full_batch_s * 1e6 < self.settings.inline_inference_max_us
         self.thresholds = Thresholds.for_model(self.settings, self.scorer)
+        if self.scorer.uses_history:
+            self.history = HistoryView(self.settings)
+            await self.history.start()
         self.cold_start_s = time.monotonic() - started
         self._batcher = MicroBatcher(
             self.scorer.predict, batch_max_rows=self.settings.fraud_batch_max_rows,
@@ -138,10 +151,22 @@ class FraudHandler:
     async def stop(self) -> None:
         if self._batcher is not None:
             await self._batcher.stop()
+        if self.history is not None:
+            await self.history.stop()
         self._executor.shutdown(wait=True)
 
+    async def on_assigned(self, tps: set[TopicPartition]) -> None:
+        """Start loading the history of the co-partitioned changelog partitions."""
+        if self.history is not None:
+            self.history.assign(tp.partition for tp in tps if tp.topic == self.requests_topic)
+
     async def on_revoked(self, tps: set[TopicPartition]) -> None:
-        """Nothing buffered across calls: in-flight work finishes on its own."""
+        """Drop their history snapshots; in-flight work finishes on its own."""
+        mine = [tp.partition for tp in tps if tp.topic == self.requests_topic]
+        for partition in mine:
+            self._clocks.pop(partition, None)
+        if self.history is not None:
+            self.history.release(mine)
 
     async def handle(self, batch: Sequence[PartitionRecords]) -> None:
         with REALTIME_GATE.realtime():  # batch work in this process yields meanwhile
@@ -163,9 +188,11 @@ class FraudHandler:
                     dead.append(self._dead(record, rejection.error, rejection.reason))
         dlq_sent = asyncio.ensure_future(ctx.sender.send(self.dlq_topic, dead))
         try:
-            scores, failed = await self._score(valid)
+            features, degraded = self._features(valid, sources)
+            scores, failed = await self._score(features)
             dead_more = [self._dead(sources[i], "inference", reason) for i, reason in failed]
-            await ctx.sender.send(self.scores_topic, self._results(valid, sources, scores, failed))
+            await ctx.sender.send(self.scores_topic,
+                                  self._results(valid, sources, scores, degraded, failed))
             await ctx.sender.send(self.dlq_topic, dead_more)
         finally:
             await dlq_sent
@@ -181,16 +208,39 @@ class FraudHandler:
                              partition=record.partition, offset=record.offset, lane="fraud")
         return record.key, letter
 
-    async def _score(self, valid: list[dict[str, Any]]) -> tuple[NDArray[np.float32], list[
+    def _features(self, valid: list[dict[str, Any]], sources: list[Record],
+                  ) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
+        """The model's input rows and, per row, whether history was unavailable (degraded)."""
+        n = len(valid)
+        if not n:
+            return np.empty((0, 0), dtype=np.float32), np.zeros(0, dtype=np.bool_)
+        fast = fast_features(valid)
+        view = self.history
+        if view is None:
+            return fast, np.zeros(n, dtype=np.bool_)
+        clocks = self._clocks
+        for record in sources:
+            clocks[record.partition].add(record.offset, record.timestamp / 1000.0)
+        max_lag_s = self.settings.history_max_staleness_ms / 1000.0
+        snapshots = []
+        for txn, record in zip(valid, sources, strict=True):
+            p = record.partition
+            lag_s = clocks[p].lag_s(record.offset, record.timestamp / 1000.0, view.applied(p))
+            snapshots.append(view.get(p, txn["card_id"]) if lag_s <= max_lag_s else None)
+        history, degraded = history_features(snapshots, valid, now=math.inf,
+                                             max_staleness_s=math.inf)
+        return np.hstack([fast, history]), degraded
+
+    async def _score(self, features: NDArray[np.float32]) -> tuple[NDArray[np.float32], list[
             tuple[int, str]]]:
-        """Scores for every valid row; rows the model fails on are returned as (index, reason)."""
-        if not valid:
+        """Scores for every row; rows the model fails on are returned as (index, reason)."""
+        n = features.shape[0]
+        if not n:
             return np.empty(0, dtype=np.float32), []
         assert self._batcher is not None  # noqa: S101 - set in start()
-        features = fast_features(valid)
-        scores = np.full(len(valid), np.nan, dtype=np.float32)
+        scores = np.full(n, np.nan, dtype=np.float32)
         failed: list[tuple[int, str]] = []
-        await self._bisect(features, 0, len(valid), scores, failed)
+        await self._bisect(features, 0, n, scores, failed)
         return scores, failed
 
     async def _bisect(self, features: NDArray[np.float32], lo: int, hi: int,
@@ -207,8 +257,8 @@ class FraudHandler:
             await self._bisect(features, mid, hi, scores, failed)
 
     def _results(self, valid: list[dict[str, Any]], sources: list[Record],
-                 scores: NDArray[np.float32], failed: list[tuple[int, str]],
-                 ) -> list[tuple[bytes | None, bytes]]:
+                 scores: NDArray[np.float32], degraded: NDArray[np.bool_],
+                 failed: list[tuple[int, str]]) -> list[tuple[bytes | None, bytes]]:
         assert self._ctx is not None and self.thresholds is not None  # noqa: S101
         now = time.time()
         budget_s = self.settings.fraud_budget_ms / 1000.0
@@ -217,6 +267,7 @@ class FraudHandler:
         version = self.scorer.version
         out: list[tuple[bytes | None, bytes]] = []
         late = 0
+        flags = degraded.tolist()
         for i, (txn, score, decision) in enumerate(zip(valid, scores.tolist(), decisions,
                                                        strict=True)):
             if i in skip:
@@ -226,6 +277,8 @@ class FraudHandler:
             origin = sent_at if sent_at is not None else sources[i].timestamp / 1000.0
             if now - origin > budget_s:
                 late += 1
-            out.append((txn["card_id"].encode(), encode_score(txn, score, decision, version, now)))
+            out.append((txn["card_id"].encode(),
+                        encode_score(txn, score, decision, version, now, flags[i])))
         self._ctx.stats.late += late
+        self._ctx.stats.degraded += sum(flags[i] for i in range(len(flags)) if i not in skip)
         return out

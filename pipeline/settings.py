@@ -19,7 +19,7 @@ from pipeline.errors import ConfigError
 __all__ = ["KNOWN_LANES", "Settings", "load_settings"]
 
 #: Lanes (consumer loops) a worker can serve; ``INFERLANE_LANES`` picks a subset.
-KNOWN_LANES: tuple[str, ...] = ("fraud", "archive", "batch")
+KNOWN_LANES: tuple[str, ...] = ("fraud", "history", "archive", "batch")
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,12 +96,19 @@ class Settings(BaseSettings):
     fraud_max_wait_ms: float = Field(default=5.0, ge=0.0, le=100.0)
     fraud_budget_ms: float = Field(default=50.0, gt=0.0)
     """End-to-end latency budget from ``sent_at``; results past it are counted as late."""
-    fraud_model_dir: Path = _REPO_ROOT / "models" / "fraud"
+    fraud_model_dir: Path = _REPO_ROOT / "models" / "fraud-v2"
+    """Model card folder. ``fraud-v2`` reads the slow path's card history; ``fraud`` (v1) uses
+    the event's own fields only."""
     fraud_model_precision: Literal["int8", "fp32"] = "int8"
     fraud_review_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     """Score at or above which a transaction is sent to review (default: the model card's)."""
     fraud_decline_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     """Score at or above which a transaction is declined (default: the model card's)."""
+    history_max_staleness_ms: float = Field(default=1000.0, gt=0.0)
+    """A card's history snapshot is used only when the slow path has applied every earlier
+    transaction of the card's partition, or the oldest one it has not applied is at most this old
+    relative to the scored event; otherwise the event is scored on default history and marked
+    ``degraded``."""
     inline_inference_max_us: float = Field(default=200.0, ge=0.0)
     """Run the model on the event loop when a full batch takes less than this (0 = never)."""
     inference_threads: int = Field(default=1, ge=1, le=64)

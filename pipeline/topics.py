@@ -16,7 +16,7 @@ from pipeline.errors import TopicError
 from pipeline.kafka import client_kwargs
 from pipeline.settings import Settings
 
-__all__ = ["TOPICS", "TopicSpec", "ensure_topics", "topic_specs"]
+__all__ = ["TOPICS", "TopicSpec", "ensure_topics", "spec", "topic_configs", "topic_specs"]
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +31,23 @@ class TopicSpec:
     partitions: int | None = None
     """Fixed partition count; ``None`` = ``Settings.realtime_partitions``."""
     configs: dict[str, str] = field(default_factory=dict)
+    compact: bool = False
+    """A table changelog: compacted on Apache Kafka (the local broker cannot compact; there it
+    keeps the bounded retention of every local topic, so history older than that is lost
+    when a table or view reloads)."""
 
 
 TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("fraud.requests", lane="fraud"),
     TopicSpec("fraud.scores", lane="fraud"),
     TopicSpec("fraud.requests.dlq", lane="fraud", partitions=1),
+    # Keyed by card_id like fraud.requests and with as many partitions: the history agent
+    # reads both into one co-partitioned table.
+    TopicSpec("fraud.labels", lane="history"),
+    TopicSpec("fraud.labels.dlq", lane="history", partitions=1),
+    # The history table's changelog (faust Table, see agents/history.py); the fraud lane's
+    # history view tails it, so the fraud lane ensures it too.
+    TopicSpec("fraud.history.changelog", lane="fraud", compact=True),
     TopicSpec("batch.requests", lane="batch"),
     TopicSpec("batch.jobs", lane="batch", partitions=1),
     TopicSpec("batch.jobs.dlq", lane="batch", partitions=1),
@@ -47,23 +58,39 @@ TOPICS: tuple[TopicSpec, ...] = (
 
 
 def topic_specs(lanes: Iterable[str] | None = None) -> list[TopicSpec]:
-    """Specs of the topics the given lanes use (all when ``None``); the archive reads results."""
+    """Specs of the topics the given lanes use (all when ``None``); the archive reads results,
+    the history agent reads ``fraud.requests``."""
     wanted = set(lanes) if lanes is not None else None
-    if wanted is not None and "archive" in wanted:
+    if wanted is not None and wanted & {"archive", "history"}:
         wanted.add("fraud")
     return [spec for spec in TOPICS if wanted is None or spec.lane in wanted]
 
 
-def _new_topic(spec: TopicSpec, settings: Settings) -> NewTopic:
+def spec(name: str) -> TopicSpec:
+    """The declared spec of logical topic ``name``."""
+    for candidate in TOPICS:
+        if candidate.name == name:
+            return candidate
+    raise KeyError(f"no topic {name!r} declared in pipeline.topics.TOPICS")
+
+
+def topic_configs(spec: TopicSpec, settings: Settings) -> dict[str, str]:
+    """Broker configs of a topic as created here (faust's own declarations reuse them)."""
     configs = dict(spec.configs)
     if settings.is_local_broker:
         # The local broker keeps every record in memory: bound what each topic can hold.
         configs.setdefault("retention.ms", str(settings.local_retention_ms))
+    elif spec.compact:
+        configs.setdefault("cleanup.policy", "compact")
+    return configs
+
+
+def _new_topic(spec: TopicSpec, settings: Settings) -> NewTopic:
     return NewTopic(
         name=settings.topic(spec.name),
         num_partitions=spec.partitions or settings.realtime_partitions,
         replication_factor=settings.replication_factor,
-        topic_configs=configs,
+        topic_configs=topic_configs(spec, settings),
     )
 
 

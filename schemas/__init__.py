@@ -11,7 +11,9 @@ from schemas.events import (
     Channel,
     DeadLetter,
     Decision,
+    FraudLabel,
     FraudScore,
+    Label,
     Transaction,
 )
 from schemas.jsonschema import SHAPES, export_json_schemas, json_schema
@@ -27,7 +29,9 @@ __all__ = [
     "Channel",
     "DeadLetter",
     "Decision",
+    "FraudLabel",
     "FraudScore",
+    "Label",
     "Rejection",
     "Transaction",
     "encode_raw",

@@ -22,12 +22,15 @@ __all__ = [
     "Channel",
     "DeadLetter",
     "Decision",
+    "FraudLabel",
     "FraudScore",
+    "Label",
     "Transaction",
 ]
 
 Channel = Literal["pos", "ecom", "atm"]
 Decision = Literal["approve", "review", "decline"]
+Label = Literal["chargeback", "confirmed_fraud", "legit"]
 
 _Id = Annotated[str, Meta(min_length=1, max_length=128)]
 _Country = Annotated[str, Meta(pattern="^[A-Z]{2}$")]
@@ -75,6 +78,22 @@ class FraudScore(msgspec.Struct, frozen=True, kw_only=True):
     scored_at: _EpochS
     sent_at: _EpochS | None = None
     """Copied from the request so readers can measure end-to-end latency."""
+
+
+class FraudLabel(msgspec.Struct, frozen=True, kw_only=True):
+    """A late verdict on a past transaction, value of ``fraud.labels`` (key: ``card_id``).
+
+    Labels arrive days after the transaction (chargebacks, analyst reviews); the slow path counts
+    ``chargeback`` and ``confirmed_fraud`` into the card's history. ``legit`` only moves the
+    history's clock.
+    """
+
+    event_id: _Id
+    """The labelled transaction's ``event_id``."""
+    card_id: _Id
+    label: Label
+    ts: _EpochS
+    """When the verdict was made, epoch seconds."""
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):

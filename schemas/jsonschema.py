@@ -11,13 +11,22 @@ from pathlib import Path
 import msgspec
 import orjson
 
-from schemas.events import BatchJob, BatchRecord, BatchResult, DeadLetter, FraudScore, Transaction
+from schemas.events import (
+    BatchJob,
+    BatchRecord,
+    BatchResult,
+    DeadLetter,
+    FraudLabel,
+    FraudScore,
+    Transaction,
+)
 
 __all__ = ["SHAPES", "export_json_schemas", "json_schema"]
 
 SHAPES: dict[str, type[msgspec.Struct]] = {
     "Transaction": Transaction,
     "FraudScore": FraudScore,
+    "FraudLabel": FraudLabel,
     "DeadLetter": DeadLetter,
     "BatchJob": BatchJob,
     "BatchRecord": BatchRecord,

@@ -47,11 +47,12 @@ class _Scorer:
         self.thresholds = Thresholds.for_model(settings, self.model)
 
     def results(self, valid: list[dict[str, Any]]) -> Out:
-        scores = self.model.predict(fast_features(valid))
+        scores = self.model.predict_fast(fast_features(valid))
         now = time.time()
         return [(txn["card_id"].encode(), orjson.dumps({
             "event_id": txn["event_id"], "card_id": txn["card_id"], "score": score,
-            "decision": decision, "model_version": self.model.version, "degraded": False,
+            "decision": decision, "model_version": self.model.version,
+            "degraded": self.model.uses_history,
             "scored_at": now, "sent_at": txn.get("sent_at"),
         })) for txn, score, decision in zip(valid, scores.tolist(),
                                             decide(scores, self.thresholds), strict=True)]

@@ -75,12 +75,13 @@ async def score_transactions(stream: faust.StreamT[bytes]) -> None:
                 await _dead_letter(event, rejection.error, rejection.reason)
         if not valid:
             continue
-        scores = scorer.predict(fast_features(valid))
+        scores = scorer.predict_fast(fast_features(valid))
         decisions = decide(scores, thresholds)
         now = time.time()
         for txn, score, decision in zip(valid, scores.tolist(), decisions, strict=True):
             await scores_topic.send(key=txn["card_id"].encode(), value=orjson.dumps({
                 "event_id": txn["event_id"], "card_id": txn["card_id"], "score": score,
-                "decision": decision, "model_version": scorer.version, "degraded": False,
+                "decision": decision, "model_version": scorer.version,
+                "degraded": scorer.uses_history,
                 "scored_at": now, "sent_at": txn.get("sent_at"),
             }))

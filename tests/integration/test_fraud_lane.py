@@ -45,7 +45,8 @@ async def test_every_valid_event_gets_one_score(
         assert not missing, f"{len(missing)} events without a score"
         assert scores.duplicates == 0
         assert dlq.records == 0
-    thresholds = load_card(settings.fraud_model_dir).thresholds
+    card = load_card(settings.fraud_model_dir)
+    thresholds = card.thresholds
     assert set(scores.results) == set(report.valid_ids)
     for value in scores.results.values():
         score = msgspec.convert(value, FraudScore)
@@ -53,7 +54,7 @@ async def test_every_valid_event_gets_one_score(
         expected = ("decline" if score.score >= thresholds["decline"] else
                     "review" if score.score >= thresholds["review"] else "approve")
         assert score.decision == expected
-        assert score.model_version == "fraud-v1-int8"
+        assert score.model_version == f"{card.name}-{card.version}-int8"
     decisions = {v["decision"] for v in scores.results.values()}
     assert decisions == {"approve", "review", "decline"}
 

@@ -25,6 +25,7 @@ from schemas import (
     BatchRecord,
     BatchResult,
     DeadLetter,
+    FraudLabel,
     FraudScore,
     Rejection,
     Transaction,
@@ -343,7 +344,7 @@ def test_json_schema_is_standalone() -> None:
 def test_shapes_registry() -> None:
     assert SHAPES == {"Transaction": Transaction, "FraudScore": FraudScore,
                       "DeadLetter": DeadLetter, "BatchJob": BatchJob, "BatchRecord": BatchRecord,
-                      "BatchResult": BatchResult}
+                      "BatchResult": BatchResult, "FraudLabel": FraudLabel}
 
 
 def _isort_key(name: str) -> tuple[int, str]:
@@ -398,7 +399,8 @@ async def test_fraud_score_values_produced_by_the_lane_convert() -> None:
     try:
         # Kafka record timestamps (ms) stand in for sent_at where it is absent ("a", "d").
         sources = [cast(Record, SimpleNamespace(timestamp=int(before * 1000)))] * len(valid)
-        out = handler._results(valid, sources, scores, failed=[(3, "model failed")])
+        degraded = np.array([False, True, False, False])
+        out = handler._results(valid, sources, scores, degraded, failed=[(3, "model failed")])
     finally:
         await handler.stop()
     assert [key for key, _ in out] == [b"card-a", b"card-b", b"card-c"]
@@ -406,7 +408,9 @@ async def test_fraud_score_values_produced_by_the_lane_convert() -> None:
     assert [s.event_id for s in converted] == ["a", "b", "c"]
     assert [s.decision for s in converted] == ["approve", "review", "decline"]
     assert [s.score for s in converted] == [float(np.float32(x)) for x in (0.1, 0.5, 0.95)]
-    assert all(s.model_version == "fraud-v1-int8" and s.degraded is False for s in converted)
+    assert all(s.model_version == "fraud-v1-int8" for s in converted)
+    assert [s.degraded for s in converted] == [False, True, False]
+    assert stats.degraded == 1
     assert all(before <= s.scored_at <= time.time() for s in converted)
     assert [s.sent_at for s in converted] == [None, valid[1]["sent_at"], TS]
     assert stats.late == 1  # only "c" was sent long before the 50 ms budget
