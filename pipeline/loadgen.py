@@ -3,6 +3,11 @@
 * :func:`produce_transactions` sends synthetic transactions at a steady rate (open loop: the
   schedule never waits for results, so slow results cannot slow the offered load), stamping
   ``sent_at`` at send time; a fraction can be deliberately invalid, one kind after another.
+  The stream is the fraud v2 model's world (:class:`~pipeline.training.history_data.
+  HistoryStreamGenerator`: per-card habits, fraud episodes, delayed labels, which go to
+  ``fraud.labels``), replayed with simulated event time (``ts``) starting 30 days ago: about
+  5 s of event time pass per transaction, so each card's history evolves as in days of
+  traffic while the wire rate is whatever the caller asks.
 * :class:`ResultReader` reads a topic from given offsets without a consumer group (it never
   disturbs the pipeline's groups) and keeps what arrived, keyed by ``event_id``, with the
   end-to-end latency from ``sent_at`` to the moment it was read.
@@ -23,7 +28,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pipeline.kafka import apply_idle_fetch_backoff, client_kwargs, make_producer
 from pipeline.produce import BatchSender
 from pipeline.settings import Settings
-from pipeline.synth import INVALID_KINDS, TransactionGenerator, make_invalid
+from pipeline.synth import INVALID_KINDS, make_invalid
+from pipeline.training.history_data import HistoryStreamGenerator
 
 __all__ = ["ProduceReport", "ResultReader", "produce_transactions", "snapshot_end_offsets"]
 
@@ -35,6 +41,8 @@ class ProduceReport:
     valid_ids: list[str] = field(default_factory=list)
     invalid_by_kind: dict[str, int] = field(default_factory=dict)
     invalid_keys: list[bytes] = field(default_factory=list)
+    labels: int = 0
+    """Labels sent to ``fraud.labels`` (not counted in :attr:`sent`)."""
 
     @property
     def sent(self) -> int:
@@ -61,7 +69,8 @@ async def produce_transactions(
     if count is None and duration_s is None:
         raise ValueError("give count or duration_s")
     topic = settings.topic("fraud.requests")
-    generator = TransactionGenerator(seed=seed, start_ts=time.time())
+    labels_topic = settings.topic("fraud.labels")
+    generator = HistoryStreamGenerator(seed=seed, start_ts=time.time() - 30 * 86_400.0)
     rng = np.random.default_rng(seed + 1)
     report = report if report is not None else ProduceReport()
     producer = make_producer(settings, linger_ms=2)
@@ -74,12 +83,18 @@ async def produce_transactions(
             elapsed = time.monotonic() - started
             due = int(elapsed * rate_per_s) if count is None else min(
                 int(elapsed * rate_per_s), count)
-            records = [_next_record(generator, rng, invalid_fraction, report)
-                       for _ in range(due - report.sent)]
-            if records:
-                task = asyncio.create_task(sender.send(topic, records))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
+            stream = generator.stream(due - report.sent) if due > report.sent else None
+            if stream is not None:
+                records = [_next_record(txn, rng, invalid_fraction, report)
+                           for txn in stream.txns]
+                labels = [(label["card_id"].encode(), orjson.dumps(label))
+                          for label in stream.labels]
+                report.labels += len(labels)
+                for target, batch in ((topic, records), (labels_topic, labels)):
+                    if batch:
+                        task = asyncio.create_task(sender.send(target, batch))
+                        pending.add(task)
+                        task.add_done_callback(pending.discard)
             if (count is not None and report.sent >= count) or (
                     duration_s is not None and elapsed >= duration_s):
                 break
@@ -91,9 +106,8 @@ async def produce_transactions(
     return report
 
 
-def _next_record(generator: TransactionGenerator, rng: np.random.Generator,
+def _next_record(txn: dict[str, Any], rng: np.random.Generator,
                  invalid_fraction: float, report: ProduceReport) -> tuple[bytes | None, bytes]:
-    txn, _label = generator.next()
     key = str(txn["card_id"]).encode()
     if invalid_fraction and rng.random() < invalid_fraction:
         kind = INVALID_KINDS[sum(report.invalid_by_kind.values()) % len(INVALID_KINDS)]
