@@ -41,6 +41,7 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("fraud.requests", lane="fraud"),
     TopicSpec("fraud.scores", lane="fraud"),
     TopicSpec("fraud.requests.dlq", lane="fraud", partitions=1),
+    TopicSpec("fraud.shadow", lane="fraud"),
     # Keyed by card_id like fraud.requests and with as many partitions: the history agent
     # reads both into one co-partitioned table.
     TopicSpec("fraud.labels", lane="history"),

@@ -14,6 +14,7 @@ from schemas.events import (
     FraudLabel,
     FraudScore,
     Label,
+    ShadowScore,
     Transaction,
 )
 from schemas.jsonschema import SHAPES, export_json_schemas, json_schema
@@ -33,6 +34,7 @@ __all__ = [
     "FraudScore",
     "Label",
     "Rejection",
+    "ShadowScore",
     "Transaction",
     "encode_raw",
     "export_json_schemas",

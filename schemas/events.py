@@ -25,6 +25,7 @@ __all__ = [
     "FraudLabel",
     "FraudScore",
     "Label",
+    "ShadowScore",
     "Transaction",
 ]
 
@@ -78,6 +79,24 @@ class FraudScore(msgspec.Struct, frozen=True, kw_only=True):
     scored_at: _EpochS
     sent_at: _EpochS | None = None
     """Copied from the request so readers can measure end-to-end latency."""
+
+
+class ShadowScore(msgspec.Struct, frozen=True, kw_only=True):
+    """A shadow model's score for a sampled transaction, value of ``fraud.shadow`` (key:
+    ``card_id``), next to what the served model said. Never used for decisions."""
+
+    event_id: _Id
+    card_id: _Id
+    score: _Probability
+    decision: Decision
+    """The shadow model's decision under its own card's thresholds."""
+    model_version: str
+    """The shadow version, e.g. ``fraud-v1-int8``."""
+    degraded: bool
+    primary_score: _Probability
+    primary_decision: Decision
+    primary_model_version: str
+    scored_at: _EpochS
 
 
 class FraudLabel(msgspec.Struct, frozen=True, kw_only=True):

@@ -18,6 +18,7 @@ from schemas.events import (
     DeadLetter,
     FraudLabel,
     FraudScore,
+    ShadowScore,
     Transaction,
 )
 
@@ -27,6 +28,7 @@ SHAPES: dict[str, type[msgspec.Struct]] = {
     "Transaction": Transaction,
     "FraudScore": FraudScore,
     "FraudLabel": FraudLabel,
+    "ShadowScore": ShadowScore,
     "DeadLetter": DeadLetter,
     "BatchJob": BatchJob,
     "BatchRecord": BatchRecord,

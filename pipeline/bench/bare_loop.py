@@ -16,6 +16,7 @@ import asyncio
 import logging
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -28,6 +29,7 @@ from pipeline.fraud import Thresholds, decide
 from pipeline.kafka import apply_idle_fetch_backoff, make_consumer, make_producer
 from pipeline.model import OnnxScorer
 from pipeline.produce import BatchSender
+from pipeline.serving import fraud_model_path
 from pipeline.settings import Settings, load_settings
 from schemas import Transaction, validate_record
 
@@ -40,8 +42,8 @@ Out = list[tuple[bytes | None, bytes]]
 
 
 class _Scorer:
-    def __init__(self, settings: Settings) -> None:
-        self.model = OnnxScorer.load(settings.fraud_model_dir, settings.fraud_model_precision,
+    def __init__(self, settings: Settings, model_dir: Path) -> None:
+        self.model = OnnxScorer.load(model_dir, settings.fraud_model_precision,
                                      settings.inference_threads)
         self.model.warm_up()
         self.thresholds = Thresholds.for_model(settings, self.model)
@@ -91,7 +93,7 @@ async def run(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    scorer = _Scorer(settings)
+    scorer = _Scorer(settings, await fraud_model_path(settings))
     producer = make_producer(settings)
     consumer = make_consumer(settings, "bare")
     consumer.subscribe([settings.topic("fraud.requests")])

@@ -16,6 +16,7 @@ them) and a data dir under ``INFERLANE_STATE_DIR``.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, cast
 
@@ -26,6 +27,7 @@ from pipeline.deadletter import dead_letter
 from pipeline.features import fast_features
 from pipeline.fraud import Thresholds, decide
 from pipeline.model import OnnxScorer
+from pipeline.serving import fraud_model_path
 from pipeline.settings import load_settings
 from schemas import Transaction, validate_record
 
@@ -48,7 +50,7 @@ scores_topic = app.topic(settings.topic("fraud.scores"), key_type=bytes, value_t
 dlq_topic = app.topic(settings.topic("fraud.requests.dlq"), key_type=bytes, value_type=bytes,
                       value_serializer="raw")
 
-scorer = OnnxScorer.load(settings.fraud_model_dir, settings.fraud_model_precision,
+scorer = OnnxScorer.load(asyncio.run(fraud_model_path(settings)), settings.fraud_model_precision,
                          settings.inference_threads)
 scorer.warm_up()
 thresholds = Thresholds.for_model(settings, scorer)

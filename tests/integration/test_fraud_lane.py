@@ -18,6 +18,7 @@ from pipeline.kafka import make_producer
 from pipeline.loadgen import ResultReader, produce_transactions, snapshot_end_offsets
 from pipeline.model import load_card
 from pipeline.s3 import S3Store
+from pipeline.serving import fraud_model_path
 from pipeline.settings import Settings
 from pipeline.synth import INVALID_KINDS, TransactionGenerator, invalid_reason_field, make_invalid
 from pipeline.worker import WorkerProcess
@@ -45,7 +46,7 @@ async def test_every_valid_event_gets_one_score(
         assert not missing, f"{len(missing)} events without a score"
         assert scores.duplicates == 0
         assert dlq.records == 0
-    card = load_card(settings.fraud_model_dir)
+    card = load_card(await fraud_model_path(settings))
     thresholds = card.thresholds
     assert set(scores.results) == set(report.valid_ids)
     for value in scores.results.values():

@@ -24,6 +24,7 @@ from pipeline.historyview import CHANGELOG
 from pipeline.kafka import client_kwargs, make_producer
 from pipeline.loadgen import ResultReader, snapshot_end_offsets
 from pipeline.model import OnnxScorer
+from pipeline.serving import fraud_model_path
 from pipeline.settings import Settings
 from pipeline.synth import TransactionGenerator
 from pipeline.worker import WorkerProcess
@@ -119,7 +120,7 @@ async def test_history_values_reach_the_fast_path_and_survive_a_restart(
     env = test_env(lanes="fraud,history")
     worker = worker_factory(env)
     base, _ = TransactionGenerator(seed=3).next()
-    scorer = OnnxScorer.load(settings.fraud_model_dir)
+    scorer = OnnxScorer.load(await fraud_model_path(settings))
     assert scorer.uses_history
     async with await _scores_reader(settings) as scores, Changelog(settings) as changelog:
         offsets = []
@@ -192,7 +193,7 @@ async def test_card_without_history_is_degraded(
     """Without the slow path (fraud lane alone) every event is scored on default history."""
     worker_factory(test_env(lanes="fraud"))
     generator = TransactionGenerator(seed=4)
-    scorer = OnnxScorer.load(settings.fraud_model_dir)
+    scorer = OnnxScorer.load(await fraud_model_path(settings))
     async with await _scores_reader(settings) as scores:
         sent = []
         for i in range(20):

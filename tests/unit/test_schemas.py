@@ -15,7 +15,8 @@ import orjson
 import pytest
 
 import schemas
-from pipeline.fraud import FraudHandler, Thresholds
+from pipeline.batcher import MicroBatcher
+from pipeline.fraud import FraudHandler, FraudModel, Thresholds
 from pipeline.lane import LaneContext, LaneStats, Record
 from pipeline.model import OnnxScorer
 from pipeline.settings import load_settings
@@ -28,6 +29,7 @@ from schemas import (
     FraudLabel,
     FraudScore,
     Rejection,
+    ShadowScore,
     Transaction,
     encode_raw,
     export_json_schemas,
@@ -344,7 +346,8 @@ def test_json_schema_is_standalone() -> None:
 def test_shapes_registry() -> None:
     assert SHAPES == {"Transaction": Transaction, "FraudScore": FraudScore,
                       "DeadLetter": DeadLetter, "BatchJob": BatchJob, "BatchRecord": BatchRecord,
-                      "BatchResult": BatchResult, "FraudLabel": FraudLabel}
+                      "BatchResult": BatchResult, "FraudLabel": FraudLabel,
+                      "ShadowScore": ShadowScore}
 
 
 def _isort_key(name: str) -> tuple[int, str]:
@@ -389,7 +392,9 @@ async def test_fraud_score_values_produced_by_the_lane_convert() -> None:
     handler = FraudHandler(settings, scorer=cast(OnnxScorer, _FakeScorer()))
     stats = LaneStats()
     handler._ctx = cast(LaneContext, type("Ctx", (), {"stats": stats})())
-    handler.thresholds = Thresholds(review=0.5, decline=0.9)
+    model = FraudModel(scorer=cast(OnnxScorer, _FakeScorer()),
+                       thresholds=Thresholds(review=0.5, decline=0.9),
+                       batcher=cast(MicroBatcher, None), reference=None, cold_start_s=0.0)
     valid = [_txn(event_id="a", card_id="card-a"),
              _txn(event_id="b", card_id="card-b", sent_at=time.time()),
              _txn(event_id="c", card_id="card-c", sent_at=TS),
@@ -400,7 +405,7 @@ async def test_fraud_score_values_produced_by_the_lane_convert() -> None:
         # Kafka record timestamps (ms) stand in for sent_at where it is absent ("a", "d").
         sources = [cast(Record, SimpleNamespace(timestamp=int(before * 1000)))] * len(valid)
         degraded = np.array([False, True, False, False])
-        out = handler._results(valid, sources, scores, degraded, failed=[(3, "model failed")])
+        out = handler._results(valid, sources, scores, degraded, [(3, "model failed")], model)
     finally:
         await handler.stop()
     assert [key for key, _ in out] == [b"card-a", b"card-b", b"card-c"]

@@ -54,7 +54,8 @@ def test_defaults() -> None:
     assert s.fraud_batch_max_rows == 256
     assert s.fraud_max_wait_ms == 5.0
     assert s.fraud_budget_ms == 50.0
-    assert s.fraud_model_dir == REPO_ROOT / "models" / "fraud-v2"
+    assert s.fraud_model_dir is None and s.fraud_model_version == "latest"
+    assert s.model_registry == str(REPO_ROOT / "models")
     assert s.fraud_model_precision == "int8"
     assert s.fraud_review_threshold is None
     assert s.fraud_decline_threshold is None
