@@ -102,14 +102,17 @@ def attach_history_agent(app: faust.App, settings: Settings) -> tuple[HistoryTab
     stats = HistoryStats()
 
     async def history(stream: faust.StreamT[bytes]) -> None:
-        async for event in stream.events():
-            message = event.message
-            if message.topic == requests:
-                _on_transaction(table, stats, message.value, message.offset)
-            else:
-                letter = _on_label(table, stats, message)
-                if letter is not None:
-                    await labels_dlq.send(key=message.key, value=letter)
+        try:
+            async for event in stream.events():
+                message = event.message
+                if message.topic == requests:
+                    _on_transaction(table, stats, message.value, message.offset)
+                else:
+                    letter = _on_label(table, stats, message)
+                    if letter is not None:
+                        await labels_dlq.send(key=message.key, value=letter)
+        finally:
+            log.info("history agent: %s, table holds %d cards", stats, len(table))
 
     app.agent(source, name="history")(history)
 

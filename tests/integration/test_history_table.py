@@ -207,3 +207,39 @@ async def test_card_without_history_is_degraded(
         assert result["degraded"] is True
         assert result["score"] == pytest.approx(
             float(scorer.predict_fast(fast_features([txn]))[0]), abs=1e-6)
+
+
+@pytest.mark.timeout(240)
+async def test_history_survives_a_rebalance(
+    test_env: EnvFactory, settings: Settings, worker_factory: WorkerFactory
+) -> None:
+    """A second history worker joins: the table's partitions are split between the two, the
+    new owner recovers its share from the changelog, and every card's history continues."""
+    first = worker_factory(test_env(lanes="fraud,history"))
+    base, _ = TransactionGenerator(seed=8).next()
+    cards = [f"card-rebalance-{i}" for i in range(12)]  # spread over all 4 partitions
+    async with Changelog(settings) as changelog:
+        for step in range(2):
+            for card in cards:
+                txn = {**_txn(base, 0, 600.0 * step, 10.0 + step, "m-1", "DE"),
+                       "event_id": f"{card}-{step}", "card_id": card}
+                await _send(settings, "fraud.requests", txn)
+        for card in cards:
+            await changelog.wait_for(card, lambda h: h.last_event_id.endswith("-1"))
+        # Ready = the group rebalanced with both members; the first recovers what it keeps.
+        second = worker_factory(test_env(worker_id="w2", lanes="history"), name="second")
+        for card in cards:
+            txn = {**_txn(base, 0, 1200.0, 30.0, "m-2", "FR"),
+                   "event_id": f"{card}-2", "card_id": card}
+            await _send(settings, "fraud.requests", txn)
+        for card in cards:
+            h = await changelog.wait_for(card, lambda h: h.last_event_id.endswith("-2"))
+            # Three transactions counted, whichever worker applied the third.
+            want = sum(math.exp(-(1200.0 - t) / (30 * 86_400.0)) for t in (0.0, 600.0, 1200.0))
+            assert h.cnt_30d == pytest.approx(want, rel=1e-9), card
+            assert set(h.merchants) == {"m-1", "m-2"}
+    # Both workers applied some of the third transactions: the table really was split.
+    for worker in (first, second):
+        await asyncio.to_thread(worker.terminate)
+        stats = worker.log_text().rsplit("history agent: HistoryStats(", 1)[1]
+        assert int(stats.split("transactions=", 1)[1].split(",", 1)[0]) > 0, worker.label
