@@ -6,7 +6,7 @@ named in ``INFERLANE_LANES`` (default: all); each lane module here only wires li
 
 from __future__ import annotations
 
-from agents import archive, batch, fraud, reco
+from agents import archive, batch, fraud, history, reco
 from pipeline.app import create_app
 from pipeline.runtime import tune_process
 from pipeline.settings import load_settings
@@ -18,6 +18,7 @@ app = create_app(settings)
 
 fraud.register(app, settings)
 reco.register(app, settings)
+history.register(app, settings)
 archive.register(app, settings)
 batch.register(app, settings)
 tune_process(settings)

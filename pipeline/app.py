@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import faust
 from mode import Service
 
 from pipeline.kafka import apply_idle_fetch_backoff
+from pipeline.metrics import CONTENT_TYPE_LATEST, render
 from pipeline.settings import Settings
 
 __all__ = ["create_app"]
@@ -50,12 +51,19 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
         value_serializer="raw",
         key_serializer="raw",
     )
+    app.page("/metrics")(_metrics)
     if settings.is_local_broker and settings.idle_fetch_sleep_ms:
         # faust's consumer only carries internal and (later) table topics, off the hot path:
         # a longer backoff costs no lane latency and saves a busy-polling core.
         backoff_ms = max(settings.idle_fetch_sleep_ms, 20.0)
         app.service(cast(type[Service], _IdleFetchBackoff(app, backoff_ms)))
     return app
+
+
+async def _metrics(web: Any, request: Any) -> Any:
+    """``GET /metrics`` on the worker's web port: the process's Prometheus metrics."""
+    # aiohttp refuses a charset inside content_type; the exposition format is UTF-8 anyway.
+    return web.bytes(render(), content_type=CONTENT_TYPE_LATEST.split(";")[0] + "; version=0.0.4")
 
 
 class _IdleFetchBackoff(Service):  # type: ignore[misc]

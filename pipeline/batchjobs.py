@@ -44,6 +44,7 @@ from pipeline.model import OnnxScorer
 from pipeline.priority import REALTIME_GATE
 from pipeline.s3 import S3Store, retry
 from pipeline.s3lines import iter_line_batches, split_ranges
+from pipeline.serving import fraud_model_path
 from pipeline.settings import Settings
 from schemas import BatchChunk, BatchCounts, BatchJob, BatchResult, Transaction, validate_record
 
@@ -170,11 +171,12 @@ def score_jsonl(scorer: OnnxScorer, thresholds: Thresholds,
     """Score validated transactions in one model call; their FraudScores as JSONL."""
     if not valid:
         return b""
-    scores = scorer.predict(fast_features(valid))
+    # Backfills have no slow-path snapshot: a history model scores them on default history.
+    scores = scorer.predict_fast(fast_features(valid))
     decisions = decide(scores, thresholds)
-    now, version = time.time(), scorer.version
+    now, version, degraded = time.time(), scorer.version, scorer.uses_history
     return _ENCODER.encode_lines([
-        score_fields(t, s, d, version, now)
+        score_fields(t, s, d, version, now, degraded)
         for t, s, d in zip(valid, scores.tolist(), decisions, strict=True)])
 
 
@@ -234,9 +236,10 @@ class ChunkScorer:
 
     async def start(self, ctx: LaneContext) -> None:
         self._ctx = ctx
+        model_dir = await fraud_model_path(self.settings)
         if self._scorer is None:
             self._scorer = await asyncio.to_thread(
-                OnnxScorer.load, self.settings.fraud_model_dir,
+                OnnxScorer.load, model_dir,
                 self.settings.fraud_model_precision, self.settings.inference_threads)
         await asyncio.to_thread(self._scorer.warm_up)
         self.thresholds = Thresholds.for_model(self.settings, self._scorer)
@@ -244,7 +247,7 @@ class ChunkScorer:
             s, t = self.settings, self.thresholds
             self._pool = ProcessPoolExecutor(
                 max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_child, initargs=(str(s.fraud_model_dir),
+                initializer=_init_child, initargs=(str(model_dir),
                                                    s.fraud_model_precision,
                                                    s.inference_threads, t.review, t.decline))
             await asyncio.get_running_loop().run_in_executor(self._pool, _score_in_child, [], 0)

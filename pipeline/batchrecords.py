@@ -32,6 +32,7 @@ from pipeline.fraud import Thresholds
 from pipeline.lane import LaneContext
 from pipeline.model import OnnxScorer
 from pipeline.priority import REALTIME_GATE
+from pipeline.serving import fraud_model_path
 from pipeline.settings import Settings
 from schemas import BatchCounts, BatchRecord
 
@@ -61,7 +62,7 @@ class RecordBatchWriter(ArchiveHandler):
     async def start(self, ctx: LaneContext) -> None:
         if self._scorer is None:
             self._scorer = await asyncio.to_thread(
-                OnnxScorer.load, self.settings.fraud_model_dir,
+                OnnxScorer.load, await fraud_model_path(self.settings),
                 self.settings.fraud_model_precision, self.settings.inference_threads)
         self.thresholds = Thresholds.for_model(self.settings, self._scorer)
         await super().start(ctx)

@@ -116,33 +116,23 @@ def topics_list() -> None:
 
 @models_app.command("build")
 def models_build(
-    model: Annotated[str, typer.Option(help="fraud or reco.")] = "fraud",
-    out: Annotated[Path | None, typer.Option(help="Output folder (default models/<model>).")]
-    = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of data and training.")] = None,
-    n_train: Annotated[int, typer.Option(help="fraud: training rows.")] = 200_000,
-    n_test: Annotated[int, typer.Option(help="fraud: held-out rows.")] = 50_000,
+    model: Annotated[str, typer.Option(
+        help="fraud, fraud-v2, reco, or all (every committed model folder).")] = "all",
+    out: Annotated[Path | None, typer.Option(
+        help="Output folder (default models/<model>; only with a single model).")] = None,
+    seed: Annotated[int | None, typer.Option(
+        help="Seed of data and training (default: the committed model's).")] = None,
 ) -> None:
-    """Generate data, train, export FP32 + INT8 ONNX, write card.json and CARD.md."""
-    if model == "reco":
-        from pipeline.training.reco import build_reco_model
+    """Generate data, train, export FP32 + INT8 ONNX, measure, write card.json and CARD.md."""
+    from pipeline.training.build import BUILDS, build_models
 
-        card = build_reco_model(out or Path("models/reco"), seed=5 if seed is None else seed,
-                                progress=lambda msg: console.print(f"  {msg}"))
-        console.print(f"[green]built[/] reco: {card.get('metrics', {})}")
-        return
-    if model != "fraud":
-        raise InferlaneError(f"unknown model {model!r}: fraud or reco")
-    from pipeline.training.fraud import build_fraud_model
-
-    out = out or Path("models/fraud")
-    seed = 7 if seed is None else seed
-
-    card = build_fraud_model(out, seed=seed, n_train=n_train, n_test=n_test,
-                             progress=lambda msg: console.print(f"  {msg}"))
-    metrics = card["metrics"]
-    console.print(f"[green]built[/] {out}: ROC-AUC fp32 {metrics['fp32']['roc_auc']:.4f} "
-                  f"int8 {metrics['int8']['roc_auc']:.4f}")
+    names = list(BUILDS) if model == "all" else [model]
+    unknown = [n for n in names if n not in BUILDS]
+    if unknown:
+        raise InferlaneError(f"unknown model {unknown[0]!r}: one of {', '.join(BUILDS)} or all")
+    if out is not None and len(names) > 1:
+        raise InferlaneError("--out needs a single --model")
+    build_models(names, console, out=out, seed=seed)
 
 
 @schemas_app.command("export")

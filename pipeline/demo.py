@@ -1,9 +1,10 @@
 """``make demo`` / ``inferlane demo``: the fraud and reco lanes on the embedded local stack.
 
-Starts the broker and S3 server, creates the topics, starts one ``faust -A agents worker``,
-produces synthetic transactions and recommendation requests (a few percent deliberately
+Starts the broker and S3 server, creates the topics, starts two ``faust -A agents worker``
+processes (the real-time lanes, and the fraud history slow path), produces synthetic
+transactions with their delayed labels and recommendation requests (a few percent deliberately
 invalid) at steady rates while readers follow ``fraud.scores``, ``reco.results`` and the DLQs,
-shows live progress, and after ``duration_s`` drains, stops the worker gracefully (the archive
+shows live progress, and after ``duration_s`` drains, stops the workers gracefully (the archive
 writes its last windows), counts the S3 archive and prints a summary. Everything it started is
 stopped before it returns, whatever happens.
 """
@@ -31,7 +32,7 @@ from pipeline.loadgen import (
 )
 from pipeline.recogen import RecoRequestSource
 from pipeline.s3 import S3Store
-from pipeline.settings import Settings, load_settings
+from pipeline.settings import KNOWN_LANES, Settings, load_settings
 from pipeline.stack import LocalStack
 from pipeline.topics import ensure_topics
 from pipeline.worker import WorkerProcess
@@ -73,6 +74,8 @@ class DemoSummary:
     s3_objects: int
     s3_records: int
     decisions: dict[str, int]
+    degraded: int = 0
+    labels: int = 0
     reco: RecoSummary | None = None
 
     @property
@@ -88,23 +91,29 @@ def run_demo(root: Path, *, duration_s: float, rate_per_s: float, invalid_fracti
     stack = LocalStack(root / "stack", fresh=True)
     console.print(f"[bold]inferlane demo[/] - starting the local stack under {root}")
     endpoints = stack.start()
-    worker: WorkerProcess | None = None
+    workers: list[WorkerProcess] = []
     try:
-        env = {**endpoints.env(), "INFERLANE_WORKER_ID": "demo-worker",
-               "INFERLANE_ARCHIVE_MAX_AGE_MS": "5000",
+        env = {**endpoints.env(), "INFERLANE_ARCHIVE_MAX_AGE_MS": "5000",
                "INFERLANE_STATE_DIR": str(root / "state")}
         settings = load_settings(**{k[len("INFERLANE_"):].lower(): v for k, v in env.items()})
         asyncio.run(ensure_topics(settings))
         console.print(f"  broker {endpoints.kafka_bootstrap}  S3 {endpoints.s3_endpoint_url}")
-        worker = WorkerProcess(env, root / "logs" / "worker.log")
-        started = time.monotonic()
-        worker.start()
-        console.print(f"  worker ready in {time.monotonic() - started:.1f}s "
-                      f"(log {worker.log_path})")
-        return asyncio.run(_traffic(settings, worker, duration_s, rate_per_s, invalid_fraction,
-                                    console, reco_rate_per_s))
+        # The slow path runs in its own worker process: its faust agent never competes with
+        # the real-time lanes for their interpreter (GIL), as recommended in docs/design.md.
+        realtime = ",".join(lane for lane in KNOWN_LANES if lane != "history")
+        for name, lanes in (("worker", realtime), ("history", "history")):
+            worker = WorkerProcess({**env, "INFERLANE_WORKER_ID": f"demo-{name}",
+                                    "INFERLANE_LANES": lanes}, root / "logs" / f"{name}.log",
+                                   label=name)
+            workers.append(worker)
+            started = time.monotonic()
+            worker.start()
+            console.print(f"  {name} worker ({lanes}) ready in "
+                          f"{time.monotonic() - started:.1f}s (log {worker.log_path})")
+        return asyncio.run(_traffic(settings, workers, duration_s, rate_per_s,
+                                    invalid_fraction, console, reco_rate_per_s))
     finally:
-        if worker is not None:
+        for worker in workers:
             worker.terminate()
         stack.stop()
 
@@ -139,7 +148,7 @@ class _RecoTraffic:
         await self.dlq.wait_for_count(sum(self.report.invalid_by_kind.values()), timeout_s=10)
 
 
-async def _traffic(settings: Settings, worker: WorkerProcess, duration_s: float,
+async def _traffic(settings: Settings, workers: list[WorkerProcess], duration_s: float,
                    rate_per_s: float, invalid_fraction: float, console: Console,
                    reco_rate_per_s: float) -> DemoSummary:
     scores_topic, dlq_topic = settings.topic("fraud.scores"), settings.topic("fraud.requests.dlq")
@@ -167,8 +176,9 @@ async def _traffic(settings: Settings, worker: WorkerProcess, duration_s: float,
             await dlq.wait_for_count(sum(report.invalid_by_kind.values()), timeout_s=10)
             await reco.drain()
             live.update(_progress(rows, time.monotonic() - started, duration_s))
-    console.print("  stopping the worker (the archive writes its last windows) ...")
-    await asyncio.to_thread(worker.terminate)
+    console.print("  stopping the workers (the archive writes its last windows) ...")
+    for worker in workers:
+        await asyncio.to_thread(worker.terminate)
     objects, records = await _count_archive(settings, scores_topic)
     summary = _summary(report, scores, dlq, objects, records)
     if reco_rate_per_s > 0:
@@ -213,8 +223,10 @@ async def _count_archive(settings: Settings, topic: str) -> tuple[int, int]:
 def _summary(report: ProduceReport, scores: ResultReader, dlq: ResultReader, objects: int,
              records: int) -> DemoSummary:
     decisions: dict[str, int] = {}
+    degraded = 0
     for value in scores.results.values():
         decisions[value["decision"]] = decisions.get(value["decision"], 0) + 1
+        degraded += bool(value.get("degraded"))
     latencies = np.asarray(scores.latencies_ms) if scores.latencies_ms else np.asarray([np.nan])
     p50, p99 = _percentiles(scores.latencies_ms)
     return DemoSummary(
@@ -222,7 +234,7 @@ def _summary(report: ProduceReport, scores: ResultReader, dlq: ResultReader, obj
         invalid=sum(report.invalid_by_kind.values()), scored=len(scores.results),
         dead_lettered=dlq.records, duplicates=scores.duplicates, p50_ms=p50, p99_ms=p99,
         max_ms=float(np.nanmax(latencies)), s3_objects=objects, s3_records=records,
-        decisions=decisions)
+        decisions=decisions, degraded=degraded, labels=report.labels)
 
 
 def _reco_summary(report: ProduceReport, results: ResultReader, dlq: ResultReader,
@@ -247,6 +259,9 @@ def render_summary(summary: DemoSummary, duration_s: float, rate_per_s: float) -
          "yes" if summary.scored + summary.dead_lettered == summary.produced else "NO"),
         ("duplicate results", f"{summary.duplicates:,}"),
         ("decisions", ", ".join(f"{k} {v:,}" for k, v in sorted(summary.decisions.items()))),
+        ("scored on default history (degraded)",
+         f"{summary.degraded:,} ({summary.degraded / max(summary.scored, 1):.1%})"),
+        ("labels sent (fraud.labels)", f"{summary.labels:,}"),
         ("e2e latency p50 / p99 / max (ms)",
          f"{summary.p50_ms:.1f} / {summary.p99_ms:.1f} / {summary.max_ms:.1f}"),
         ("S3 archive objects", f"{summary.s3_objects:,}"),

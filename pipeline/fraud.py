@@ -2,10 +2,13 @@
 
 Per fetched batch: each record is validated against :class:`schemas.Transaction` (bad ones
 become dead letters naming field and problem), fast features are computed for the valid ones
-in one vectorised pass, the matrix goes through the shared :class:`~pipeline.batcher.MicroBatcher`
-(INT8 ONNX in an executor thread), scores map to decisions by thresholds, and the
-:class:`schemas.FraudScore` records are produced in per-partition batches. The chunks are
-reported done only after both the scores and the dead letters are acknowledged.
+in one vectorised pass, a history model also gets each card's slow-path snapshot from the
+:class:`~pipeline.historyview.HistoryView` (never waiting for it: missing or lagging history
+means default history and ``degraded: true``), the matrix goes through the shared
+:class:`~pipeline.batcher.MicroBatcher` (INT8 ONNX in an executor thread), scores map to
+decisions by thresholds, and the :class:`schemas.FraudScore` records are produced in
+per-partition batches. The chunks are reported done only after both the scores and the dead
+letters are acknowledged.
 
 If the model raises on a batch, the rows are bisected until the failing rows are isolated; those
 go to the DLQ (``error: inference``) and the rest are scored (poison isolation).
@@ -15,10 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,14 +34,29 @@ from numpy.typing import NDArray
 
 from pipeline.batcher import BatchStats, MicroBatcher
 from pipeline.deadletter import dead_letter
-from pipeline.features import fast_features
+from pipeline.errors import ModelLoadError
+from pipeline.features import FAST_FEATURE_NAMES, fast_features
+from pipeline.history import HISTORY_FEATURE_NAMES, history_features
+from pipeline.historyview import HistoryView, PartitionClock
 from pipeline.lane import LaneContext, PartitionRecords, Record
+from pipeline.metrics import (
+    DRIFT_ABS_DELTA,
+    DRIFT_FLIPS,
+    DRIFT_ROWS,
+    MODEL_COLD_START,
+    MODEL_INFO,
+    MODEL_LOAD_FAILURES,
+    MODEL_SWAPS,
+    SHADOW_ROWS,
+)
 from pipeline.model import OnnxScorer
 from pipeline.priority import REALTIME_GATE
+from pipeline.registry import ModelRegistry
+from pipeline.serving import ModelFollower, Slot
 from pipeline.settings import Settings
 from schemas import Transaction, validate_record
 
-__all__ = ["FraudHandler", "Thresholds", "decide", "encode_score", "score_fields"]
+__all__ = ["FraudHandler", "FraudModel", "Thresholds", "decide", "encode_score", "score_fields"]
 
 log = logging.getLogger(__name__)
 
@@ -68,86 +89,210 @@ def decide(scores: NDArray[np.float32], thresholds: Thresholds) -> list[str]:
 
 
 def score_fields(txn: dict[str, Any], score: float, decision: str, version: str,
-                 now: float) -> dict[str, Any]:
+                 now: float, degraded: bool) -> dict[str, Any]:
     """The :class:`schemas.FraudScore` fields of one scored transaction (real-time and batch)."""
     return {
         "event_id": txn["event_id"], "card_id": txn["card_id"], "score": score,
-        "decision": decision, "model_version": version, "degraded": False,
+        "decision": decision, "model_version": version, "degraded": degraded,
         "scored_at": now, "sent_at": txn.get("sent_at"),
     }
 
 
 def encode_score(txn: dict[str, Any], score: float, decision: str, version: str,
-                 now: float) -> bytes:
+                 now: float, degraded: bool) -> bytes:
     """The :class:`schemas.FraudScore` JSON of one scored transaction."""
-    return orjson.dumps(score_fields(txn, score, decision, version, now))
+    return orjson.dumps(score_fields(txn, score, decision, version, now, degraded))
+
+
+@dataclass(frozen=True)
+class FraudModel:
+    """What one handler call scores with: a loaded, verified, warmed model and its batcher."""
+
+    scorer: OnnxScorer
+    thresholds: Thresholds
+    batcher: MicroBatcher
+    reference: OnnxScorer | None
+    """The FP32 file of the same version, for the drift sample (None when off)."""
+    cold_start_s: float
+
+    @property
+    def version(self) -> str:
+        return self.scorer.version
 
 
 class FraudHandler:
-    """Lane handler for ``fraud.requests`` -> ``fraud.scores`` (+ ``fraud.requests.dlq``)."""
+    """Lane handler for ``fraud.requests`` -> ``fraud.scores`` (+ ``fraud.requests.dlq``).
+
+    The model comes from the registry (or a pinned folder) and is swapped for a newer version
+    while the lane runs (see :mod:`pipeline.serving`); a shadow version can score a sample to
+    ``fraud.shadow``, and a sample is scored with the FP32 file too (drift metrics).
+    """
 
     def __init__(self, settings: Settings, scorer: OnnxScorer | None = None) -> None:
         self.settings = settings
         self.requests_topic = settings.topic("fraud.requests")
         self.scores_topic = settings.topic("fraud.scores")
         self.dlq_topic = settings.topic("fraud.requests.dlq")
+        self.shadow_topic = settings.topic("fraud.shadow")
         self.topics = (self.requests_topic,)
-        self._scorer = scorer
+        self._given_scorer = scorer
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fraud-model")
-        self._batcher: MicroBatcher | None = None
+        # Shadow and drift scoring run here, after the results are out: never ahead of them.
+        self._side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fraud-side")
+        self._slot: Slot[FraudModel] | None = None
+        self._follower = ModelFollower(settings, "fraud", version=settings.fraud_model_version,
+                                       pinned_dir=settings.fraud_model_dir)
+        self._watch_task: asyncio.Task[None] | None = None
         self._ctx: LaneContext | None = None
-        self.thresholds: Thresholds | None = None
-        self.cold_start_s = 0.0
+        self.shadow: FraudModel | None = None
+        self.history: HistoryView | None = None
+        """Snapshots of the slow path's card history (once a served model reads history)."""
+        self._assigned: set[int] = set()
+        self._clocks: defaultdict[int, PartitionClock] = defaultdict(PartitionClock)
+        self._rng = np.random.default_rng()
+        self.drift = DriftStats()
+
+    @property
+    def model(self) -> FraudModel:
+        if self._slot is None:
+            raise RuntimeError("FraudHandler not started")
+        return self._slot.value
 
     @property
     def scorer(self) -> OnnxScorer:
-        if self._scorer is None:
-            raise RuntimeError("FraudHandler not started")
-        return self._scorer
+        return self.model.scorer
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return self.model.thresholds
 
     async def start(self, ctx: LaneContext) -> None:
-        """Load and warm the model before the lane takes traffic."""
+        """Load, verify and warm the model (and shadow) before the lane takes traffic."""
         self._ctx = ctx
+        if self._given_scorer is not None:
+            model = await self._build(scorer=self._given_scorer)
+        else:
+            model = await self._build(path=await self._follower.initial())
+        self._slot = Slot(model)
+        await self._ensure_history(model)
+        if self.settings.fraud_shadow_version is not None:
+            await self._start_shadow(self.settings.fraud_shadow_version)
+        if self._follower.follows:
+            self._watch_task = asyncio.create_task(self._watch(), name="fraud-model-watch")
+        _served(model, 1)
+
+    async def _build(self, *, path: Path | None = None,
+                     scorer: OnnxScorer | None = None, batcher: bool = True) -> FraudModel:
+        """Load (sha256-checked), warm up and measure a model; start its batcher."""
         started = time.monotonic()
-        loop = asyncio.get_running_loop()
-        if self._scorer is None:
-            self._scorer = await loop.run_in_executor(
-                self._executor, lambda: OnnxScorer.load(
-                    self.settings.fraud_model_dir, self.settings.fraud_model_precision,
-                    self.settings.inference_threads))
-        await loop.run_in_executor(self._executor, self.scorer.warm_up)
-        full_batch_s = await loop.run_in_executor(
-            self._executor, self.scorer.batch_seconds, self.settings.fraud_batch_max_rows)
-        inline = full_batch_s * 1e6 < self.settings.inline_inference_max_us
-        self.thresholds = Thresholds.for_model(self.settings, self.scorer)
-        self.cold_start_s = time.monotonic() - started
-        self._batcher = MicroBatcher(
-            self.scorer.predict, batch_max_rows=self.settings.fraud_batch_max_rows,
-            max_wait_ms=self.settings.fraud_max_wait_ms, executor=self._executor, inline=inline)
-        await self._batcher.start()
-        log.info("fraud: model %s ready in %.3fs (thresholds %s); a full batch of %d takes "
-                 "%.0f us: inference %s", self.scorer.version, self.cold_start_s, self.thresholds,
-                 self.settings.fraud_batch_max_rows, full_batch_s * 1e6,
-                 "inline on the loop" if inline else "in an executor thread")
+        s = self.settings
+
+        def load() -> tuple[OnnxScorer, OnnxScorer | None, float]:
+            main = scorer if scorer is not None else OnnxScorer.load(
+                path, s.fraud_model_precision, s.inference_threads)  # type: ignore[arg-type]
+            main.warm_up()
+            reference = None
+            if (path is not None and s.drift_sample > 0 and main.precision == "int8"
+                    and "fp32" in main.card.files):
+                reference = OnnxScorer.load(path, "fp32", s.inference_threads)
+                reference.warm_up()
+            return main, reference, main.batch_seconds(s.fraud_batch_max_rows)
+
+        # A thread of its own: warming a successor never holds up the serving model's thread.
+        main, reference, full_batch_s = await asyncio.to_thread(load)
+        inline = full_batch_s * 1e6 < s.inline_inference_max_us
+        micro = MicroBatcher(main.predict, batch_max_rows=s.fraud_batch_max_rows,
+                             max_wait_ms=s.fraud_max_wait_ms, executor=self._executor,
+                             inline=inline)
+        if batcher:
+            await micro.start()
+        model = FraudModel(main, Thresholds.for_model(s, main), micro, reference,
+                           time.monotonic() - started)
+        log.info("fraud: model %s ready in %.3fs (thresholds %s, drift reference %s); a full "
+                 "batch of %d takes %.0f us: inference %s", model.version, model.cold_start_s,
+                 model.thresholds, "fp32" if reference else "off", s.fraud_batch_max_rows,
+                 full_batch_s * 1e6, "inline on the loop" if inline else "in an executor thread")
+        return model
+
+    async def _start_shadow(self, version: str) -> None:
+        registry = self._follower.registry or ModelRegistry(self.settings)
+        entry = await registry.select("fraud", version)
+        self.shadow = await self._build(path=await registry.fetch(entry), batcher=False)
+        await self._ensure_history(self.shadow)
+        log.info("fraud: shadow model %s scores %.0f%% of the traffic to %s",
+                 self.shadow.version, 100 * self.settings.fraud_shadow_sample, self.shadow_topic)
+
+    async def _ensure_history(self, model: FraudModel) -> None:
+        if model.scorer.uses_history and self.history is None:
+            self.history = HistoryView(self.settings)
+            await self.history.start()
+            self.history.assign(self._assigned)
+
+    async def _watch(self) -> None:
+        """Pick up new registry versions: load, verify, warm, then swap between calls."""
+        while True:
+            await asyncio.sleep(self.settings.model_poll_interval_s)
+            found = await self._follower.newer()
+            if found is None:
+                continue
+            entry, path = found
+            try:
+                model = await self._build(path=path)
+            except ModelLoadError as exc:
+                MODEL_LOAD_FAILURES.labels("fraud", "fraud").inc()
+                self._follower.refuse(entry, str(exc))
+                continue
+            await self._ensure_history(model)
+            assert self._slot is not None  # noqa: S101 - set in start()
+            old = await self._slot.replace(model)
+            self._follower.accept(entry)
+            await old.batcher.stop()
+            _served(old, 0)
+            _served(model, 1)
+            MODEL_SWAPS.labels("fraud", "fraud").inc()
+            log.info("fraud: swapped model %s -> %s without a restart", old.version,
+                     model.version)
 
     @property
     def stats(self) -> BatchStats | None:
         """The batcher's counters (batches, rows, batch-size histogram)."""
-        return self._batcher.stats if self._batcher is not None else None
+        return self._slot.value.batcher.stats if self._slot is not None else None
 
     async def stop(self) -> None:
-        if self._batcher is not None:
-            await self._batcher.stop()
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            await asyncio.gather(self._watch_task, return_exceptions=True)
+        if self._slot is not None:
+            await self._slot.value.batcher.stop()
+        if self.history is not None:
+            await self.history.stop()
         self._executor.shutdown(wait=True)
+        self._side.shutdown(wait=True)
+        if self.drift.rows:
+            log.info("fraud: %s", self.drift)
+
+    async def on_assigned(self, tps: set[TopicPartition]) -> None:
+        """Start loading the history of the co-partitioned changelog partitions."""
+        mine = {tp.partition for tp in tps if tp.topic == self.requests_topic}
+        self._assigned |= mine
+        if self.history is not None:
+            self.history.assign(mine)
 
     async def on_revoked(self, tps: set[TopicPartition]) -> None:
-        """Nothing buffered across calls: in-flight work finishes on its own."""
+        """Drop their history snapshots; in-flight work finishes on its own."""
+        mine = {tp.partition for tp in tps if tp.topic == self.requests_topic}
+        self._assigned -= mine
+        for partition in mine:
+            self._clocks.pop(partition, None)
+        if self.history is not None:
+            self.history.release(mine)
 
     async def handle(self, batch: Sequence[PartitionRecords]) -> None:
-        with REALTIME_GATE.realtime():  # batch work in this process yields meanwhile
-            await self._handle(batch)
+        assert self._slot is not None  # noqa: S101 - set in start()
+        with REALTIME_GATE.realtime(), self._slot.use() as model:
+            await self._handle(batch, model)
 
-    async def _handle(self, batch: Sequence[PartitionRecords]) -> None:
+    async def _handle(self, batch: Sequence[PartitionRecords], model: FraudModel) -> None:
         ctx = self._ctx
         assert ctx is not None  # noqa: S101 - set in start()
         valid: list[dict[str, Any]] = []
@@ -163,10 +308,14 @@ class FraudHandler:
                     dead.append(self._dead(record, rejection.error, rejection.reason))
         dlq_sent = asyncio.ensure_future(ctx.sender.send(self.dlq_topic, dead))
         try:
-            scores, failed = await self._score(valid)
+            features = self._features(valid, sources)
+            x, degraded = features.for_model(model.scorer)
+            scores, failed = await self._score(model, x)
             dead_more = [self._dead(sources[i], "inference", reason) for i, reason in failed]
-            await ctx.sender.send(self.scores_topic, self._results(valid, sources, scores, failed))
+            await ctx.sender.send(self.scores_topic, self._results(
+                valid, sources, scores, degraded, failed, model))
             await ctx.sender.send(self.dlq_topic, dead_more)
+            await self._side_scoring(valid, features, model, scores, failed)
         finally:
             await dlq_sent
         ctx.stats.produced += len(valid) - len(failed)
@@ -181,42 +330,63 @@ class FraudHandler:
                              partition=record.partition, offset=record.offset, lane="fraud")
         return record.key, letter
 
-    async def _score(self, valid: list[dict[str, Any]]) -> tuple[NDArray[np.float32], list[
-            tuple[int, str]]]:
-        """Scores for every valid row; rows the model fails on are returned as (index, reason)."""
-        if not valid:
+    def _features(self, valid: list[dict[str, Any]], sources: list[Record]) -> Features:
+        """Fast features of every row, plus history features once a model reads history."""
+        fast = fast_features(valid) if valid else np.empty((0, len(FAST_FEATURE_NAMES)),
+                                                           dtype=np.float32)
+        view = self.history
+        if view is None or not valid:
+            return Features(fast, None, None)
+        clocks = self._clocks
+        for record in sources:
+            clocks[record.partition].add(record.offset, record.timestamp / 1000.0)
+        max_lag_s = self.settings.history_max_staleness_ms / 1000.0
+        snapshots = []
+        for txn, record in zip(valid, sources, strict=True):
+            p = record.partition
+            lag_s = clocks[p].lag_s(record.offset, record.timestamp / 1000.0, view.applied(p))
+            snapshots.append(view.get(p, txn["card_id"]) if lag_s <= max_lag_s else None)
+        history, degraded = history_features(snapshots, valid, now=math.inf,
+                                             max_staleness_s=math.inf)
+        return Features(fast, history, degraded)
+
+    async def _score(self, model: FraudModel, features: NDArray[np.float32],
+                     ) -> tuple[NDArray[np.float32], list[tuple[int, str]]]:
+        """Scores for every row; rows the model fails on are returned as (index, reason)."""
+        n = features.shape[0]
+        if not n:
             return np.empty(0, dtype=np.float32), []
-        assert self._batcher is not None  # noqa: S101 - set in start()
-        features = fast_features(valid)
-        scores = np.full(len(valid), np.nan, dtype=np.float32)
+        scores = np.full(n, np.nan, dtype=np.float32)
         failed: list[tuple[int, str]] = []
-        await self._bisect(features, 0, len(valid), scores, failed)
+        await self._bisect(model.batcher, features, 0, n, scores, failed)
         return scores, failed
 
-    async def _bisect(self, features: NDArray[np.float32], lo: int, hi: int,
-                      scores: NDArray[np.float32], failed: list[tuple[int, str]]) -> None:
-        assert self._batcher is not None  # noqa: S101
+    async def _bisect(self, batcher: MicroBatcher, features: NDArray[np.float32], lo: int,
+                      hi: int, scores: NDArray[np.float32], failed: list[tuple[int, str]],
+                      ) -> None:
         try:
-            scores[lo:hi] = await self._batcher.submit(features[lo:hi])
+            scores[lo:hi] = await batcher.submit(features[lo:hi])
         except Exception as exc:  # noqa: BLE001 - poison isolation: any model error
             if hi - lo == 1:
                 failed.append((lo, f"model failed on this record: {exc!r}"))
                 return
             mid = (lo + hi) // 2
-            await self._bisect(features, lo, mid, scores, failed)
-            await self._bisect(features, mid, hi, scores, failed)
+            await self._bisect(batcher, features, lo, mid, scores, failed)
+            await self._bisect(batcher, features, mid, hi, scores, failed)
 
     def _results(self, valid: list[dict[str, Any]], sources: list[Record],
-                 scores: NDArray[np.float32], failed: list[tuple[int, str]],
+                 scores: NDArray[np.float32], degraded: NDArray[np.bool_],
+                 failed: list[tuple[int, str]], model: FraudModel,
                  ) -> list[tuple[bytes | None, bytes]]:
-        assert self._ctx is not None and self.thresholds is not None  # noqa: S101
+        assert self._ctx is not None  # noqa: S101
         now = time.time()
         budget_s = self.settings.fraud_budget_ms / 1000.0
         skip = {i for i, _ in failed}
-        decisions = decide(np.nan_to_num(scores), self.thresholds)
-        version = self.scorer.version
+        decisions = decide(np.nan_to_num(scores), model.thresholds)
+        version = model.version
         out: list[tuple[bytes | None, bytes]] = []
         late = 0
+        flags = degraded.tolist()
         for i, (txn, score, decision) in enumerate(zip(valid, scores.tolist(), decisions,
                                                        strict=True)):
             if i in skip:
@@ -226,6 +396,112 @@ class FraudHandler:
             origin = sent_at if sent_at is not None else sources[i].timestamp / 1000.0
             if now - origin > budget_s:
                 late += 1
-            out.append((txn["card_id"].encode(), encode_score(txn, score, decision, version, now)))
+            out.append((txn["card_id"].encode(),
+                        encode_score(txn, score, decision, version, now, flags[i])))
         self._ctx.stats.late += late
+        self._ctx.stats.degraded += sum(flags[i] for i in range(len(flags)) if i not in skip)
         return out
+
+    async def _side_scoring(self, valid: list[dict[str, Any]], features: Features,
+                            model: FraudModel, scores: NDArray[np.float32],
+                            failed: list[tuple[int, str]]) -> None:
+        """Shadow and drift samples, scored after the results are out (off the latency path)."""
+        n = len(valid)
+        if not n:
+            return
+        ok = np.ones(n, dtype=np.bool_)
+        ok[[i for i, _ in failed]] = False
+        loop = asyncio.get_running_loop()
+        if model.reference is not None and self.settings.drift_sample > 0:
+            rows = np.flatnonzero(ok & (self._rng.random(n) < self.settings.drift_sample))
+            if rows.size:
+                x, _ = features.for_model(model.reference)
+                ref = await loop.run_in_executor(self._side, model.reference.predict, x[rows])
+                self.drift.record(model, scores[rows], ref)
+        shadow = self.shadow
+        if shadow is not None and self.settings.fraud_shadow_sample > 0:
+            rows = np.flatnonzero(ok & (self._rng.random(n) < self.settings.fraud_shadow_sample))
+            if rows.size:
+                x, degraded = features.for_model(shadow.scorer)
+                shadow_scores = await loop.run_in_executor(self._side, shadow.scorer.predict,
+                                                           x[rows])
+                await self._send_shadow(valid, rows, shadow, shadow_scores, degraded, model,
+                                        scores)
+
+    async def _send_shadow(self, valid: list[dict[str, Any]], rows: NDArray[np.intp],
+                           shadow: FraudModel, shadow_scores: NDArray[np.float32],
+                           degraded: NDArray[np.bool_], model: FraudModel,
+                           scores: NDArray[np.float32]) -> None:
+        assert self._ctx is not None  # noqa: S101
+        now = time.time()
+        decisions = decide(shadow_scores, shadow.thresholds)
+        primary = decide(scores[rows], model.thresholds)
+        out = []
+        for j, i in enumerate(rows.tolist()):
+            txn = valid[i]
+            out.append((txn["card_id"].encode(), orjson.dumps({
+                "event_id": txn["event_id"], "card_id": txn["card_id"],
+                "score": float(shadow_scores[j]), "decision": decisions[j],
+                "model_version": shadow.version, "degraded": bool(degraded[i]),
+                "primary_score": float(scores[i]), "primary_decision": primary[j],
+                "primary_model_version": model.version, "scored_at": now,
+            })))
+        await self._ctx.sender.send(self.shadow_topic, out)
+        SHADOW_ROWS.labels("fraud", "fraud", shadow.version).inc(len(out))
+
+
+@dataclass(frozen=True)
+class Features:
+    """One call's feature parts; each model takes the columns it was trained on."""
+
+    fast: NDArray[np.float32]
+    history: NDArray[np.float32] | None
+    degraded: NDArray[np.bool_] | None
+    """Per row, True when the history part holds defaults."""
+
+    def for_model(self, scorer: OnnxScorer) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
+        """The scorer's input matrix and per-row degraded flags."""
+        n = self.fast.shape[0]
+        if not scorer.uses_history:
+            return self.fast, np.zeros(n, dtype=np.bool_)
+        if self.history is None or self.degraded is None:  # no view yet: default history
+            x = np.hstack([self.fast, np.zeros((n, len(HISTORY_FEATURE_NAMES)), np.float32)])
+            return x, np.ones(n, dtype=np.bool_)
+        return np.hstack([self.fast, self.history]), self.degraded
+
+
+@dataclass
+class DriftStats:
+    """INT8-vs-FP32 differences on the sampled rows (also exported as Prometheus metrics)."""
+
+    rows: int = 0
+    abs_delta_sum: float = 0.0
+    max_abs_delta: float = 0.0
+    decision_flips: int = 0
+
+    @property
+    def mean_abs_delta(self) -> float:
+        return self.abs_delta_sum / self.rows if self.rows else 0.0
+
+    def record(self, model: FraudModel, served: NDArray[np.float32],
+               reference: NDArray[np.float32]) -> None:
+        delta = np.abs(served.astype(np.float64) - reference.astype(np.float64))
+        flips = sum(a != b for a, b in zip(decide(served, model.thresholds),
+                                          decide(reference, model.thresholds), strict=True))
+        self.rows += delta.size
+        self.abs_delta_sum += float(delta.sum())
+        self.max_abs_delta = max(self.max_abs_delta, float(delta.max()))
+        self.decision_flips += flips
+        labels = ("fraud", model.scorer.card.name, model.scorer.card.version)
+        DRIFT_ROWS.labels(*labels).inc(delta.size)
+        DRIFT_FLIPS.labels(*labels).inc(flips)
+        histogram = DRIFT_ABS_DELTA.labels(*labels)
+        for value in delta.tolist():
+            histogram.observe(value)
+
+
+def _served(model: FraudModel, on: int) -> None:
+    card = model.scorer.card
+    MODEL_INFO.labels("fraud", card.name, card.version, model.scorer.precision).set(on)
+    if on:
+        MODEL_COLD_START.labels("fraud", card.name, card.version).set(model.cold_start_s)

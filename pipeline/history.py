@@ -108,6 +108,12 @@ class CardHistory(msgspec.Struct, frozen=True, array_like=True):
     prev_country: str = ""
     prev_merchant_seen: float = 0.0
     prev_country_seen: float = 0.0
+    src_offset: int = -1
+    """Offset in its ``fraud.requests`` partition of the newest transaction applied (-1: none).
+    The fast path reads the partition's highest ``src_offset`` as "the slow path has applied
+    everything up to here" (see :mod:`pipeline.historyview`)."""
+    label_offset: int = -1
+    """Offset in its ``fraud.labels`` partition of the newest label applied (-1: none)."""
 
 
 _EMPTY = CardHistory()
@@ -166,8 +172,13 @@ def _aggregates(h: CardHistory, ts: float, amount: float) -> dict[str, float]:
     }
 
 
-def update_with_transaction(h: CardHistory | None, txn: Mapping[str, Any]) -> CardHistory:
-    """Return the state after ``txn`` (a validated wire transaction) on top of ``h``."""
+def update_with_transaction(
+    h: CardHistory | None, txn: Mapping[str, Any], *, offset: int = -1
+) -> CardHistory:
+    """Return the state after ``txn`` (a validated wire transaction) on top of ``h``.
+
+    ``offset`` is the transaction's offset in its ``fraud.requests`` partition (-1 offline).
+    """
     h = h or _EMPTY
     ts = float(txn["ts"])
     ref = max(ts, h.last_ts)
@@ -191,6 +202,7 @@ def update_with_transaction(h: CardHistory | None, txn: Mapping[str, Any]) -> Ca
         h,
         updated_at=max(h.updated_at, ts),
         last_ts=ref,
+        src_offset=max(h.src_offset, offset),
         merchants=merchants,
         merchants_seen=merchants_seen,
         countries=countries,
@@ -268,6 +280,9 @@ def history_features(
     ``histories[i]`` is the snapshot of that card (None if the table has none).  A row is
     degraded, and gets :data:`DEFAULT_HISTORY_FEATURES`, when the snapshot is None or was last
     updated more than ``max_staleness_s`` before ``now`` (pass ``math.inf`` to accept any age).
+    A row whose snapshot holds no transaction before this one is degraded too (its features
+    are the defaults either way): whether the slow path has already applied a card's first
+    transaction when the fast path reads it must not change the flag.
     A snapshot older than the transaction is decayed forward to it; a snapshot newer than the
     transaction cannot be decayed back and is used as it is.  A snapshot whose newest
     transaction *is* this one (same ``event_id``) has it subtracted again; one that holds it
@@ -292,6 +307,7 @@ def history_features(
         out[rows] = _fresh_features(
             [h for h in picked if h is not None], [txns[i] for i in rows.tolist()]
         )
+    degraded[rows] = out[rows, _H["h_has_history"]] == 0.0
     return out, degraded
 
 

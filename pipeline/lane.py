@@ -67,6 +67,7 @@ class LaneStats:
     produced: int = 0
     dead_lettered: int = 0
     late: int = 0
+    degraded: int = 0
     commits: int = 0
     commit_failures: int = 0
     dlq_reasons: dict[str, int] = field(default_factory=dict)
@@ -90,6 +91,7 @@ class Handler(Protocol):
     each chunk once everything it produced for those records is acknowledged (it may do so later,
     e.g. when an archive window is written). Raising means "infrastructure failed": the lane
     crashes rather than commit. Nothing is guaranteed about ordering between two ``handle`` calls.
+    A handler may also define ``async def on_assigned(tps)``, called after each assignment.
     """
 
     @property
@@ -113,6 +115,9 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         await self._lane._resume_handover(set(assigned))
+        on_assigned = getattr(self._lane.handler, "on_assigned", None)
+        if on_assigned is not None:  # optional hook, e.g. to start loading partition state
+            await on_assigned(set(assigned))
         self._lane._rebalancing = False
         log.info("%s: assigned %s", self._lane.name,
                  sorted((t.topic, t.partition) for t in assigned))

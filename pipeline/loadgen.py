@@ -1,8 +1,14 @@
 """Open-loop traffic and result reading, shared by the demo, the benchmarks and the tests.
 
-* a :class:`RequestSource` makes a lane's synthetic requests (and deliberately bad variants):
-  :class:`TransactionSource` for the fraud lane, :class:`pipeline.recogen.RecoRequestSource`
-  for the reco lane; its :class:`Workload` names the lane's topics and id field;
+* a :class:`RequestSource` makes a lane's synthetic requests (and deliberately bad variants)
+  and any records that go along on other topics; its :class:`Workload` names the lane's
+  topics and id field. :class:`HistoryTransactionSource` is the fraud v2 model's world
+  (:class:`~pipeline.training.history_data.HistoryStreamGenerator`: per-card habits, fraud
+  episodes, delayed labels, which go to ``fraud.labels``), replayed with simulated event time
+  (``ts``) starting 30 days ago: about 5 s of event time pass per transaction, so each card's
+  history evolves as in days of traffic while the wire rate is whatever the caller asks.
+  :class:`TransactionSource` is the plain transaction stream of :mod:`pipeline.synth` (the
+  benchmark's), :class:`pipeline.recogen.RecoRequestSource` the reco lane's requests;
 * :func:`produce_requests` sends them at a steady rate (open loop: the schedule never waits
   for results, so slow results cannot slow the offered load), stamping ``sent_at`` at send
   time; a fraction can be deliberately invalid, one kind after another
@@ -29,10 +35,14 @@ from pipeline.kafka import apply_idle_fetch_backoff, client_kwargs, make_produce
 from pipeline.produce import BatchSender
 from pipeline.settings import Settings
 from pipeline.synth import INVALID_KINDS, TransactionGenerator, make_invalid
+from pipeline.training.history_data import HistoryStreamGenerator
 
-__all__ = ["FRAUD", "RECO", "ProduceReport", "RequestSource", "ResultReader",
-           "TransactionSource", "Workload", "produce_requests", "produce_transactions",
-           "snapshot_end_offsets"]
+__all__ = ["FRAUD", "RECO", "HistoryTransactionSource", "ProduceReport", "RequestSource",
+           "ResultReader", "SideRecord", "TransactionSource", "Workload", "produce_requests",
+           "produce_transactions", "snapshot_end_offsets"]
+
+SideRecord = tuple[str, bytes | None, bytes]
+"""A record that goes along with the requests: (logical topic, key, value)."""
 
 
 @dataclass(frozen=True)
@@ -64,8 +74,12 @@ class RequestSource(Protocol):
     @property
     def invalid_kinds(self) -> tuple[str, ...]: ...
 
-    def next(self) -> dict[str, Any]:
-        """A valid request, without ``sent_at`` (the sender stamps it)."""
+    def take(self, n: int) -> list[dict[str, Any]]:
+        """The next ``n`` valid requests, without ``sent_at`` (the sender stamps it)."""
+        ...
+
+    def side_records(self) -> list[SideRecord]:
+        """Records due on other topics since the last call (e.g. fraud labels); sent along."""
         ...
 
     def make_invalid(self, kind: str, rng: np.random.Generator, base: dict[str, Any]) -> bytes:
@@ -74,7 +88,7 @@ class RequestSource(Protocol):
 
 
 class TransactionSource:
-    """The fraud lane's requests: :class:`pipeline.synth.TransactionGenerator` transactions."""
+    """Plain synthetic transactions (:class:`pipeline.synth.TransactionGenerator`)."""
 
     workload = FRAUD
     invalid_kinds = INVALID_KINDS
@@ -82,12 +96,32 @@ class TransactionSource:
     def __init__(self, seed: int, start_ts: float | None = None) -> None:
         self._generator = TransactionGenerator(seed=seed, start_ts=start_ts)
 
-    def next(self) -> dict[str, Any]:
-        txn, _label = self._generator.next()
-        return txn
+    def take(self, n: int) -> list[dict[str, Any]]:
+        return [self._generator.next()[0] for _ in range(n)]
+
+    def side_records(self) -> list[SideRecord]:
+        return []
 
     def make_invalid(self, kind: str, rng: np.random.Generator, base: dict[str, Any]) -> bytes:
         return make_invalid(kind, rng, base)
+
+
+class HistoryTransactionSource(TransactionSource):
+    """The fraud v2 world: transactions, and their delayed labels for ``fraud.labels``."""
+
+    def __init__(self, seed: int, start_ts: float) -> None:
+        self._history = HistoryStreamGenerator(seed=seed, start_ts=start_ts)
+        self._labels: list[SideRecord] = []
+
+    def take(self, n: int) -> list[dict[str, Any]]:
+        stream = self._history.stream(n)
+        self._labels.extend(("fraud.labels", label["card_id"].encode(), orjson.dumps(label))
+                            for label in stream.labels)
+        return list(stream.txns)
+
+    def side_records(self) -> list[SideRecord]:
+        labels, self._labels = self._labels, []
+        return labels
 
 
 @dataclass
@@ -97,6 +131,8 @@ class ProduceReport:
     valid_ids: list[str] = field(default_factory=list)
     invalid_by_kind: dict[str, int] = field(default_factory=dict)
     invalid_keys: list[bytes] = field(default_factory=list)
+    labels: int = 0
+    """Records sent along on other topics, e.g. labels to ``fraud.labels`` (not in :attr:`sent`)."""
 
     @property
     def sent(self) -> int:
@@ -108,11 +144,12 @@ async def produce_transactions(
     duration_s: float | None = None, invalid_fraction: float = 0.0, seed: int = 0,
     tick_s: float = 0.005, report: ProduceReport | None = None, stop: asyncio.Event | None = None,
 ) -> ProduceReport:
-    """:func:`produce_requests` of synthetic transactions to ``fraud.requests``."""
+    """:func:`produce_requests` of the fraud v2 world: transactions to ``fraud.requests``,
+    their labels to ``fraud.labels``."""
+    source = HistoryTransactionSource(seed, start_ts=time.time() - 30 * 86_400.0)
     return await produce_requests(
-        settings, TransactionSource(seed, start_ts=time.time()), rate_per_s=rate_per_s,
-        count=count, duration_s=duration_s, invalid_fraction=invalid_fraction, seed=seed,
-        tick_s=tick_s, report=report, stop=stop)
+        settings, source, rate_per_s=rate_per_s, count=count, duration_s=duration_s,
+        invalid_fraction=invalid_fraction, seed=seed, tick_s=tick_s, report=report, stop=stop)
 
 
 async def produce_requests(
@@ -131,11 +168,10 @@ async def produce_requests(
     """Produce ``source``'s requests at ``rate_per_s`` until ``count`` or ``duration_s``.
 
     ``report`` (filled in place, so a caller can watch progress) is returned at the end; every
-    record in it has been acknowledged by the broker when this returns.
+    record in it has been acknowledged by the broker when this returns (else this raises).
     """
     if count is None and duration_s is None:
         raise ValueError("give count or duration_s")
-    topic = settings.topic(source.workload.requests_topic)
     rng = np.random.default_rng(seed + 1)
     report = report if report is not None else ProduceReport()
     producer = make_producer(settings, linger_ms=2)
@@ -148,11 +184,9 @@ async def produce_requests(
             elapsed = time.monotonic() - started
             due = int(elapsed * rate_per_s) if count is None else min(
                 int(elapsed * rate_per_s), count)
-            records = [_next_record(source, rng, invalid_fraction, report)
-                       for _ in range(due - report.sent)]
-            if records:
-                task = asyncio.create_task(sender.send(topic, records))
-                sends.append(task)
+            if due > report.sent:
+                sends += _send_due(settings, sender, source, due - report.sent, rng,
+                                   invalid_fraction, report)
             if (count is not None and report.sent >= count) or (
                     duration_s is not None and elapsed >= duration_s):
                 break
@@ -164,9 +198,22 @@ async def produce_requests(
     return report
 
 
-def _next_record(source: RequestSource, rng: np.random.Generator, invalid_fraction: float,
-                 report: ProduceReport) -> tuple[bytes | None, bytes]:
-    value = source.next()
+def _send_due(settings: Settings, sender: BatchSender, source: RequestSource, n: int,
+              rng: np.random.Generator, invalid_fraction: float,
+              report: ProduceReport) -> list[asyncio.Task[None]]:
+    """Start sending the next ``n`` requests and the records due along with them."""
+    by_topic: dict[str, list[tuple[bytes | None, bytes]]] = {
+        source.workload.requests_topic: [_next_record(source, value, rng, invalid_fraction, report)
+                                         for value in source.take(n)]}
+    for topic, key, value in source.side_records():
+        by_topic.setdefault(topic, []).append((key, value))
+        report.labels += 1
+    return [asyncio.create_task(sender.send(settings.topic(topic), records))
+            for topic, records in by_topic.items() if records]
+
+
+def _next_record(source: RequestSource, value: dict[str, Any], rng: np.random.Generator,
+                 invalid_fraction: float, report: ProduceReport) -> tuple[bytes | None, bytes]:
     workload = source.workload
     key = str(value[workload.key_field]).encode()
     if invalid_fraction and rng.random() < invalid_fraction:

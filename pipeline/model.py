@@ -28,6 +28,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from pipeline.errors import ModelLoadError
 from pipeline.features import FAST_FEATURE_NAMES
+from pipeline.history import DEFAULT_HISTORY_FEATURES, FRAUD_V2_FEATURE_NAMES, HISTORY_FEATURE_NAMES
 
 __all__ = [
     "CARD_FILE",
@@ -36,6 +37,7 @@ __all__ = [
     "ModelFile",
     "OnnxScorer",
     "Precision",
+    "SERVED_FEATURE_SETS",
     "load_card",
     "parse_files",
     "read_card_json",
@@ -171,8 +173,12 @@ def verified_bytes(model_dir: Path, entry: ModelFile) -> bytes:
     return blob
 
 
+#: Feature layouts this runtime can compute: fast only (v1), fast + slow-path history (v2).
+SERVED_FEATURE_SETS: tuple[tuple[str, ...], ...] = (FAST_FEATURE_NAMES, FRAUD_V2_FEATURE_NAMES)
+
+
 class OnnxScorer:
-    """A loaded, verified model that maps fast-feature rows to P(fraud).
+    """A loaded, verified model that maps feature rows (fast, or fast + history) to P(fraud).
 
     Build it with :meth:`load`.  :meth:`predict` keeps no per-call Python state and ORT's
     ``run`` is thread-safe, so one scorer may be shared by a thread pool.
@@ -193,10 +199,11 @@ class OnnxScorer:
     ) -> OnnxScorer:
         """Load ``precision`` from ``model_dir`` after checking hash, features and graph I/O."""
         card = load_card(model_dir)
-        if card.feature_names != FAST_FEATURE_NAMES:
+        if card.feature_names not in SERVED_FEATURE_SETS:
             raise ModelLoadError(
                 f"model {card.name}-{card.version} expects features {list(card.feature_names)}"
-                f" but this runtime computes {list(FAST_FEATURE_NAMES)}"
+                f" but this runtime computes {list(FAST_FEATURE_NAMES)}, optionally followed"
+                f" by {list(HISTORY_FEATURE_NAMES)}"
             )
         entry, session = verified_session(model_dir, card.files, precision, intra_op_threads)
         _check_io(session, card, model_dir / entry.path)
@@ -216,6 +223,23 @@ class OnnxScorer:
     def version(self) -> str:
         """Model identity for logs and scored events, e.g. ``fraud-v1-int8``."""
         return f"{self._card.name}-{self._card.version}-{self._precision}"
+
+    @property
+    def uses_history(self) -> bool:
+        """True when the model reads slow-path history features after the fast ones."""
+        return self._n_features == len(FRAUD_V2_FEATURE_NAMES)
+
+    def predict_fast(self, fast: NDArray[np.float32]) -> NDArray[np.float32]:
+        """P(fraud) from fast features alone: a history model gets default history (degraded).
+
+        For callers without a history snapshot (batch backfills, yardstick benchmarks); their
+        results must carry ``degraded = scorer.uses_history``.
+        """
+        if self.uses_history:
+            defaults = np.broadcast_to(np.asarray(DEFAULT_HISTORY_FEATURES, np.float32),
+                                       (fast.shape[0], len(DEFAULT_HISTORY_FEATURES)))
+            fast = np.hstack([fast, defaults])
+        return self.predict(fast)
 
     def predict(self, features: NDArray[np.float32]) -> NDArray[np.float32]:
         """Return P(fraud) per row, shape ``(n,)``, for a ``(n, n_features)`` matrix."""

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from pipeline.loadgen import RECO
+from pipeline.loadgen import RECO, SideRecord
 from pipeline.reco import IdFormat, load_reco_card
 from schemas import RECO_MAX_CANDIDATES
 
@@ -72,7 +72,16 @@ class RecoRequestSource:
         return cls(seed, n_users=card.n_users, n_items=card.n_items, user_ids=card.user_ids,
                    item_ids=card.item_ids, **options)
 
+    def take(self, n: int) -> list[dict[str, Any]]:
+        """The next ``n`` requests."""
+        return [self.next() for _ in range(n)]
+
+    def side_records(self) -> list[SideRecord]:
+        """Nothing goes along with reco requests."""
+        return []
+
     def next(self) -> dict[str, Any]:
+        """The next request."""
         self._count += 1
         rng = self._rng
         request: dict[str, Any] = {

@@ -19,7 +19,7 @@ from pipeline.errors import ConfigError
 __all__ = ["KNOWN_LANES", "Settings", "load_settings"]
 
 #: Lanes (consumer loops) a worker can serve; ``INFERLANE_LANES`` picks a subset.
-KNOWN_LANES: tuple[str, ...] = ("fraud", "reco", "archive", "batch")
+KNOWN_LANES: tuple[str, ...] = ("fraud", "reco", "history", "archive", "batch")
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,12 +96,34 @@ class Settings(BaseSettings):
     fraud_max_wait_ms: float = Field(default=5.0, ge=0.0, le=100.0)
     fraud_budget_ms: float = Field(default=50.0, gt=0.0)
     """End-to-end latency budget from ``sent_at``; results past it are counted as late."""
-    fraud_model_dir: Path = _REPO_ROOT / "models" / "fraud"
+    model_registry: str = str(_REPO_ROOT / "models")
+    """Model registry: a local folder or ``s3://bucket/prefix``; each sub-folder with a
+    ``card.json`` is one model version (see pipeline/registry.py)."""
+    model_poll_interval_s: float = Field(default=10.0, ge=0.0)
+    """How often workers look for a new model version in the registry (0 = never)."""
+    fraud_model_version: str = "latest"
+    """Fraud model version to serve: ``latest`` (highest in the registry, followed while
+    running) or a pinned version such as ``v2``."""
+    fraud_model_dir: Path | None = None
+    """Serve this model folder instead of the registry's (no polling, no hot swap)."""
     fraud_model_precision: Literal["int8", "fp32"] = "int8"
     fraud_review_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     """Score at or above which a transaction is sent to review (default: the model card's)."""
     fraud_decline_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     """Score at or above which a transaction is declined (default: the model card's)."""
+    fraud_shadow_version: str | None = None
+    """A second fraud model version (from the registry) that scores a sample of the traffic
+    to ``fraud.shadow`` without affecting the results; unset = no shadow."""
+    fraud_shadow_sample: float = Field(default=0.1, ge=0.0, le=1.0)
+    """Share of valid transactions the shadow model scores."""
+    drift_sample: float = Field(default=0.02, ge=0.0, le=1.0)
+    """Share of transactions also scored with the FP32 file of the served version, to export
+    the INT8-vs-FP32 score difference and decision flips as metrics (0 = off)."""
+    history_max_staleness_ms: float = Field(default=1000.0, gt=0.0)
+    """A card's history snapshot is used only when the slow path has applied every earlier
+    transaction of the card's partition, or the oldest one it has not applied is at most this old
+    relative to the scored event; otherwise the event is scored on default history and marked
+    ``degraded``."""
     reco_batch_max_rows: int = Field(default=32, ge=1, le=65_536)
     """Reco lane: most requests of one path (catalogue or candidates) per model hand-off."""
     reco_max_wait_ms: float = Field(default=5.0, ge=0.0, le=100.0)

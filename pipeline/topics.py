@@ -16,7 +16,8 @@ from pipeline.errors import TopicError
 from pipeline.kafka import client_kwargs
 from pipeline.settings import Settings
 
-__all__ = ["TOPICS", "TopicSpec", "archived_topics", "ensure_topics", "topic_specs"]
+__all__ = ["TOPICS", "TopicSpec", "archived_topics", "ensure_topics", "spec", "topic_configs",
+           "topic_specs"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,10 @@ class TopicSpec:
     partitions: int | None = None
     """Fixed partition count; ``None`` = ``Settings.realtime_partitions``."""
     configs: dict[str, str] = field(default_factory=dict)
+    compact: bool = False
+    """A table changelog: compacted on Apache Kafka (the local broker cannot compact; there it
+    keeps the bounded retention of every local topic, so history older than that is lost
+    when a table or view reloads)."""
     results: bool = False
     """A real-time lane's result topic: the archive lane copies it to S3."""
 
@@ -39,6 +44,14 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("fraud.requests", lane="fraud"),
     TopicSpec("fraud.scores", lane="fraud", results=True),
     TopicSpec("fraud.requests.dlq", lane="fraud", partitions=1),
+    TopicSpec("fraud.shadow", lane="fraud"),
+    # Keyed by card_id like fraud.requests and with as many partitions: the history agent
+    # reads both into one co-partitioned table.
+    TopicSpec("fraud.labels", lane="history"),
+    TopicSpec("fraud.labels.dlq", lane="history", partitions=1),
+    # The history table's changelog (faust Table, see agents/history.py); the fraud lane's
+    # history view tails it, so the fraud lane ensures it too.
+    TopicSpec("fraud.history.changelog", lane="fraud", compact=True),
     TopicSpec("reco.requests", lane="reco"),
     TopicSpec("reco.results", lane="reco", results=True),
     TopicSpec("reco.requests.dlq", lane="reco", partitions=1),
@@ -52,10 +65,13 @@ TOPICS: tuple[TopicSpec, ...] = (
 
 
 def topic_specs(lanes: Iterable[str] | None = None) -> list[TopicSpec]:
-    """Specs of the topics the given lanes use (all when ``None``); the archive reads results."""
+    """Specs of the topics the given lanes use (all when ``None``); the archive reads every
+    real-time result topic, the history agent reads ``fraud.requests``."""
     if lanes is None:
         return list(TOPICS)
     wanted = set(lanes)
+    if "history" in wanted:
+        wanted.add("fraud")
     archive = "archive" in wanted
     return [spec for spec in TOPICS if spec.lane in wanted or (archive and spec.results)]
 
@@ -69,16 +85,31 @@ def archived_topics() -> list[str]:
     return [spec.name for spec in TOPICS if spec.results]
 
 
-def _new_topic(spec: TopicSpec, settings: Settings) -> NewTopic:
+def spec(name: str) -> TopicSpec:
+    """The declared spec of logical topic ``name``."""
+    for candidate in TOPICS:
+        if candidate.name == name:
+            return candidate
+    raise KeyError(f"no topic {name!r} declared in pipeline.topics.TOPICS")
+
+
+def topic_configs(spec: TopicSpec, settings: Settings) -> dict[str, str]:
+    """Broker configs of a topic as created here (faust's own declarations reuse them)."""
     configs = dict(spec.configs)
     if settings.is_local_broker:
         # The local broker keeps every record in memory: bound what each topic can hold.
         configs.setdefault("retention.ms", str(settings.local_retention_ms))
+    elif spec.compact:
+        configs.setdefault("cleanup.policy", "compact")
+    return configs
+
+
+def _new_topic(spec: TopicSpec, settings: Settings) -> NewTopic:
     return NewTopic(
         name=settings.topic(spec.name),
         num_partitions=spec.partitions or settings.realtime_partitions,
         replication_factor=settings.replication_factor,
-        topic_configs=configs,
+        topic_configs=topic_configs(spec, settings),
     )
 
 

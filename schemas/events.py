@@ -25,15 +25,19 @@ __all__ = [
     "Channel",
     "DeadLetter",
     "Decision",
+    "FraudLabel",
     "FraudScore",
+    "Label",
     "RecoItem",
     "RecoRequest",
     "RecoResult",
+    "ShadowScore",
     "Transaction",
 ]
 
 Channel = Literal["pos", "ecom", "atm"]
 Decision = Literal["approve", "review", "decline"]
+Label = Literal["chargeback", "confirmed_fraud", "legit"]
 
 _Id = Annotated[str, Meta(min_length=1, max_length=128)]
 _Country = Annotated[str, Meta(pattern="^[A-Z]{2}$")]
@@ -88,6 +92,40 @@ class FraudScore(msgspec.Struct, frozen=True, kw_only=True):
     scored_at: _EpochS
     sent_at: _EpochS | None = None
     """Copied from the request so readers can measure end-to-end latency."""
+
+
+class ShadowScore(msgspec.Struct, frozen=True, kw_only=True):
+    """A shadow model's score for a sampled transaction, value of ``fraud.shadow`` (key:
+    ``card_id``), next to what the served model said. Never used for decisions."""
+
+    event_id: _Id
+    card_id: _Id
+    score: _Probability
+    decision: Decision
+    """The shadow model's decision under its own card's thresholds."""
+    model_version: str
+    """The shadow version, e.g. ``fraud-v1-int8``."""
+    degraded: bool
+    primary_score: _Probability
+    primary_decision: Decision
+    primary_model_version: str
+    scored_at: _EpochS
+
+
+class FraudLabel(msgspec.Struct, frozen=True, kw_only=True):
+    """A late verdict on a past transaction, value of ``fraud.labels`` (key: ``card_id``).
+
+    Labels arrive days after the transaction (chargebacks, analyst reviews); the slow path counts
+    ``chargeback`` and ``confirmed_fraud`` into the card's history. ``legit`` only moves the
+    history's clock.
+    """
+
+    event_id: _Id
+    """The labelled transaction's ``event_id``."""
+    card_id: _Id
+    label: Label
+    ts: _EpochS
+    """When the verdict was made, epoch seconds."""
 
 
 class RecoRequest(msgspec.Struct, frozen=True, kw_only=True):

@@ -16,9 +16,11 @@ from schemas.events import (
     BatchRecord,
     BatchResult,
     DeadLetter,
+    FraudLabel,
     FraudScore,
     RecoRequest,
     RecoResult,
+    ShadowScore,
     Transaction,
 )
 
@@ -27,6 +29,8 @@ __all__ = ["SHAPES", "export_json_schemas", "json_schema"]
 SHAPES: dict[str, type[msgspec.Struct]] = {
     "Transaction": Transaction,
     "FraudScore": FraudScore,
+    "FraudLabel": FraudLabel,
+    "ShadowScore": ShadowScore,
     "RecoRequest": RecoRequest,
     "RecoResult": RecoResult,
     "DeadLetter": DeadLetter,

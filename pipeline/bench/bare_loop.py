@@ -16,6 +16,7 @@ import asyncio
 import logging
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -28,6 +29,7 @@ from pipeline.fraud import Thresholds, decide
 from pipeline.kafka import apply_idle_fetch_backoff, make_consumer, make_producer
 from pipeline.model import OnnxScorer
 from pipeline.produce import BatchSender
+from pipeline.serving import fraud_model_path
 from pipeline.settings import Settings, load_settings
 from schemas import Transaction, validate_record
 
@@ -40,18 +42,19 @@ Out = list[tuple[bytes | None, bytes]]
 
 
 class _Scorer:
-    def __init__(self, settings: Settings) -> None:
-        self.model = OnnxScorer.load(settings.fraud_model_dir, settings.fraud_model_precision,
+    def __init__(self, settings: Settings, model_dir: Path) -> None:
+        self.model = OnnxScorer.load(model_dir, settings.fraud_model_precision,
                                      settings.inference_threads)
         self.model.warm_up()
         self.thresholds = Thresholds.for_model(settings, self.model)
 
     def results(self, valid: list[dict[str, Any]]) -> Out:
-        scores = self.model.predict(fast_features(valid))
+        scores = self.model.predict_fast(fast_features(valid))
         now = time.time()
         return [(txn["card_id"].encode(), orjson.dumps({
             "event_id": txn["event_id"], "card_id": txn["card_id"], "score": score,
-            "decision": decision, "model_version": self.model.version, "degraded": False,
+            "decision": decision, "model_version": self.model.version,
+            "degraded": self.model.uses_history,
             "scored_at": now, "sent_at": txn.get("sent_at"),
         })) for txn, score, decision in zip(valid, scores.tolist(),
                                             decide(scores, self.thresholds), strict=True)]
@@ -90,7 +93,7 @@ async def run(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    scorer = _Scorer(settings)
+    scorer = _Scorer(settings, await fraud_model_path(settings))
     producer = make_producer(settings)
     consumer = make_consumer(settings, "bare")
     consumer.subscribe([settings.topic("fraud.requests")])

@@ -16,6 +16,7 @@ them) and a data dir under ``INFERLANE_STATE_DIR``.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, cast
 
@@ -26,6 +27,7 @@ from pipeline.deadletter import dead_letter
 from pipeline.features import fast_features
 from pipeline.fraud import Thresholds, decide
 from pipeline.model import OnnxScorer
+from pipeline.serving import fraud_model_path
 from pipeline.settings import load_settings
 from schemas import Transaction, validate_record
 
@@ -48,7 +50,7 @@ scores_topic = app.topic(settings.topic("fraud.scores"), key_type=bytes, value_t
 dlq_topic = app.topic(settings.topic("fraud.requests.dlq"), key_type=bytes, value_type=bytes,
                       value_serializer="raw")
 
-scorer = OnnxScorer.load(settings.fraud_model_dir, settings.fraud_model_precision,
+scorer = OnnxScorer.load(asyncio.run(fraud_model_path(settings)), settings.fraud_model_precision,
                          settings.inference_threads)
 scorer.warm_up()
 thresholds = Thresholds.for_model(settings, scorer)
@@ -75,12 +77,13 @@ async def score_transactions(stream: faust.StreamT[bytes]) -> None:
                 await _dead_letter(event, rejection.error, rejection.reason)
         if not valid:
             continue
-        scores = scorer.predict(fast_features(valid))
+        scores = scorer.predict_fast(fast_features(valid))
         decisions = decide(scores, thresholds)
         now = time.time()
         for txn, score, decision in zip(valid, scores.tolist(), decisions, strict=True):
             await scores_topic.send(key=txn["card_id"].encode(), value=orjson.dumps({
                 "event_id": txn["event_id"], "card_id": txn["card_id"], "score": score,
-                "decision": decision, "model_version": scorer.version, "degraded": False,
+                "decision": decision, "model_version": scorer.version,
+                "degraded": scorer.uses_history,
                 "scored_at": now, "sent_at": txn.get("sent_at"),
             }))

@@ -78,8 +78,7 @@ class Arrivals:
 def _records(source: RequestSource, count: int, log: SentLog) -> list[Record]:
     out: list[Record] = []
     id_field, key_field = source.workload.id_field, source.workload.key_field
-    for _ in range(count):
-        value = source.next()
+    for value in source.take(count):
         value["sent_at"] = now = time.time()
         log.ids.append(str(value[id_field]))
         out.append((str(value[key_field]).encode(), orjson.dumps(value)))
@@ -96,7 +95,7 @@ async def produce_open_loop(settings: Settings, arrivals: Arrivals, *, seed: int
     transactions to ``fraud.requests``); all acked on return."""
     source = source if source is not None else TransactionSource(seed, start_ts=time.time())
     topic = settings.topic(source.workload.requests_topic)
-    source.next()  # the first call pays one-off set-up costs: keep them off the schedule
+    source.take(1)  # the first call pays one-off set-up costs: keep them off the schedule
     log = SentLog()
     producer = make_producer(settings, linger_ms=2)
     await producer.start()

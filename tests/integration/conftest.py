@@ -79,8 +79,8 @@ def worker_factory(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], Worker
     """Start ``faust -A agents worker`` processes; every one is stopped after the test."""
     workers: list[WorkerProcess] = []
 
-    def start(env: dict[str, str], *, name: str = "worker") -> WorkerProcess:
-        worker = WorkerProcess(env, tmp_path / "logs" / f"{name}.log", cwd=REPO)
+    def start(env: dict[str, str], *, name: str = "worker", web: bool = False) -> WorkerProcess:
+        worker = WorkerProcess(env, tmp_path / "logs" / f"{name}.log", cwd=REPO, web=web)
         workers.append(worker)
         worker.start()
         return worker

@@ -18,6 +18,7 @@ from pipeline.kafka import make_producer
 from pipeline.loadgen import ResultReader, produce_transactions, snapshot_end_offsets
 from pipeline.model import load_card
 from pipeline.s3 import S3Store
+from pipeline.serving import fraud_model_path
 from pipeline.settings import Settings
 from pipeline.synth import INVALID_KINDS, TransactionGenerator, invalid_reason_field, make_invalid
 from pipeline.worker import WorkerProcess
@@ -45,7 +46,8 @@ async def test_every_valid_event_gets_one_score(
         assert not missing, f"{len(missing)} events without a score"
         assert scores.duplicates == 0
         assert dlq.records == 0
-    thresholds = load_card(settings.fraud_model_dir).thresholds
+    card = load_card(await fraud_model_path(settings))
+    thresholds = card.thresholds
     assert set(scores.results) == set(report.valid_ids)
     for value in scores.results.values():
         score = msgspec.convert(value, FraudScore)
@@ -53,7 +55,7 @@ async def test_every_valid_event_gets_one_score(
         expected = ("decline" if score.score >= thresholds["decline"] else
                     "review" if score.score >= thresholds["review"] else "approve")
         assert score.decision == expected
-        assert score.model_version == "fraud-v1-int8"
+        assert score.model_version == f"{card.name}-{card.version}-int8"
     decisions = {v["decision"] for v in scores.results.values()}
     assert decisions == {"approve", "review", "decline"}
 

@@ -124,10 +124,14 @@ class _Recorder:
         self.source, self.sent = source, sent
         self.workload, self.invalid_kinds = source.workload, source.invalid_kinds
 
-    def next(self) -> dict[str, Any]:
-        request = self.source.next()
-        self.sent[request["request_id"]] = request  # sent_at is added to this same dict
-        return request
+    def take(self, n: int) -> list[dict[str, Any]]:
+        requests = self.source.take(n)
+        for request in requests:
+            self.sent[request["request_id"]] = request  # sent_at is added to this same dict
+        return requests
+
+    def side_records(self) -> list[tuple[str, bytes | None, bytes]]:
+        return self.source.side_records()
 
     def make_invalid(self, kind: str, rng: np.random.Generator, base: dict[str, Any]) -> bytes:
         self.sent.pop(base["request_id"])

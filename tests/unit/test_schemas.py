@@ -15,7 +15,8 @@ import orjson
 import pytest
 
 import schemas
-from pipeline.fraud import FraudHandler, Thresholds
+from pipeline.batcher import MicroBatcher
+from pipeline.fraud import FraudHandler, FraudModel, Thresholds
 from pipeline.lane import LaneContext, LaneStats, Record
 from pipeline.model import OnnxScorer
 from pipeline.settings import load_settings
@@ -25,10 +26,12 @@ from schemas import (
     BatchRecord,
     BatchResult,
     DeadLetter,
+    FraudLabel,
     FraudScore,
     RecoRequest,
     RecoResult,
     Rejection,
+    ShadowScore,
     Transaction,
     encode_raw,
     export_json_schemas,
@@ -346,7 +349,8 @@ def test_shapes_registry() -> None:
     assert SHAPES == {"Transaction": Transaction, "FraudScore": FraudScore,
                       "RecoRequest": RecoRequest, "RecoResult": RecoResult,
                       "DeadLetter": DeadLetter, "BatchJob": BatchJob, "BatchRecord": BatchRecord,
-                      "BatchResult": BatchResult}
+                      "BatchResult": BatchResult, "FraudLabel": FraudLabel,
+                      "ShadowScore": ShadowScore}
 
 
 def _isort_key(name: str) -> tuple[int, str]:
@@ -391,7 +395,9 @@ async def test_fraud_score_values_produced_by_the_lane_convert() -> None:
     handler = FraudHandler(settings, scorer=cast(OnnxScorer, _FakeScorer()))
     stats = LaneStats()
     handler._ctx = cast(LaneContext, type("Ctx", (), {"stats": stats})())
-    handler.thresholds = Thresholds(review=0.5, decline=0.9)
+    model = FraudModel(scorer=cast(OnnxScorer, _FakeScorer()),
+                       thresholds=Thresholds(review=0.5, decline=0.9),
+                       batcher=cast(MicroBatcher, None), reference=None, cold_start_s=0.0)
     valid = [_txn(event_id="a", card_id="card-a"),
              _txn(event_id="b", card_id="card-b", sent_at=time.time()),
              _txn(event_id="c", card_id="card-c", sent_at=TS),
@@ -401,7 +407,8 @@ async def test_fraud_score_values_produced_by_the_lane_convert() -> None:
     try:
         # Kafka record timestamps (ms) stand in for sent_at where it is absent ("a", "d").
         sources = [cast(Record, SimpleNamespace(timestamp=int(before * 1000)))] * len(valid)
-        out = handler._results(valid, sources, scores, failed=[(3, "model failed")])
+        degraded = np.array([False, True, False, False])
+        out = handler._results(valid, sources, scores, degraded, [(3, "model failed")], model)
     finally:
         await handler.stop()
     assert [key for key, _ in out] == [b"card-a", b"card-b", b"card-c"]
@@ -409,7 +416,9 @@ async def test_fraud_score_values_produced_by_the_lane_convert() -> None:
     assert [s.event_id for s in converted] == ["a", "b", "c"]
     assert [s.decision for s in converted] == ["approve", "review", "decline"]
     assert [s.score for s in converted] == [float(np.float32(x)) for x in (0.1, 0.5, 0.95)]
-    assert all(s.model_version == "fraud-v1-int8" and s.degraded is False for s in converted)
+    assert all(s.model_version == "fraud-v1-int8" for s in converted)
+    assert [s.degraded for s in converted] == [False, True, False]
+    assert stats.degraded == 1
     assert all(before <= s.scored_at <= time.time() for s in converted)
     assert [s.sent_at for s in converted] == [None, valid[1]["sent_at"], TS]
     assert stats.late == 1  # only "c" was sent long before the 50 ms budget

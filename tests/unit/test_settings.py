@@ -47,14 +47,15 @@ def test_defaults() -> None:
     assert s.s3_region == "us-east-1"
     assert s.s3_access_key_id is None
     assert s.s3_secret_access_key is None
-    assert s.lanes == ("fraud", "reco", "archive", "batch")
+    assert s.lanes == ("fraud", "reco", "history", "archive", "batch")
     assert s.lanes == KNOWN_LANES
     assert s.web_port == 6066
     assert s.web_enabled is True
     assert s.fraud_batch_max_rows == 256
     assert s.fraud_max_wait_ms == 5.0
     assert s.fraud_budget_ms == 50.0
-    assert s.fraud_model_dir == REPO_ROOT / "models" / "fraud"
+    assert s.fraud_model_dir is None and s.fraud_model_version == "latest"
+    assert s.model_registry == str(REPO_ROOT / "models")
     assert s.fraud_model_precision == "int8"
     assert s.fraud_review_threshold is None
     assert s.fraud_decline_threshold is None
@@ -190,7 +191,7 @@ def test_settings_are_frozen() -> None:
     with pytest.raises(ValidationError, match="frozen"):
         s.lanes = ("fraud",)  # type: ignore[misc]
     assert s.app_id == "inferlane"
-    assert s.lanes == ("fraud", "reco", "archive", "batch")
+    assert s.lanes == ("fraud", "reco", "history", "archive", "batch")
 
 
 def test_secrets_are_not_printed(monkeypatch: pytest.MonkeyPatch) -> None:

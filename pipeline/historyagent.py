@@ -1,0 +1,168 @@
+"""The slow path: a faust agent that keeps every card's history in a changelogged faust Table.
+
+It reads ``fraud.requests`` and ``fraud.labels`` (both keyed by ``card_id``, same partition
+count) as one co-partitioned stream and applies each valid transaction / label to the card's
+:class:`~pipeline.history.CardHistory` (pure transitions in :mod:`pipeline.history`). faust
+writes every update to the table's changelog (``fraud.history.changelog``, compacted on Apache
+Kafka), recovers the table from it after a restart or a rebalance, and the fraud lane's
+:class:`~pipeline.historyview.HistoryView` tails the same changelog for its snapshots.
+
+Idempotent updates. faust delivers at least once (a crash or a rebalance redelivers what was
+not committed yet). Each card's state keeps the highest offset it has applied from each input
+topic (``src_offset``, ``label_offset``), so a redelivered record is recognised and skipped
+instead of being counted twice. (A card's records always arrive on the same partition, so the
+per-card offsets are comparable.)
+
+Invalid records: a transaction the fraud lane will dead-letter is skipped here (the lane
+reports it); an invalid label goes to ``fraud.labels.dlq`` with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+import msgspec
+from faust.types import TableT
+
+from pipeline.deadletter import dead_letter
+from pipeline.history import (
+    CardHistory,
+    from_bytes,
+    to_bytes,
+    update_with_label,
+    update_with_transaction,
+)
+from pipeline.historyview import CHANGELOG, TABLE_NAME
+from pipeline.settings import Settings
+from pipeline.topics import spec, topic_configs
+from schemas import FraudLabel, Transaction, validate_record
+
+__all__ = [
+    "HistoryStats",
+    "HistoryTable",
+    "apply_label",
+    "apply_transaction",
+    "attach_history_agent",
+]
+
+log = logging.getLogger(__name__)
+
+#: card_id (UTF-8) -> :func:`pipeline.history.to_bytes` of its state.
+HistoryTable = TableT[bytes, bytes]
+
+
+@dataclass
+class HistoryStats:
+    """What the agent did (logged periodically)."""
+
+    transactions: int = 0
+    labels: int = 0
+    skipped_invalid: int = 0
+    redelivered: int = 0
+    labels_dead_lettered: int = 0
+
+
+def apply_transaction(h: CardHistory | None, txn: dict[str, Any],
+                      offset: int) -> CardHistory | None:
+    """The card's state after ``txn`` at ``offset``; None when that offset is already in it."""
+    if h is not None and offset <= h.src_offset:
+        return None
+    return update_with_transaction(h, txn, offset=offset)
+
+
+def apply_label(h: CardHistory | None, label: dict[str, Any], offset: int) -> CardHistory | None:
+    """The card's state after ``label`` at ``offset``; None when that offset is already in it."""
+    if h is not None and offset <= h.label_offset:
+        return None
+    return msgspec.structs.replace(update_with_label(h, label), label_offset=offset)
+
+
+def attach_history_agent(app: faust.App, settings: Settings) -> tuple[HistoryTable, HistoryStats]:
+    """Declare the history table and its agent on ``app``; return the table and its counters."""
+    partitions = settings.realtime_partitions
+    requests = settings.topic("fraud.requests")
+    labels = settings.topic("fraud.labels")
+    labels_dlq = app.topic(settings.topic("fraud.labels.dlq"), value_serializer="raw",
+                           key_serializer="raw")
+    # internal=True: faust creates what is missing itself, with the layout pipeline.topics uses.
+    source = app.topic(requests, labels, partitions=partitions, internal=True,
+                       config=topic_configs(spec("fraud.requests"), settings),
+                       key_serializer="raw", value_serializer="raw")
+    changelog_spec = spec(CHANGELOG)
+    changelog = app.topic(settings.topic(CHANGELOG), partitions=partitions, internal=True,
+                          compacting=changelog_spec.compact and not settings.is_local_broker,
+                          config=topic_configs(changelog_spec, settings),
+                          key_serializer="raw", value_serializer="raw")
+    # Keys and values stay bytes: the app's serializers are "raw" (see pipeline.app).
+    table: HistoryTable = app.Table(TABLE_NAME, partitions=partitions, changelog_topic=changelog,
+                                    help="per-card history for the fraud model")
+    stats = HistoryStats()
+
+    async def history(stream: faust.StreamT[bytes]) -> None:
+        try:
+            async for event in stream.events():
+                message = event.message
+                if message.topic == requests:
+                    _on_transaction(table, stats, message.value, message.offset)
+                else:
+                    letter = _on_label(table, stats, message)
+                    if letter is not None:
+                        await labels_dlq.send(key=message.key, value=letter)
+        finally:
+            log.info("history agent: %s, table holds %d cards", stats, len(table))
+
+    app.agent(source, name="history")(history)
+
+    async def history_stats() -> None:
+        log.info("history agent: %s, table holds %d cards", stats, len(table))
+
+    app.timer(interval=10.0)(history_stats)
+
+    return table, stats
+
+
+def _on_transaction(table: HistoryTable, stats: HistoryStats, value: bytes | None,
+                          offset: int) -> None:
+    txn, _ = validate_record(value, Transaction)
+    if txn is None:  # dead-lettered by the fraud lane
+        stats.skipped_invalid += 1
+        return
+    key = txn["card_id"].encode()
+    state = apply_transaction(_current(table, key), txn, offset)
+    if state is None:
+        stats.redelivered += 1
+        return
+    table[key] = to_bytes(state)
+    stats.transactions += 1
+
+
+def _on_label(table: HistoryTable, stats: HistoryStats, message: Any) -> bytes | None:
+    label, rejection = validate_record(message.value, FraudLabel)
+    if label is None:
+        stats.labels_dead_lettered += 1
+        assert rejection is not None  # noqa: S101 - validate_record returns one of the two
+        return dead_letter(message.value, error=rejection.error, reason=rejection.reason,
+                           topic=message.topic, partition=message.partition,
+                           offset=message.offset, lane="history")
+    key = label["card_id"].encode()
+    state = apply_label(_current(table, key), label, message.offset)
+    if state is None:
+        stats.redelivered += 1
+        return None
+    table[key] = to_bytes(state)
+    stats.labels += 1
+    return None
+
+
+def _current(table: HistoryTable, key: bytes) -> CardHistory | None:
+    raw = table.get(key)
+    if raw is None:
+        return None
+    try:
+        return from_bytes(raw)
+    except ValueError:
+        log.exception("history agent: unreadable state for card %r; starting it afresh", key)
+        return None
