@@ -22,9 +22,10 @@ repeating one input lets the branch predictor learn TopK's comparisons (2-3x too
 Results carry exactly ``min(k, available)`` items, best first, and the model version; chunks
 are reported done only after results and dead letters are acknowledged.
 
-The model is reached through one seam: :attr:`RecoHandler.scorer`, read once per batch. Ids are
-resolved, ranked and stamped by that same scorer (its own pair of batchers), so assigning a new,
-warmed scorer (a future model registry) takes effect at the next batch without mixing versions.
+The model is reached through one seam, a :class:`~pipeline.serving.Slot` holding the scorer
+with its pair of batchers, read once per batch: ids are resolved, ranked and stamped by that
+same scorer. :meth:`RecoHandler.serve` installs another scorer between batches and stops the
+old batchers once no batch uses them (the fraud lane swaps registry versions the same way).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from pipeline.deadletter import dead_letter
 from pipeline.lane import LaneContext, PartitionRecords, Record
 from pipeline.priority import REALTIME_GATE
 from pipeline.reco import PAD_ID, RecoScorer
+from pipeline.serving import Slot
 from pipeline.settings import Settings
 from schemas import RECO_DEFAULT_K, RECO_MAX_CANDIDATES, RecoRequest, Rejection, validate_record
 
@@ -161,12 +163,11 @@ def _seconds(fn: Callable[[NDArray[np.int64]], Top], rows: NDArray[np.int64],
 
 
 class _Paths:
-    """One scorer's two batchers; retired when the handler's scorer is replaced and idle."""
+    """One scorer and its two batchers: what a batch is served with."""
 
     def __init__(self, scorer: RecoScorer, catalogue: MicroBatcher,
                  candidates: MicroBatcher) -> None:
         self.scorer, self.catalogue, self.candidates = scorer, catalogue, candidates
-        self.users = 0
 
     async def start(self) -> None:
         await self.catalogue.start()
@@ -208,42 +209,45 @@ class RecoHandler:
         self.results_topic = settings.topic("reco.results")
         self.dlq_topic = settings.topic("reco.requests.dlq")
         self.topics = (self.requests_topic,)
-        self._scorer = scorer
+        self._given = scorer
         # One thread per path: each batcher keeps at most one batch in flight.
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="reco-model")
-        self._paths: _Paths | None = None
-        self._retired: list[_Paths] = []
-        self._swap = asyncio.Lock()
+        self._slot: Slot[_Paths] | None = None
         self._ctx: LaneContext | None = None
         self.cold_start_s = 0.0
 
     @property
     def scorer(self) -> RecoScorer:
-        """The served model, read once per batch. Assign a loaded, warmed scorer to swap it."""
-        if self._scorer is None:
+        """The model being served (a batch reads it once, with its batchers)."""
+        if self._slot is None:
             raise RuntimeError("RecoHandler not started")
-        return self._scorer
+        return self._slot.value.scorer
 
-    @scorer.setter
-    def scorer(self, scorer: RecoScorer) -> None:
-        self._scorer = scorer
+    async def serve(self, scorer: RecoScorer) -> None:
+        """Serve ``scorer`` (loaded and warmed) from the next batch on; batches in flight finish
+        with the old one, whose batchers stop once no batch uses them."""
+        assert self._slot is not None  # noqa: S101 - set in start()
+        old = await self._slot.replace(await self._open_paths(scorer))
+        await old.stop()
+        log.info("reco: now serving %s (was %s)", scorer.version, old.scorer.version)
 
     async def start(self, ctx: LaneContext) -> None:
         """Load, warm up and time the model (both paths) before the lane takes traffic."""
         self._ctx = ctx
         started = time.monotonic()
         loop = asyncio.get_running_loop()
-        if self._scorer is None:
-            self._scorer = await loop.run_in_executor(
+        scorer = self._given
+        if scorer is None:
+            scorer = await loop.run_in_executor(
                 self._executor, lambda: RecoScorer.load(
                     self.settings.reco_model_dir, self.settings.reco_model_precision,
                     self.settings.inference_threads))
         loaded = time.monotonic()
-        await loop.run_in_executor(self._executor, self.scorer.warm_up)
-        self._paths = await self._open_paths(self.scorer)
+        await loop.run_in_executor(self._executor, scorer.warm_up)
+        self._slot = Slot(await self._open_paths(scorer))
         self.cold_start_s = time.monotonic() - started
         log.info("reco: model %s ready in %.3fs (load %.3fs, warm-up and timing %.3fs)",
-                 self.scorer.version, self.cold_start_s, loaded - started,
+                 scorer.version, self.cold_start_s, loaded - started,
                  self.cold_start_s - (loaded - started))
 
     async def _open_paths(self, scorer: RecoScorer) -> _Paths:
@@ -273,52 +277,29 @@ class RecoHandler:
     @property
     def stats(self) -> dict[str, BatchStats] | None:
         """Each path's batcher counters (batches, rows, batch-size histogram)."""
-        paths = self._paths
-        if paths is None:
+        if self._slot is None:
             return None
+        paths = self._slot.value
         return {"catalogue": paths.catalogue.stats, "candidates": paths.candidates.stats}
 
     async def stop(self) -> None:
-        for paths in [*self._retired, *([self._paths] if self._paths else [])]:
-            await paths.stop()
+        if self._slot is not None:
+            await self._slot.value.stop()
         self._executor.shutdown(wait=True)
 
     async def on_revoked(self, tps: set[TopicPartition]) -> None:
         """Nothing buffered across calls: in-flight work finishes on its own."""
 
     async def handle(self, batch: Sequence[PartitionRecords]) -> None:
-        with REALTIME_GATE.realtime():  # batch work in this process yields meanwhile
-            scorer = self.scorer  # the seam: one model for the whole batch
-            paths = await self._acquire(scorer)
-            try:
-                await self._handle(batch, scorer, paths)
-            finally:
-                await self._release(paths)
+        assert self._slot is not None  # noqa: S101 - set in start()
+        # The seam: one scorer, with its batchers, for the whole batch.
+        with REALTIME_GATE.realtime(), self._slot.use() as paths:
+            await self._handle(batch, paths)
 
-    async def _acquire(self, scorer: RecoScorer) -> _Paths:
-        if self._paths is None or self._paths.scorer is not scorer:
-            async with self._swap:
-                if self._paths is None or self._paths.scorer is not scorer:
-                    old, self._paths = self._paths, await self._open_paths(scorer)
-                    log.info("reco: now serving %s", scorer.version)
-                    if old is not None and old.users == 0:
-                        await old.stop()
-                    elif old is not None:
-                        self._retired.append(old)  # stopped by the last batch still using it
-        paths = self._paths
-        paths.users += 1
-        return paths
-
-    async def _release(self, paths: _Paths) -> None:
-        paths.users -= 1
-        if paths in self._retired and paths.users == 0:
-            self._retired.remove(paths)
-            await paths.stop()
-
-    async def _handle(self, batch: Sequence[PartitionRecords], scorer: RecoScorer,
-                      paths: _Paths) -> None:
+    async def _handle(self, batch: Sequence[PartitionRecords], paths: _Paths) -> None:
         ctx = self._ctx
         assert ctx is not None  # noqa: S101 - set in start()
+        scorer = paths.scorer
         queries: list[RecoQuery] = []
         sources: list[Record] = []
         dead: list[KeyedValue] = []

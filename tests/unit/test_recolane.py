@@ -4,6 +4,8 @@ recording double; the Kafka path is covered by tests/integration/test_reco_lane.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -256,20 +258,21 @@ async def test_a_model_failure_dead_letters_only_the_failing_request(int8: RecoS
     assert orjson.loads(letter.raw)["request_id"] == "r13"
 
 
-async def test_assigning_a_scorer_swaps_the_model_at_the_next_batch(
+async def test_serving_another_scorer_swaps_the_model_at_the_next_batch(
     harness: Harness, fp32: RecoScorer
 ) -> None:
     await harness.handle(_req("before", 5))
-    old_paths = harness.handler._paths
-    harness.handler.scorer = fp32
+    assert harness.handler._slot is not None
+    old_paths = harness.handler._slot.value
+    await harness.handler.serve(fp32)
     await harness.handle(_req("after", 5))
     results = harness.results()
     assert results["before"]["model_version"] == "reco-v1-int8"
     assert results["after"]["model_version"] == "reco-v1-fp32"
     items, _ = fp32.recommend(np.array([5]), 10)
     assert [i["item_id"] for i in results["after"]["items"]] == _ids(items[0])
-    assert old_paths is not None and not old_paths.catalogue.running  # retired once idle
-    assert harness.handler._paths is not None and harness.handler._paths.scorer is fp32
+    assert not old_paths.catalogue.running and not old_paths.candidates.running
+    assert harness.handler.scorer is fp32
 
 
 # --- the request generator ---------------------------------------------------------------------
@@ -297,3 +300,42 @@ def test_generated_requests_resolve_and_bad_kinds_fail_as_declared(int8: RecoSco
         error, field = reco_reason_field(kind)
         assert isinstance(outcome, Rejection), kind
         assert outcome.error == error and outcome.reason.startswith(field), (kind, outcome)
+
+
+class _Gated(RecoScorer):
+    """The real graph, held at the gate (in the model thread) until the test opens it."""
+
+    gate: threading.Event
+
+    def recommend(self, user_indices: Any, k: int) -> Any:
+        if not self.gate.wait(timeout=10):
+            raise TimeoutError("gate never opened")
+        return super().recommend(user_indices, k)
+
+
+async def test_a_batch_in_flight_finishes_with_the_model_it_started_with(
+    int8: RecoScorer, fp32: RecoScorer
+) -> None:
+    settings = load_settings(topic_prefix="", reco_batch_max_rows=16, reco_inline_max_us=0)
+    gated = _Gated(int8.card, "int8", int8._session)
+    gated.gate = threading.Event()
+    gated.gate.set()  # start() warms up and times the model through recommend()
+    h = Harness(RecoHandler(settings, scorer=gated), settings)
+    await h.handler.start(h.context())
+    try:
+        gated.gate.clear()
+        in_flight = asyncio.create_task(h.handle(_req("during", 9)))
+        await asyncio.sleep(0.05)
+        swap = asyncio.create_task(h.handler.serve(fp32))
+        await asyncio.sleep(0.2)
+        assert not swap.done(), "the swap waits for the batch that uses the old model"
+        gated.gate.set()
+        await in_flight
+        await swap
+        await h.handle(_req("after", 9))
+    finally:
+        gated.gate.set()
+        await h.handler.stop()
+    results = h.results()
+    assert results["during"]["model_version"] == "reco-v1-int8"
+    assert results["after"]["model_version"] == "reco-v1-fp32"
