@@ -32,6 +32,7 @@ from pipeline.loadgen import (
 )
 from pipeline.recogen import RecoRequestSource
 from pipeline.s3 import S3Store
+from pipeline.serving import model_path
 from pipeline.settings import KNOWN_LANES, Settings, load_settings
 from pipeline.stack import LocalStack
 from pipeline.topics import ensure_topics
@@ -137,7 +138,8 @@ class _RecoTraffic:
     async def produce(self, duration_s: float, invalid_fraction: float) -> ProduceReport:
         if self.rate_per_s <= 0:
             return self.report
-        source = RecoRequestSource.for_model(self.settings.reco_model_dir, seed=7)
+        source = RecoRequestSource.for_model(
+            await model_path(self.settings, "reco"), seed=7)
         return await produce_requests(self.settings, source, rate_per_s=self.rate_per_s,
                                       duration_s=duration_s, invalid_fraction=invalid_fraction,
                                       seed=7, report=self.report)

@@ -52,7 +52,7 @@ from pipeline.metrics import (
 from pipeline.model import OnnxScorer
 from pipeline.priority import REALTIME_GATE
 from pipeline.registry import ModelRegistry
-from pipeline.serving import ModelFollower, Slot
+from pipeline.serving import Slot, follower_for
 from pipeline.settings import Settings
 from schemas import Transaction, validate_record
 
@@ -140,8 +140,7 @@ class FraudHandler:
         # Shadow and drift scoring run here, after the results are out: never ahead of them.
         self._side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fraud-side")
         self._slot: Slot[FraudModel] | None = None
-        self._follower = ModelFollower(settings, "fraud", version=settings.fraud_model_version,
-                                       pinned_dir=settings.fraud_model_dir)
+        self._follower = follower_for(settings, "fraud")
         self._watch_task: asyncio.Task[None] | None = None
         self._ctx: LaneContext | None = None
         self.shadow: FraudModel | None = None

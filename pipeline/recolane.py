@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,10 +46,12 @@ from numpy.typing import NDArray
 
 from pipeline.batcher import BatchStats, MicroBatcher, submit_isolating
 from pipeline.deadletter import dead_letter
+from pipeline.errors import ModelLoadError
 from pipeline.lane import LaneContext, PartitionRecords, Record
+from pipeline.metrics import MODEL_COLD_START, MODEL_INFO, MODEL_LOAD_FAILURES, MODEL_SWAPS
 from pipeline.priority import REALTIME_GATE
 from pipeline.reco import PAD_ID, RecoScorer
-from pipeline.serving import Slot
+from pipeline.serving import Slot, follower_for
 from pipeline.settings import Settings
 from schemas import RECO_DEFAULT_K, RECO_MAX_CANDIDATES, RecoRequest, Rejection, validate_record
 
@@ -214,6 +217,8 @@ class RecoHandler:
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="reco-model")
         self._slot: Slot[_Paths] | None = None
         self._ctx: LaneContext | None = None
+        self._follower = follower_for(settings, "reco")
+        self._watch_task: asyncio.Task[None] | None = None
         self.cold_start_s = 0.0
 
     @property
@@ -229,7 +234,33 @@ class RecoHandler:
         assert self._slot is not None  # noqa: S101 - set in start()
         old = await self._slot.replace(await self._open_paths(scorer))
         await old.stop()
+        _served(old.scorer, 0)
+        _served(scorer, 1)
         log.info("reco: now serving %s (was %s)", scorer.version, old.scorer.version)
+
+    async def _watch(self) -> None:
+        """Pick up new registry versions: load (sha256-checked), warm, then :meth:`serve`."""
+        while True:
+            await asyncio.sleep(self.settings.model_poll_interval_s)
+            found = await self._follower.newer()
+            if found is None:
+                continue
+            entry, path = found
+            try:
+                scorer = await asyncio.to_thread(self._load_warm, path)
+            except ModelLoadError as exc:
+                MODEL_LOAD_FAILURES.labels("reco", "reco").inc()
+                self._follower.refuse(entry, str(exc))
+                continue
+            await self.serve(scorer)
+            self._follower.accept(entry)
+            MODEL_SWAPS.labels("reco", "reco").inc()
+
+    def _load_warm(self, path: Path) -> RecoScorer:
+        scorer = RecoScorer.load(path, self.settings.reco_model_precision,
+                                 self.settings.inference_threads)
+        scorer.warm_up()
+        return scorer
 
     async def start(self, ctx: LaneContext) -> None:
         """Load, warm up and time the model (both paths) before the lane takes traffic."""
@@ -238,10 +269,10 @@ class RecoHandler:
         loop = asyncio.get_running_loop()
         scorer = self._given
         if scorer is None:
+            path = await self._follower.initial()
             scorer = await loop.run_in_executor(
                 self._executor, lambda: RecoScorer.load(
-                    self.settings.reco_model_dir, self.settings.reco_model_precision,
-                    self.settings.inference_threads))
+                    path, self.settings.reco_model_precision, self.settings.inference_threads))
         loaded = time.monotonic()
         await loop.run_in_executor(self._executor, scorer.warm_up)
         self._slot = Slot(await self._open_paths(scorer))
@@ -249,6 +280,9 @@ class RecoHandler:
         log.info("reco: model %s ready in %.3fs (load %.3fs, warm-up and timing %.3fs)",
                  scorer.version, self.cold_start_s, loaded - started,
                  self.cold_start_s - (loaded - started))
+        _served(scorer, 1, self.cold_start_s)
+        if self._given is None and self._follower.follows:
+            self._watch_task = asyncio.create_task(self._watch(), name="reco-model-watch")
 
     async def _open_paths(self, scorer: RecoScorer) -> _Paths:
         limit = self.settings.reco_batch_max_rows
@@ -283,6 +317,9 @@ class RecoHandler:
         return {"catalogue": paths.catalogue.stats, "candidates": paths.candidates.stats}
 
     async def stop(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            await asyncio.gather(self._watch_task, return_exceptions=True)
         if self._slot is not None:
             await self._slot.value.stop()
         self._executor.shutdown(wait=True)
@@ -357,3 +394,10 @@ class RecoHandler:
             out.append((query.request["user_id"].encode(),
                         encode_result(query, top, scorer, now)))
         return out
+
+
+def _served(scorer: RecoScorer, on: int, cold_start_s: float | None = None) -> None:
+    card = scorer.card
+    MODEL_INFO.labels("reco", "reco", card.version, scorer.precision).set(on)
+    if cold_start_s is not None:
+        MODEL_COLD_START.labels("reco", "reco", card.version).set(cold_start_s)

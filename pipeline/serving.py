@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -23,7 +24,8 @@ from pipeline.errors import ModelLoadError, SinkError
 from pipeline.registry import ModelRegistry, RegistryEntry
 from pipeline.settings import Settings
 
-__all__ = ["ModelFollower", "Slot", "fraud_model_path"]
+__all__ = ["ModelFollower", "Slot", "follower_for", "fraud_model_path", "model_path",
+           "model_path_now"]
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +126,23 @@ class Slot(Generic[T]):
         return old
 
 
+def follower_for(settings: Settings, name: str) -> ModelFollower:
+    """The follower of model ``name`` per ``INFERLANE_<NAME>_MODEL_VERSION`` / ``_MODEL_DIR``."""
+    return ModelFollower(settings, name, version=getattr(settings, f"{name}_model_version"),
+                         pinned_dir=getattr(settings, f"{name}_model_dir"))
+
+
+async def model_path(settings: Settings, name: str) -> Path:
+    """The folder of the version of model ``name`` the settings select (fetched if in S3)."""
+    return await follower_for(settings, name).initial()
+
+
 async def fraud_model_path(settings: Settings) -> Path:
-    """The folder of the fraud model version the settings select (fetched if in S3)."""
-    follower = ModelFollower(settings, "fraud", version=settings.fraud_model_version,
-                             pinned_dir=settings.fraud_model_dir)
-    return await follower.initial()
+    """:func:`model_path` of the fraud model."""
+    return await model_path(settings, "fraud")
+
+
+def model_path_now(settings: Settings, name: str) -> Path:
+    """:func:`model_path` for synchronous callers (load generators, benchmarks)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:  # its own loop, whatever the caller runs
+        return pool.submit(asyncio.run, model_path(settings, name)).result()

@@ -133,8 +133,10 @@ class Settings(BaseSettings):
     ones in a thread (0 = always a thread). Measured: on the loop, p99 at 2,000 req/s halves."""
     reco_budget_ms: float = Field(default=100.0, gt=0.0)
     """Reco lane: end-to-end budget from ``sent_at``; results past it are counted as late."""
-    reco_model_dir: Path = _REPO_ROOT / "models" / "reco"
-    """Reco lane: model folder (card.json + ONNX files)."""
+    reco_model_version: str = "latest"
+    """Reco model version to serve: ``latest`` (followed while running) or pinned (``v1``)."""
+    reco_model_dir: Path | None = None
+    """Reco lane: serve this model folder instead of the registry's (no hot swap)."""
     reco_model_precision: Literal["int8", "fp32"] = "int8"
     """Reco lane: which file of the model card to serve."""
     inline_inference_max_us: float = Field(default=200.0, ge=0.0)

@@ -45,6 +45,7 @@ from pipeline.bench.traffic import Arrivals, SentLog, preload, produce_open_loop
 from pipeline.errors import InferlaneError
 from pipeline.loadgen import RECO, RequestSource, TransactionSource
 from pipeline.recogen import RecoRequestSource
+from pipeline.serving import model_path_now
 from pipeline.settings import Settings
 from pipeline.stack import LocalStack
 from pipeline.topics import ensure_topics
@@ -121,7 +122,7 @@ def _source(ctx: _Ctx, impl: str, settings: Settings, seed: int) -> RequestSourc
     """The traffic of ``impl``: reco requests for the reco lane, transactions otherwise."""
     if IMPLS[impl].workload == RECO:
         return RecoRequestSource.for_model(
-            settings.reco_model_dir, seed, k=ctx.config.reco_k,
+            model_path_now(settings, "reco"), seed, k=ctx.config.reco_k,
             candidate_fraction=ctx.config.reco_candidate_fraction)
     return TransactionSource(seed, start_ts=time.time())
 

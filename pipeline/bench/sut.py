@@ -40,6 +40,9 @@ class ImplSpec:
     yardstick: bool
     lanes: str = "fraud"
     workload: Workload = FRAUD
+    companion_lanes: str | None = None
+    """Lanes of a second worker process started with this one (the fraud history slow path
+    runs in its own process, as deployed); its CPU is not in the SUT's CPU figures."""
 
 
 def _faust(app_module: str) -> tuple[str, ...]:
@@ -47,7 +50,8 @@ def _faust(app_module: str) -> tuple[str, ...]:
 
 
 IMPLS: dict[str, ImplSpec] = {
-    "a": ImplSpec("a", "inferlane fraud lane", _faust("agents"), FAUST_READY_MARK, False),
+    "a": ImplSpec("a", "inferlane fraud lane (+ history worker)", _faust("agents"),
+                  FAUST_READY_MARK, False, companion_lanes="history"),
     "b": ImplSpec("b", "naive faust agent (yardstick)", _faust("pipeline.bench.naive_faust"),
                   FAUST_READY_MARK, True),
     "c": ImplSpec("c", "bare aiokafka loop (yardstick)",
@@ -124,10 +128,22 @@ class SutProcess(WorkerProcess):
         super().__init__(env, log_path, cwd=cwd, argv=spec.argv, ready_mark=spec.ready_mark,
                          label=spec.label)
         self.spec = spec
+        self.companion: WorkerProcess | None = None
+        if spec.companion_lanes is not None:
+            self.companion = WorkerProcess(
+                {**env, "INFERLANE_LANES": spec.companion_lanes,
+                 "INFERLANE_WORKER_ID": f"{env.get('INFERLANE_WORKER_ID', 'bench')}-companion"},
+                log_path.with_name(f"{log_path.stem}-{spec.companion_lanes}.log"), cwd=cwd,
+                label=f"{spec.label}: {spec.companion_lanes} worker")
 
     def start(self, *, ready_timeout_s: float = 90.0) -> float:
+        if self.companion is not None:
+            self.companion.start(ready_timeout_s=ready_timeout_s)
         return super().start(ready_timeout_s=ready_timeout_s)
 
     def stop(self, timeout_s: float = 20.0) -> int | None:
         """SIGTERM (graceful), SIGKILL the process group after ``timeout_s``; idempotent."""
-        return self.terminate(timeout_s)
+        code = self.terminate(timeout_s)
+        if self.companion is not None:
+            self.companion.terminate(timeout_s)
+        return code

@@ -17,6 +17,7 @@ from pipeline.kafka import make_producer
 from pipeline.loadgen import RECO, ResultReader, produce_requests, snapshot_end_offsets
 from pipeline.reco import RecoScorer
 from pipeline.recogen import RECO_INVALID_KINDS, RecoRequestSource, reco_reason_field
+from pipeline.serving import model_path
 from pipeline.settings import Settings
 from pipeline.worker import WorkerProcess
 from schemas import DeadLetter, RecoResult
@@ -71,7 +72,7 @@ async def test_results_are_the_scorers_top_k_exactly_once_and_archived(
     env = test_env(lanes="reco,archive")
     settings = settings_from(env)
     worker = worker_factory(env)
-    source = RecoRequestSource.for_model(settings.reco_model_dir, seed=21,
+    source = RecoRequestSource.for_model(await model_path(settings, "reco"), seed=21,
                                          candidate_fraction=0.3, candidates=(1, 150))
     sent: dict[str, dict[str, Any]] = {}
     results, dlq = await _readers(settings)
@@ -92,7 +93,7 @@ async def test_results_are_the_scorers_top_k_exactly_once_and_archived(
         assert report.sent == len(report.valid_ids) == len(sent) - len(_edge_requests())
         assert results.duplicates == 0 and results.records == len(sent)
         assert dlq.records == 0
-    scorer = RecoScorer.load(settings.reco_model_dir, settings.reco_model_precision)
+    scorer = RecoScorer.load(await model_path(settings, "reco"), settings.reco_model_precision)
     candidate_results = 0
     for request_id, request in sent.items():
         result = msgspec.convert(results.results[request_id], RecoResult)
@@ -144,7 +145,8 @@ async def test_each_invalid_kind_is_dead_lettered_and_nothing_is_lost(
     env = test_env(lanes="reco")
     settings = settings_from(env)
     worker_factory(env)
-    source = RecoRequestSource.for_model(settings.reco_model_dir, seed=8, candidate_fraction=0.3)
+    source = RecoRequestSource.for_model(await model_path(settings, "reco"), seed=8,
+                                         candidate_fraction=0.3)
     rng = np.random.default_rng(8)
     sent: dict[bytes, str] = {}
     good: set[str] = set()

@@ -64,7 +64,7 @@ def test_defaults() -> None:
     assert s.reco_max_wait_ms == 5.0
     assert s.reco_budget_ms == 100.0
     assert s.reco_inline_max_us == 4000.0
-    assert s.reco_model_dir == REPO_ROOT / "models" / "reco"
+    assert s.reco_model_dir is None and s.reco_model_version == "latest"
     assert s.reco_model_precision == "int8"
     assert s.archive_max_bytes == 8 * 1024 * 1024
     assert s.archive_max_age_ms == 60_000
