@@ -53,7 +53,7 @@ _LIMITATIONS = (
     "Synthetic data from a low-rank softmax model; real feedback is not low-rank and drifts.",
     "The graph ranks the whole catalogue including items the user already has; filter them "
     "(k_max leaves room) or pass candidates.  No cold start: unknown users resolve to None.",
-    "TopK over the catalogue dominates the cost (and gets slower per row as batches grow), so "
+    "TopK over the catalogue dominates the cost (about 35-50 us per user at any batch size), so "
     "INT8 buys a ~4x smaller file, not speed.",
     "Throughput numbers are from the build machine and vary between rebuilds; files and "
     "metrics are reproducible from the seed unless a candidate's speed crosses the floor.",
