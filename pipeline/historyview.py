@@ -141,8 +141,11 @@ class HistoryView:
             enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=50,
             max_partition_fetch_bytes=4 * 1024 * 1024)
         await self._consumer.start()
-        if self.settings.is_local_broker and self.settings.idle_fetch_sleep_ms:
-            apply_idle_fetch_backoff(self._consumer, self.settings.idle_fetch_sleep_ms)
+        if self.settings.is_local_broker and self.settings.background_idle_fetch_sleep_ms:
+            # Off the latency path: a snapshot may be a few tens of ms late (the staleness
+            # bound is 1 s); polling an idle broker every 2 ms would cost the lane's loop.
+            apply_idle_fetch_backoff(self._consumer,
+                                     self.settings.background_idle_fetch_sleep_ms)
         self._task = asyncio.create_task(self._run(), name="history-view")
 
     async def stop(self) -> None:
