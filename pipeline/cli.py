@@ -135,6 +135,44 @@ def models_build(
     build_models(names, console, out=out, seed=seed)
 
 
+@models_app.command("list")
+def models_list(
+    registry: Annotated[str | None, typer.Option(
+        help="Registry folder or s3://bucket/prefix (default INFERLANE_MODEL_REGISTRY).")] = None,
+) -> None:
+    """Every model version in the registry, and which one ``latest`` selects."""
+    from pipeline.registry import ModelRegistry, RegistryEntry, version_key
+
+    settings = load_settings()
+    entries = asyncio.run(ModelRegistry(settings, registry).entries())
+    latest: dict[str, RegistryEntry] = {}
+    for entry in entries:
+        if entry.name not in latest or version_key(entry.version) > version_key(
+                latest[entry.name].version):
+            latest[entry.name] = entry
+    for entry in sorted(entries, key=lambda e: (e.name, version_key(e.version))):
+        mark = "latest" if latest[entry.name] == entry else ""
+        typer.echo(f"{entry.name}\t{entry.version}\t{mark}\t{entry.location}")
+
+
+@models_app.command("publish")
+def models_publish(
+    source: Annotated[Path, typer.Argument(help="Model folder (card.json + its files).")],
+    registry: Annotated[str | None, typer.Option(
+        help="Registry folder or s3://bucket/prefix (default INFERLANE_MODEL_REGISTRY).")] = None,
+    folder: Annotated[str | None, typer.Option(
+        help="Folder name in the registry (default <name>-<version>).")] = None,
+    version: Annotated[str | None, typer.Option(
+        help="Publish under this version instead of the card's (e.g. v3).")] = None,
+) -> None:
+    """Check a model folder's sha256s and copy it into the registry, card last: running
+    workers that follow ``latest`` pick it up, verify it, warm it and swap it in."""
+    from pipeline.registry import publish
+
+    where = asyncio.run(publish(load_settings(), source, registry, folder, version))
+    console.print(f"[green]published[/] {source} -> {where}")
+
+
 @schemas_app.command("export")
 def schemas_export(
     out: Annotated[Path, typer.Argument(help="Folder for <Shape>.schema.json files.")] = Path(

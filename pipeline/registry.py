@@ -28,7 +28,7 @@ from pipeline.model import CARD_FILE, parse_files
 from pipeline.s3 import S3Store
 from pipeline.settings import Settings
 
-__all__ = ["ModelRegistry", "RegistryEntry", "version_key"]
+__all__ = ["ModelRegistry", "RegistryEntry", "publish", "version_key"]
 
 log = logging.getLogger(__name__)
 
@@ -166,3 +166,60 @@ def _entry(blob: bytes, location: str, where: str) -> RegistryEntry | None:
         log.warning("registry: skipping %s: not a usable model card (%s)", where, exc)
         return None
     return RegistryEntry(name, version, location, hashlib.sha256(blob).hexdigest())
+
+
+async def publish(settings: Settings, source: Path, uri: str | None = None,
+                  folder: str | None = None, version: str | None = None) -> str:
+    """Copy the model folder ``source`` into the registry, card last; return where it went.
+
+    The card's sha256 entries are checked first, so a broken folder is never published.
+    ``version`` replaces the card's version (the files and their hashes stay). The folder name
+    defaults to ``<name>-<version>``; an existing folder, or an existing version of the same
+    model, is refused.
+    """
+    from pipeline.model import load_card, verified_bytes
+
+    card = await asyncio.to_thread(load_card, source)
+    for entry in card.files.values():  # raises ModelLoadError on a missing or changed file
+        await asyncio.to_thread(verified_bytes, source, entry)
+    card_blob = (source / CARD_FILE).read_bytes()
+    if version is not None:
+        raw = json.loads(card_blob)
+        raw["version"] = version
+        card_blob = (json.dumps(raw, indent=2) + "\n").encode()
+    version = version or card.version
+    registry = ModelRegistry(settings, uri)
+    if any(e.name == card.name and e.version == version for e in await registry.entries()):
+        raise ModelLoadError(f"registry {registry.uri} already has {card.name} {version}")
+    name = folder or f"{card.name}-{version}"
+    files = [source / entry.path for entry in card.files.values()] + [source / "CARD.md"]
+    files = [path for path in files if path.is_file()]
+    if registry._root is not None:
+        target = registry._root / name
+        if target.exists():
+            raise ModelLoadError(f"registry {registry.uri} already has a folder {name!r}")
+        staging = registry._root / f".{name}.partial"
+        await asyncio.to_thread(_copy_files, files, source, staging)
+        (staging / CARD_FILE).write_bytes(card_blob)
+        staging.rename(target)
+        return str(target)
+    prefix = f"{registry._prefix}{name}/"
+    async with S3Store(settings) as store:
+        existing = [key async for key, _ in store.list_objects(prefix, bucket=registry._bucket)]
+        if existing:
+            raise ModelLoadError(f"registry {registry.uri} already has a folder {name!r}")
+        for path in files:
+            await store.put(prefix + str(path.relative_to(source)), path.read_bytes(),
+                            bucket=registry._bucket)
+        await store.put(prefix + CARD_FILE, card_blob, bucket=registry._bucket)
+    return f"s3://{registry._bucket}/{prefix}"
+
+
+def _copy_files(files: list[Path], source: Path, staging: Path) -> None:
+    import shutil
+
+    shutil.rmtree(staging, ignore_errors=True)
+    for path in files:
+        target = staging / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import ModelLoadError
-from pipeline.registry import ModelRegistry, version_key
+from pipeline.registry import ModelRegistry, publish, version_key
 from pipeline.serving import ModelFollower, Slot
 from pipeline.settings import load_settings
 
@@ -85,3 +85,22 @@ async def test_slot_replace_waits_until_the_old_value_is_unused() -> None:
     released.set()
     assert await task == "old"  # the running call kept its value to the end
     assert await replacing == "old"
+
+
+async def test_publish_checks_files_and_refuses_duplicates(tmp_path: Path) -> None:
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    settings = load_settings(model_registry=str(registry))
+    where = await publish(settings, MODELS / "fraud", version="v5")
+    assert Path(where) == registry / "fraud-v5"
+    entry = await ModelRegistry(settings).select("fraud")
+    assert entry.version == "v5" and Path(entry.location) == registry / "fraud-v5"
+    assert not list(registry.glob(".*partial"))
+    with pytest.raises(ModelLoadError, match="already has fraud v5"):
+        await publish(settings, MODELS / "fraud", version="v5", folder="other")
+    broken = tmp_path / "broken"
+    shutil.copytree(MODELS / "fraud", broken)
+    (broken / "fraud.int8.onnx").write_bytes(b"not the model")
+    with pytest.raises(ModelLoadError, match="sha256 mismatch"):
+        await publish(settings, broken, version="v6")
+    assert not (registry / "fraud-v6").exists()
