@@ -127,8 +127,11 @@ async def test_history_values_reach_the_fast_path_and_survive_a_restart(
         for i, (dt, amount, merchant, country) in enumerate(SEQUENCE):
             offsets.append(await _send(settings, "fraud.requests",
                                        _txn(base, i, dt, amount, merchant, country)))
-            # One at a time: each transaction is in the table before the next is sent.
+            # One at a time: each transaction is in the table before the next is sent, and the
+            # lane's view (it polls an idle broker every 50 ms) has had time to read it; the
+            # fast path never waits, so a snapshot not read yet would score degraded.
             await changelog.wait_for(CARD, lambda h, o=offsets[-1]: h.src_offset == o)
+            await asyncio.sleep(0.5)
         await _send(settings, "fraud.labels", {"event_id": "hist-it-1", "card_id": CARD,
                                                 "label": "chargeback", "ts": T0 + 7000})
         h = await changelog.wait_for(CARD, lambda h: h.chargebacks == 1)
@@ -155,6 +158,7 @@ async def test_history_values_reach_the_fast_path_and_survive_a_restart(
         # A later event's score uses the history: it equals the model on the snapshot's
         # features and differs from the score on default history.
         later = _txn(base, 10, 9000.0, 980.0, "m-9", "BR")
+        await asyncio.sleep(0.5)  # the view's poll interval, see above
         await _send(settings, "fraud.requests", later)
         await scores.wait_for({"hist-it-10"}, timeout_s=30)
         result = scores.results["hist-it-10"]
@@ -182,6 +186,7 @@ async def test_history_values_reach_the_fast_path_and_survive_a_restart(
         # (an event meanwhile is scored degraded); once loaded, history reaches scores again.
         await scores.wait_for({"hist-it-11"}, timeout_s=60)
         again = _txn(base, 12, 9120.0, 22.0, "m-1", "DE")
+        await asyncio.sleep(0.5)
         await _send(settings, "fraud.requests", again)
         await scores.wait_for({"hist-it-12"}, timeout_s=30)
         assert scores.results["hist-it-12"]["degraded"] is False
