@@ -34,7 +34,6 @@ from numpy.typing import NDArray
 
 from pipeline.batcher import BatchStats, MicroBatcher
 from pipeline.deadletter import dead_letter
-from pipeline.errors import ModelLoadError
 from pipeline.features import FAST_FEATURE_NAMES, fast_features
 from pipeline.history import HISTORY_FEATURE_NAMES, history_features
 from pipeline.historyview import HistoryView, PartitionClock
@@ -45,8 +44,6 @@ from pipeline.metrics import (
     DRIFT_ROWS,
     MODEL_COLD_START,
     MODEL_INFO,
-    MODEL_LOAD_FAILURES,
-    MODEL_SWAPS,
     SHADOW_ROWS,
 )
 from pipeline.model import OnnxScorer
@@ -177,7 +174,9 @@ class FraudHandler:
         if self.settings.fraud_shadow_version is not None:
             await self._start_shadow(self.settings.fraud_shadow_version)
         if self._follower.follows:
-            self._watch_task = asyncio.create_task(self._watch(), name="fraud-model-watch")
+            self._watch_task = asyncio.create_task(
+                self._follower.follow(lambda path: self._build(path=path), self._install),
+                name="fraud-model-watch")
         _served(model, 1)
 
     async def _build(self, *, path: Path | None = None,
@@ -227,30 +226,16 @@ class FraudHandler:
             await self.history.start()
             self.history.assign(self._assigned)
 
-    async def _watch(self) -> None:
-        """Pick up new registry versions: load, verify, warm, then swap between calls."""
-        while True:
-            await asyncio.sleep(self.settings.model_poll_interval_s)
-            found = await self._follower.newer()
-            if found is None:
-                continue
-            entry, path = found
-            try:
-                model = await self._build(path=path)
-            except ModelLoadError as exc:
-                MODEL_LOAD_FAILURES.labels("fraud", "fraud").inc()
-                self._follower.refuse(entry, str(exc))
-                continue
-            await self._ensure_history(model)
-            assert self._slot is not None  # noqa: S101 - set in start()
-            old = await self._slot.replace(model)
-            self._follower.accept(entry)
-            await old.batcher.stop()
-            _served(old, 0)
-            _served(model, 1)
-            MODEL_SWAPS.labels("fraud", "fraud").inc()
-            log.info("fraud: swapped model %s -> %s without a restart", old.version,
-                     model.version)
+    async def _install(self, model: FraudModel) -> None:
+        """Swap ``model`` in between handler calls; stop the old one once no call uses it."""
+        await self._ensure_history(model)
+        assert self._slot is not None  # noqa: S101 - set in start()
+        old = await self._slot.replace(model)
+        await old.batcher.stop()
+        _served(old, 0)
+        _served(model, 1)
+        log.info("fraud: swapped model %s -> %s without a restart", old.version,
+                 model.version)
 
     @property
     def stats(self) -> BatchStats | None:
@@ -314,7 +299,7 @@ class FraudHandler:
             await ctx.sender.send(self.scores_topic, self._results(
                 valid, sources, scores, degraded, failed, model))
             await ctx.sender.send(self.dlq_topic, dead_more)
-            await self._side_scoring(valid, features, model, scores, failed)
+            await self._side_scoring(valid, features, x, model, scores, failed)
         finally:
             await dlq_sent
         ctx.stats.produced += len(valid) - len(failed)
@@ -402,9 +387,12 @@ class FraudHandler:
         return out
 
     async def _side_scoring(self, valid: list[dict[str, Any]], features: Features,
-                            model: FraudModel, scores: NDArray[np.float32],
-                            failed: list[tuple[int, str]]) -> None:
-        """Shadow and drift samples, scored after the results are out (off the latency path)."""
+                            x: NDArray[np.float32], model: FraudModel,
+                            scores: NDArray[np.float32], failed: list[tuple[int, str]]) -> None:
+        """Shadow and drift samples, scored after the results are out (off the latency path).
+
+        ``x`` is the served model's input; its FP32 twin (same card) reads the same rows.
+        """
         n = len(valid)
         if not n:
             return
@@ -414,16 +402,15 @@ class FraudHandler:
         if model.reference is not None and self.settings.drift_sample > 0:
             rows = np.flatnonzero(ok & (self._rng.random(n) < self.settings.drift_sample))
             if rows.size:
-                x, _ = features.for_model(model.reference)
                 ref = await loop.run_in_executor(self._side, model.reference.predict, x[rows])
                 self.drift.record(model, scores[rows], ref)
         shadow = self.shadow
         if shadow is not None and self.settings.fraud_shadow_sample > 0:
             rows = np.flatnonzero(ok & (self._rng.random(n) < self.settings.fraud_shadow_sample))
             if rows.size:
-                x, degraded = features.for_model(shadow.scorer)
+                shadow_x, degraded = features.for_model(shadow.scorer)
                 shadow_scores = await loop.run_in_executor(self._side, shadow.scorer.predict,
-                                                           x[rows])
+                                                           shadow_x[rows])
                 await self._send_shadow(valid, rows, shadow, shadow_scores, degraded, model,
                                         scores)
 

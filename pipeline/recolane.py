@@ -46,9 +46,8 @@ from numpy.typing import NDArray
 
 from pipeline.batcher import BatchStats, MicroBatcher, submit_isolating
 from pipeline.deadletter import dead_letter
-from pipeline.errors import ModelLoadError
 from pipeline.lane import LaneContext, PartitionRecords, Record
-from pipeline.metrics import MODEL_COLD_START, MODEL_INFO, MODEL_LOAD_FAILURES, MODEL_SWAPS
+from pipeline.metrics import MODEL_COLD_START, MODEL_INFO
 from pipeline.priority import REALTIME_GATE
 from pipeline.reco import PAD_ID, RecoScorer
 from pipeline.serving import Slot, follower_for
@@ -238,24 +237,6 @@ class RecoHandler:
         _served(scorer, 1)
         log.info("reco: now serving %s (was %s)", scorer.version, old.scorer.version)
 
-    async def _watch(self) -> None:
-        """Pick up new registry versions: load (sha256-checked), warm, then :meth:`serve`."""
-        while True:
-            await asyncio.sleep(self.settings.model_poll_interval_s)
-            found = await self._follower.newer()
-            if found is None:
-                continue
-            entry, path = found
-            try:
-                scorer = await asyncio.to_thread(self._load_warm, path)
-            except ModelLoadError as exc:
-                MODEL_LOAD_FAILURES.labels("reco", "reco").inc()
-                self._follower.refuse(entry, str(exc))
-                continue
-            await self.serve(scorer)
-            self._follower.accept(entry)
-            MODEL_SWAPS.labels("reco", "reco").inc()
-
     def _load_warm(self, path: Path) -> RecoScorer:
         scorer = RecoScorer.load(path, self.settings.reco_model_precision,
                                  self.settings.inference_threads)
@@ -282,7 +263,9 @@ class RecoHandler:
                  self.cold_start_s - (loaded - started))
         _served(scorer, 1, self.cold_start_s)
         if self._given is None and self._follower.follows:
-            self._watch_task = asyncio.create_task(self._watch(), name="reco-model-watch")
+            self._watch_task = asyncio.create_task(self._follower.follow(
+                lambda path: asyncio.to_thread(self._load_warm, path), self.serve),
+                name="reco-model-watch")
 
     async def _open_paths(self, scorer: RecoScorer) -> _Paths:
         limit = self.settings.reco_batch_max_rows

@@ -2,8 +2,9 @@
 
 * :class:`ModelFollower` picks the version a lane serves (a pinned folder, or ``latest`` / a
   pinned version from the :mod:`registry <pipeline.registry>`) and, while the worker runs,
-  notices a newer one. A version that failed to load (sha256 mismatch, bad card, graph rejected)
-  is remembered by its card's hash and not retried until it is re-published.
+  notices a newer one, has the lane load it and install it (:meth:`ModelFollower.follow`).
+  A version that failed to load (sha256 mismatch, bad card, graph rejected) is remembered by
+  its card's hash and not retried until it is re-published.
 * :class:`Slot` holds what the lane serves with (model, thresholds, batcher). A handler call
   takes the current value once (:meth:`Slot.use`) and uses it for all its rows, so features,
   model and ``model_version`` always agree; :meth:`Slot.replace` installs a fully loaded and
@@ -15,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Generic, TypeVar
 
 from pipeline.errors import ModelLoadError, SinkError
+from pipeline.metrics import MODEL_LOAD_FAILURES, MODEL_SWAPS
 from pipeline.registry import ModelRegistry, RegistryEntry
 from pipeline.settings import Settings
 
@@ -87,6 +89,27 @@ class ModelFollower:
 
     def accept(self, entry: RegistryEntry) -> None:
         self.current = entry
+
+    async def follow(self, load: Callable[[Path], Awaitable[T]],
+                     install: Callable[[T], Awaitable[None]]) -> None:
+        """Run until cancelled: every poll interval, ``load`` a newer version (sha256-checked
+        and warmed, off the loop) and ``install`` it; a version that fails to load is refused
+        and counted, and the served one stays."""
+        while True:
+            await asyncio.sleep(self.settings.model_poll_interval_s)
+            found = await self.newer()
+            if found is None:
+                continue
+            entry, path = found
+            try:
+                value = await load(path)
+            except ModelLoadError as exc:
+                MODEL_LOAD_FAILURES.labels(self.name, self.name).inc()
+                self.refuse(entry, str(exc))
+                continue
+            await install(value)
+            self.accept(entry)
+            MODEL_SWAPS.labels(self.name, self.name).inc()
 
 
 class Slot(Generic[T]):
