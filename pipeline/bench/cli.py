@@ -83,6 +83,21 @@ def _config(impl: str, rates: str | None, duration: float | None, drain_events: 
         result_timeout_s=result_timeout, seed=seed, quick=quick)
 
 
+def _run(config: BenchConfig) -> int:
+    """Run the scenarios of ``config``, write the results folder; the exit code."""
+    from pipeline.bench.runner import new_run, run_bench
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    record = new_run(config)
+    try:
+        run_bench(record, console)
+    except KeyboardInterrupt:
+        record.notes.append("interrupted: partial results")
+        _finish(record)
+        raise typer.Exit(130) from None
+    return _finish(record)
+
+
 def _finish(run: BenchRun) -> int:
     from pipeline.bench.plot import plot_results
 
@@ -118,19 +133,9 @@ def run(
     seed: Annotated[int, typer.Option(help="Seed of the synthetic traffic.")] = 1,
 ) -> None:
     """Run the scenarios on a fresh local stack and write the results folder."""
-    from pipeline.bench.runner import new_run, run_bench
-
     config = _config(impl, rates, duration, drain_events, out, poisson, quick, warmup,
                      result_timeout, seed)
-    signal.signal(signal.SIGTERM, _interrupt)
-    record = new_run(config)
-    try:
-        run_bench(record, console)
-    except KeyboardInterrupt:
-        record.notes.append("interrupted: partial results")
-        _finish(record)
-        raise typer.Exit(130) from None
-    raise typer.Exit(_finish(record))
+    raise typer.Exit(_run(config))
 
 
 @bench_app.command("reco")
@@ -154,8 +159,6 @@ def reco(
     seed: Annotated[int, typer.Option(help="Seed of the synthetic requests.")] = 1,
 ) -> None:
     """The reco lane: open-loop requests, end-to-end latency from sent_at, backlog drain."""
-    from pipeline.bench.runner import new_run, run_bench
-
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     config = BenchConfig(
         impls=("r",), rates=_rates(rates), duration_s=duration, drain_events=drain_events,
@@ -163,15 +166,7 @@ def reco(
         out=(out or Path("bench-results") / f"reco-{stamp}").resolve(),
         result_timeout_s=result_timeout, seed=seed, quick=False, reco_k=k,
         reco_candidate_fraction=candidate_fraction)
-    signal.signal(signal.SIGTERM, _interrupt)
-    record = new_run(config)
-    try:
-        run_bench(record, console)
-    except KeyboardInterrupt:
-        record.notes.append("interrupted: partial results")
-        _finish(record)
-        raise typer.Exit(130) from None
-    raise typer.Exit(_finish(record))
+    raise typer.Exit(_run(config))
 
 
 @bench_app.command("batch")
