@@ -35,7 +35,7 @@ from numpy.typing import NDArray
 from pipeline.batcher import BatchStats, MicroBatcher
 from pipeline.deadletter import dead_letter
 from pipeline.features import FAST_FEATURE_NAMES, fast_features
-from pipeline.history import HISTORY_FEATURE_NAMES, history_features
+from pipeline.history import history_features, with_default_history
 from pipeline.historyview import HistoryView, PartitionClock
 from pipeline.lane import LaneContext, PartitionRecords, Record
 from pipeline.metrics import (
@@ -451,8 +451,7 @@ class Features:
         if not scorer.uses_history:
             return self.fast, np.zeros(n, dtype=np.bool_)
         if self.history is None or self.degraded is None:  # no view yet: default history
-            x = np.hstack([self.fast, np.zeros((n, len(HISTORY_FEATURE_NAMES)), np.float32)])
-            return x, np.ones(n, dtype=np.bool_)
+            return with_default_history(self.fast), np.ones(n, dtype=np.bool_)
         return np.hstack([self.fast, self.history]), self.degraded
 
 

@@ -56,6 +56,7 @@ __all__ = [
     "to_bytes",
     "update_with_label",
     "update_with_transaction",
+    "with_default_history",
 ]
 
 HISTORY_VERSION = 1
@@ -254,6 +255,13 @@ FRAUD_V2_FEATURE_NAMES: tuple[str, ...] = FAST_FEATURE_NAMES + HISTORY_FEATURE_N
 # defaults.  Training data contains such rows (every card's first transaction, plus a copy of
 # part of the training set with history blanked), so the model falls back to the fast features.
 DEFAULT_HISTORY_FEATURES: tuple[float, ...] = (0.0,) * len(HISTORY_FEATURE_NAMES)
+
+
+def with_default_history(fast: NDArray[np.float32]) -> NDArray[np.float32]:
+    """Fast feature rows followed by :data:`DEFAULT_HISTORY_FEATURES` (no snapshot at hand)."""
+    defaults = np.broadcast_to(np.asarray(DEFAULT_HISTORY_FEATURES, np.float32),
+                               (fast.shape[0], len(DEFAULT_HISTORY_FEATURES)))
+    return np.hstack([fast, defaults])
 
 _H = {name: i for i, name in enumerate(HISTORY_FEATURE_NAMES)}
 _TAUS = np.asarray(TAUS_S)

@@ -28,7 +28,11 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from pipeline.errors import ModelLoadError
 from pipeline.features import FAST_FEATURE_NAMES
-from pipeline.history import DEFAULT_HISTORY_FEATURES, FRAUD_V2_FEATURE_NAMES, HISTORY_FEATURE_NAMES
+from pipeline.history import (
+    FRAUD_V2_FEATURE_NAMES,
+    HISTORY_FEATURE_NAMES,
+    with_default_history,
+)
 
 __all__ = [
     "CARD_FILE",
@@ -235,11 +239,7 @@ class OnnxScorer:
         For callers without a history snapshot (batch backfills, yardstick benchmarks); their
         results must carry ``degraded = scorer.uses_history``.
         """
-        if self.uses_history:
-            defaults = np.broadcast_to(np.asarray(DEFAULT_HISTORY_FEATURES, np.float32),
-                                       (fast.shape[0], len(DEFAULT_HISTORY_FEATURES)))
-            fast = np.hstack([fast, defaults])
-        return self.predict(fast)
+        return self.predict(with_default_history(fast) if self.uses_history else fast)
 
     def predict(self, features: NDArray[np.float32]) -> NDArray[np.float32]:
         """Return P(fraud) per row, shape ``(n,)``, for a ``(n, n_features)`` matrix."""
