@@ -1,4 +1,5 @@
-"""The ``inferlane`` command line (typer): stack, topics, models, schemas, settings, worker, demo.
+"""The ``inferlane`` command line (typer): stack, topics, models, schemas, settings, worker, demo,
+serve, bench.
 
 Every command reads settings from the environment (``INFERLANE_*``) unless an option says
 otherwise, and exits non-zero with a one-line reason on a known error (no traceback).
@@ -19,6 +20,7 @@ from rich.console import Console
 
 from pipeline.bench.cli import bench_app
 from pipeline.errors import InferlaneError
+from pipeline.services.cli import serve_app
 from pipeline.settings import load_settings
 
 __all__ = ["app", "main"]
@@ -38,6 +40,7 @@ app.add_typer(schemas_app, name="schemas")
 app.add_typer(bench_app, name="bench")
 batch_app = typer.Typer(help="Bulk scoring jobs over S3 objects.", no_args_is_help=True)
 app.add_typer(batch_app, name="batch")
+app.add_typer(serve_app, name="serve")
 
 console = Console()
 _DEFAULT_STACK_DIR = Path(".inferlane") / "stack"

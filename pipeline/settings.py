@@ -164,6 +164,24 @@ class Settings(BaseSettings):
     archive_max_age_ms: int = Field(default=60_000, ge=100)
     """... or when its first record has waited this long."""
 
+    # --- consumer services (inferlane serve ...) -----------------------------------------------
+    service_host: str = "127.0.0.1"
+    """Address the HTTP services listen on (``0.0.0.0`` in a container)."""
+    service_max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    """Largest HTTP request body the services accept (larger: 413)."""
+    fraud_check_port: int = Field(default=8081, ge=0, le=65535)
+    fraud_check_budget_ms: float = Field(default=50.0, gt=0.0, le=60_000.0)
+    """fraud-check: the pipeline's score must be back within this long after the request
+    arrived, or the rules answer (``fallback: true``)."""
+    fraud_check_decisions_max: int = Field(default=100_000, ge=1)
+    """fraud-check: recent pipeline decisions kept for ``GET /v1/decisions/{event_id}``."""
+    reco_service_port: int = Field(default=8082, ge=0, le=65535)
+    reco_service_deadline_ms: float = Field(default=100.0, gt=0.0, le=60_000.0)
+    """recommendations: how long ``POST /v1/recommend`` waits for fresh items before it falls
+    back to the stored ones, then to popular items."""
+    reco_service_users_max: int = Field(default=100_000, ge=1)
+    """recommendations: users whose latest top-k is kept (least recently updated evicted)."""
+
     @field_validator("lanes", mode="before")
     @classmethod
     def _split_lanes(cls, value: object) -> object:

@@ -1,0 +1,313 @@
+"""What every consumer service shares: routes as data, JSON errors, metrics, health, Kafka link.
+
+A service (:class:`HttpService` subclass) declares its routes as :class:`Route` values; the same
+list registers the aiohttp handlers and generates the OpenAPI document
+(:mod:`pipeline.services.openapi`), so the document cannot name a route the server lacks.
+
+Every error answer is JSON (:class:`schemas.http.ErrorBody`): bad JSON, schema failures, bodies
+over ``INFERLANE_SERVICE_MAX_BODY_BYTES`` (413), unknown routes (404), wrong methods (405).
+``/healthz`` says the process is up; ``/readyz`` is 200 only while every Kafka client of the
+service is connected (:class:`KafkaLink`). ``/metrics`` is Prometheus text from the service's own
+registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import orjson
+from aiohttp import web
+from aiokafka.errors import KafkaError
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+
+from pipeline.settings import Settings
+from schemas.http import ErrorBody, Health
+from schemas.validation import validate_record
+
+__all__ = ["ApiError", "HttpService", "KafkaLink", "Reply", "Route", "json_response",
+           "read_json", "serve"]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One documented answer of a route."""
+
+    description: str
+    shape: type[msgspec.Struct] | None = None
+    media_type: str = "application/json"
+
+
+@dataclass(frozen=True)
+class Route:
+    """One HTTP route: what registers the handler and what the OpenAPI document says."""
+
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    replies: Mapping[int, Reply]
+    body: type[msgspec.Struct] | None = None
+    """Shape of the JSON request body, if any."""
+    tags: Sequence[str] = field(default_factory=tuple)
+
+
+def json_response(value: msgspec.Struct | Mapping[str, Any], status: int = 200) -> web.Response:
+    body = msgspec.json.encode(value) if isinstance(value, msgspec.Struct) else orjson.dumps(value)
+    return web.Response(body=body, status=status, content_type="application/json")
+
+
+def _error(status: int, error: str, reason: str) -> web.Response:
+    return json_response(ErrorBody(error=error, reason=reason), status)
+
+
+class ApiError(Exception):
+    """Raised by a handler to answer ``status`` with an :class:`ErrorBody`."""
+
+    def __init__(self, status: int, error: str, reason: str) -> None:
+        super().__init__(f"{status} {error}: {reason}")
+        self.status = status
+        self.error = error
+        self.reason = reason
+
+
+async def read_json(request: web.Request, shape: type[msgspec.Struct]) -> dict[str, Any]:
+    """The request body, checked against ``shape``; 4xx with the reason otherwise."""
+    raw = await request.read()  # over client_max_size: 413 (turned into JSON by the middleware)
+    value, rejection = validate_record(raw, shape)
+    if rejection is not None or value is None:
+        error = rejection.error if rejection else "invalid_json"
+        reason = rejection.reason if rejection else "value: empty body"
+        raise ApiError(400, error, reason.replace("value: empty record value", "body: empty"))
+    return value
+
+
+_SLUGS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
+          413: "body_too_large", 415: "unsupported_media_type"}
+
+
+def _error_middleware(max_body_bytes: int) -> Any:
+    @web.middleware
+    async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return _error(exc.status, exc.error, exc.reason)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            reason = exc.text or exc.reason
+            if exc.status == 413:
+                reason = f"body: larger than the limit of {max_body_bytes} bytes"
+            elif exc.status == 404:
+                reason = f"no route {request.method} {request.path}"
+            elif exc.status == 405:
+                reason = f"{request.method} is not allowed on {request.path}"
+            return _error(exc.status, _SLUGS.get(exc.status, "http_error"), reason)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - an unexpected bug answers 500 JSON, never a hang
+            log.exception("%s %s failed", request.method, request.path)
+            return _error(500, "internal", "internal error (logged by the service)")
+    return errors
+
+
+class KafkaLink:
+    """Connects a service's Kafka clients in the background and keeps checking them.
+
+    ``connect`` is retried with backoff until it succeeds (the HTTP side runs meanwhile, and
+    answers what it can without Kafka); then ``ping`` runs every ``check_interval_s``.
+    ``connected`` is what ``/readyz`` reports.
+    """
+
+    def __init__(self, name: str, connect: Callable[[], Awaitable[None]],
+                 disconnect: Callable[[], Awaitable[None]], ping: Callable[[], Awaitable[bool]],
+                 *, check_interval_s: float = 2.0, max_backoff_s: float = 5.0) -> None:
+        self.name = name
+        self._connect = connect
+        self._disconnect = disconnect
+        self._ping = ping
+        self.check_interval_s = check_interval_s
+        self.max_backoff_s = max_backoff_s
+        self.started = False
+        """Clients started (stays true while the broker is briefly unreachable)."""
+        self.connected = False
+        """Started and the last ping answered."""
+        self._task: asyncio.Task[None] | None = None
+        self._ever_connected = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"kafka-link-{self.name}")
+
+    async def wait_connected(self, timeout_s: float) -> bool:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._ever_connected.wait(), timeout_s)
+        return self.connected
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self.started:
+            self.started = self.connected = False
+            await self._disconnect()
+
+    async def _run(self) -> None:
+        backoff_s = 0.25
+        while not self.started:
+            try:
+                await self._connect()
+            except (KafkaError, OSError) as exc:
+                log.warning("%s: Kafka not reachable (%r); retrying in %.1fs", self.name, exc,
+                            backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, self.max_backoff_s)
+                continue
+            self.started = self.connected = True
+            self._ever_connected.set()
+            log.info("%s: Kafka clients connected", self.name)
+        while True:
+            await asyncio.sleep(self.check_interval_s)
+            ok = await self._ping()
+            if ok != self.connected:
+                log.warning("%s: Kafka %s", self.name, "reachable again" if ok else
+                            "unreachable")
+            self.connected = ok
+
+
+class HttpService(ABC):
+    """Base of a consumer service: the aiohttp app, common routes, metrics and Kafka link."""
+
+    name: str
+    title: str
+    description: str
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.registry = CollectorRegistry()
+        self.http_requests = Counter(
+            "inferlane_http_requests", "HTTP requests answered, by route and status",
+            ["route", "status"], registry=self.registry)
+        self.http_seconds = Histogram(
+            "inferlane_http_request_seconds", "Time to answer an HTTP request, by route",
+            ["route"], registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0))
+        self.kafka = KafkaLink(self.name, self.connect, self.disconnect, self.ping)
+
+    # --- what a service provides ------------------------------------------------------------
+    @abstractmethod
+    def service_routes(self) -> list[Route]:
+        """The service's own routes (health, readiness, metrics and OpenAPI are added)."""
+
+    @abstractmethod
+    async def connect(self) -> None:
+        """Start the Kafka clients; raise :class:`KafkaError` / :class:`OSError` to retry."""
+
+    @abstractmethod
+    async def disconnect(self) -> None:
+        """Stop the Kafka clients (graceful: commit what was consumed)."""
+
+    @abstractmethod
+    async def ping(self) -> bool:
+        """True while the Kafka clients are connected."""
+
+    # --- common routes ------------------------------------------------------------------------
+    def routes(self) -> list[Route]:
+        health = {200: Reply("The process is up.", Health)}
+        ready = {200: Reply("Every Kafka client is connected.", Health),
+                 503: Reply("Not (yet, or no longer) connected to Kafka.", Health)}
+        return [
+            *self.service_routes(),
+            Route("GET", "/healthz", self._healthz, "Liveness", health, tags=("operations",)),
+            Route("GET", "/readyz", self._readyz, "Readiness", ready, tags=("operations",)),
+            Route("GET", "/metrics", self._metrics, "Prometheus metrics",
+                  {200: Reply("Prometheus text format.", None, "text/plain")},
+                  tags=("operations",)),
+            Route("GET", "/openapi.json", self._openapi, "This API's OpenAPI document",
+                  {200: Reply("OpenAPI 3.1 document.", None)}, tags=("operations",)),
+        ]
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return json_response(Health(status="ok"))
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        ready = self.kafka.connected
+        return json_response(Health(status="ready" if ready else "not_ready",
+                                    checks={"kafka": ready}), 200 if ready else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _openapi(self, request: web.Request) -> web.Response:
+        from pipeline.services.openapi import openapi_document
+
+        return json_response(openapi_document(self))
+
+    # --- the app ----------------------------------------------------------------------------
+    def make_app(self) -> web.Application:
+        max_body = self.settings.service_max_body_bytes
+        app = web.Application(client_max_size=max_body,
+                              middlewares=[self._metrics_middleware,
+                                           _error_middleware(max_body)])
+        for route in self.routes():
+            app.router.add_route(route.method, route.path, route.handler)
+        app.on_startup.append(self._on_startup)
+        app.on_cleanup.append(self._on_cleanup)
+        return app
+
+    @web.middleware
+    async def _metrics_middleware(self, request: web.Request,
+                                  handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        response = await handler(request)
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        self.http_seconds.labels(route).observe(time.perf_counter() - started)
+        self.http_requests.labels(route, str(response.status)).inc()
+        return response
+
+    async def _on_startup(self, app: web.Application) -> None:
+        self.kafka.start()
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        await self.kafka.stop()
+
+
+async def serve(service: HttpService, host: str, port: int) -> None:
+    """Run ``service`` on ``host:port`` until SIGTERM/SIGINT, then stop gracefully."""
+    runner = web.AppRunner(service.make_app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("%s: listening on http://%s:%d (OpenAPI at /openapi.json)", service.name, host,
+             port)
+    try:
+        await stop.wait()
+    finally:
+        log.info("%s: stopping", service.name)
+        await runner.cleanup()
+        log.info("%s: stopped", service.name)
