@@ -8,6 +8,8 @@ never see each other's records or consumer groups. Nothing here is mocked.
 from __future__ import annotations
 
 import asyncio
+import socket
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -89,6 +91,50 @@ def worker_factory(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], Worker
     for worker in workers:
         worker.terminate(timeout_s=15)
     assert all(not w.alive for w in workers)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+SERVICE_READY_MARK = "Kafka clients connected"
+
+
+class ServiceProcess(WorkerProcess):
+    """``inferlane serve <service>`` on a free port; ``url`` is its base URL."""
+
+    def __init__(self, service: str, env: dict[str, str], log_path: Path, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(env, log_path, cwd=REPO, label=f"serve {service}",
+                         ready_mark=SERVICE_READY_MARK,
+                         argv=[sys.executable, "-m", "pipeline.cli", "serve", service,
+                               "--port", str(self.port), *args])
+
+
+ServiceFactory = Callable[..., ServiceProcess]
+
+
+@pytest.fixture
+def service_factory(tmp_path: Path) -> Iterator[ServiceFactory]:
+    """Start ``inferlane serve <service> [args]`` processes (ready once Kafka is connected);
+    every one is stopped after the test."""
+    services: list[ServiceProcess] = []
+
+    def start(service: str, env: dict[str, str], *args: str,
+              name: str | None = None) -> ServiceProcess:
+        process = ServiceProcess(service, env, tmp_path / "logs" / f"{name or service}.log",
+                                 *args)
+        services.append(process)
+        process.start()
+        return process
+
+    yield start
+    for process in services:
+        process.terminate(timeout_s=15)
+    assert all(not p.alive for p in services)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
