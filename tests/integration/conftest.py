@@ -105,11 +105,12 @@ SERVICE_READY_MARK = "Kafka clients connected"
 class ServiceProcess(WorkerProcess):
     """``inferlane serve <service>`` on a free port; ``url`` is its base URL."""
 
-    def __init__(self, service: str, env: dict[str, str], log_path: Path, *args: str) -> None:
+    def __init__(self, service: str, env: dict[str, str], log_path: Path, *args: str,
+                 ready_mark: str = SERVICE_READY_MARK) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         super().__init__(env, log_path, cwd=REPO, label=f"serve {service}",
-                         ready_mark=SERVICE_READY_MARK,
+                         ready_mark=ready_mark,
                          argv=[sys.executable, "-m", "pipeline.cli", "serve", service,
                                "--port", str(self.port), *args])
 
@@ -123,10 +124,10 @@ def service_factory(tmp_path: Path) -> Iterator[ServiceFactory]:
     every one is stopped after the test."""
     services: list[ServiceProcess] = []
 
-    def start(service: str, env: dict[str, str], *args: str,
-              name: str | None = None) -> ServiceProcess:
+    def start(service: str, env: dict[str, str], *args: str, name: str | None = None,
+              ready_mark: str = SERVICE_READY_MARK) -> ServiceProcess:
         process = ServiceProcess(service, env, tmp_path / "logs" / f"{name or service}.log",
-                                 *args)
+                                 *args, ready_mark=ready_mark)
         services.append(process)
         process.start()
         return process
