@@ -38,6 +38,7 @@ from prometheus_client import (
 from pipeline.errors import TopicError
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics, topic_specs
+from pipeline.worker import SERVICE_READY_MARK
 from schemas.http import ErrorBody, Health
 from schemas.validation import validate_record
 
@@ -189,7 +190,7 @@ class KafkaLink:
                 continue
             self.started = self.connected = True
             self._ever_connected.set()
-            log.info("%s: Kafka clients connected", self.name)
+            log.info("%s: %s", self.name, SERVICE_READY_MARK)
         while True:
             await asyncio.sleep(self.check_interval_s)
             ok = await self._ping()
