@@ -11,9 +11,9 @@ from typing import Any
 
 import msgspec
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
-from pipeline.kafka import client_kwargs, make_producer
+from pipeline.kafka import make_producer, start_reader
 from pipeline.s3 import S3Store
 from pipeline.settings import Settings
 from pipeline.synth import TransactionGenerator
@@ -62,9 +62,8 @@ async def wait_for_job(
 
     Returns the final event; raises :class:`TimeoutError` after ``timeout_s``.
     """
-    consumer = AIOKafkaConsumer(**client_kwargs(settings, client_id="inferlane-batch-client"),
-                                enable_auto_commit=False)
-    await consumer.start()
+    consumer = await start_reader(settings, "inferlane-batch-client",
+                                  idle_sleep_ms=settings.background_idle_fetch_sleep_ms)
     consumer.assign(list(start))
     for tp, offset in start.items():
         consumer.seek(tp, offset)

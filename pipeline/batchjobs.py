@@ -24,6 +24,7 @@ import asyncio
 import gzip
 import logging
 import multiprocessing
+import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -202,8 +203,12 @@ _CHILD: tuple[OnnxScorer, Thresholds] | None = None
 
 
 def _init_child(model_dir: str, precision: str, threads: int, review: float,
-                decline: float) -> None:
+                decline: float, nice: int) -> None:
     global _CHILD  # noqa: PLW0603 - one model per child process, loaded once
+    if nice:
+        # Real time first, also for the OS scheduler: under CPU contention the scoring process
+        # gets a small share (nice 19: weight 15 vs 1024), when cores are idle all of them.
+        os.nice(nice)
     scorer = OnnxScorer.load(Path(model_dir), precision, threads)  # type: ignore[arg-type]
     scorer.warm_up()
     _CHILD = (scorer, Thresholds(review=review, decline=decline))
@@ -249,7 +254,8 @@ class ChunkScorer:
                 max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_child, initargs=(str(model_dir),
                                                    s.fraud_model_precision,
-                                                   s.inference_threads, t.review, t.decline))
+                                                   s.inference_threads, t.review, t.decline,
+                                                   s.batch_process_nice))
             await asyncio.get_running_loop().run_in_executor(self._pool, _score_in_child, [], 0)
         await self.store.start()
 

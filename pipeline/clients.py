@@ -39,7 +39,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from pipeline.kafka import apply_idle_fetch_backoff, client_kwargs, make_producer
+from pipeline.kafka import make_producer, start_reader
 from pipeline.settings import Settings
 from schemas import FraudScore, RecoRequest, RecoResult, Transaction
 from schemas.validation import validate_record
@@ -94,15 +94,9 @@ class _ReplyRouter:
         return len(self._pending)
 
     async def start(self) -> None:
-        consumer = AIOKafkaConsumer(
-            **client_kwargs(self._settings, client_id=self._client_id),
-            enable_auto_commit=False, fetch_max_wait_ms=20,
-            max_partition_fetch_bytes=4 * 1024 * 1024)
-        await consumer.start()
+        consumer = await start_reader(self._settings, self._client_id, fetch_max_wait_ms=20)
         self._consumer = consumer
         try:
-            if self._settings.is_local_broker:
-                apply_idle_fetch_backoff(consumer, self._settings.idle_fetch_sleep_ms)
             tps = await self._partitions(consumer)
             consumer.assign(tps)
             await consumer.seek_to_end(*tps)

@@ -31,7 +31,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from pipeline.history import CardHistory, from_bytes
-from pipeline.kafka import apply_idle_fetch_backoff, client_kwargs
+from pipeline.kafka import start_reader
 from pipeline.settings import Settings
 
 __all__ = ["CHANGELOG", "TABLE_NAME", "HistoryView", "PartitionClock"]
@@ -136,16 +136,12 @@ class HistoryView:
         self._changed.set()
 
     async def start(self) -> None:
-        self._consumer = AIOKafkaConsumer(
-            **client_kwargs(self.settings, client_id=f"{self.settings.app_id}-history-view"),
-            enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=50,
-            max_partition_fetch_bytes=4 * 1024 * 1024)
-        await self._consumer.start()
-        if self.settings.is_local_broker and self.settings.background_idle_fetch_sleep_ms:
-            # Off the latency path: a snapshot may be a few tens of ms late (the staleness
-            # bound is 1 s); polling an idle broker every 2 ms would cost the lane's loop.
-            apply_idle_fetch_backoff(self._consumer,
-                                     self.settings.background_idle_fetch_sleep_ms)
+        # Off the latency path: a snapshot may be a few tens of ms late (the staleness bound
+        # is 1 s); polling an idle local broker every 2 ms would cost the lane's loop.
+        self._consumer = await start_reader(
+            self.settings, f"{self.settings.app_id}-history-view",
+            idle_sleep_ms=self.settings.background_idle_fetch_sleep_ms,
+            auto_offset_reset="earliest")
         self._task = asyncio.create_task(self._run(), name="history-view")
 
     async def stop(self) -> None:

@@ -11,7 +11,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from pipeline.settings import Settings
 
-__all__ = ["apply_idle_fetch_backoff", "client_kwargs", "make_consumer", "make_producer"]
+__all__ = ["apply_idle_fetch_backoff", "client_kwargs", "make_consumer", "make_producer",
+           "start_reader"]
 
 
 def client_kwargs(settings: Settings, *, client_id: str | None = None) -> dict[str, Any]:
@@ -91,3 +92,23 @@ def apply_idle_fetch_backoff(consumer: AIOKafkaConsumer, backoff_ms: float) -> N
 
     fetch_with_backoff._inferlane_backoff = True  # type: ignore[attr-defined]
     fetcher._proc_fetch_request = fetch_with_backoff
+
+
+async def start_reader(settings: Settings, client_id: str, *, idle_sleep_ms: float | None = None,
+                       **overrides: Any) -> AIOKafkaConsumer:
+    """A started consumer without a group (the caller assigns and seeks), no auto-commit.
+
+    On the local broker an empty fetch is followed by ``idle_sleep_ms`` (default
+    ``INFERLANE_IDLE_FETCH_SLEEP_MS``; pass ``background_idle_fetch_sleep_ms`` for readers off
+    the latency path), so an idle reader does not spin a core and the broker with it.
+    """
+    kwargs: dict[str, Any] = {**client_kwargs(settings, client_id=client_id),
+                              "enable_auto_commit": False, "fetch_max_wait_ms": 50,
+                              "max_partition_fetch_bytes": 4 * 1024 * 1024}
+    kwargs.update(overrides)
+    consumer = AIOKafkaConsumer(**kwargs)
+    await consumer.start()
+    sleep_ms = settings.idle_fetch_sleep_ms if idle_sleep_ms is None else idle_sleep_ms
+    if settings.is_local_broker and sleep_ms:
+        apply_idle_fetch_backoff(consumer, sleep_ms)
+    return consumer

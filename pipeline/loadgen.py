@@ -31,7 +31,7 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from pipeline.kafka import apply_idle_fetch_backoff, client_kwargs, make_producer
+from pipeline.kafka import client_kwargs, make_producer, start_reader
 from pipeline.produce import BatchSender
 from pipeline.settings import Settings
 from pipeline.synth import INVALID_KINDS, TransactionGenerator, make_invalid
@@ -260,12 +260,7 @@ class ResultReader:
         self._arrived = asyncio.Event()
 
     async def start(self) -> None:
-        self._consumer = AIOKafkaConsumer(
-            **client_kwargs(self.settings, client_id="inferlane-reader"),
-            enable_auto_commit=False, fetch_max_wait_ms=50)
-        await self._consumer.start()
-        if self.settings.is_local_broker:
-            apply_idle_fetch_backoff(self._consumer, self.settings.idle_fetch_sleep_ms)
+        self._consumer = await start_reader(self.settings, "inferlane-reader")
         self._consumer.assign(list(self.start_offsets))
         for tp, offset in self.start_offsets.items():
             self._consumer.seek(tp, offset)

@@ -148,6 +148,9 @@ class Settings(BaseSettings):
     """A job's input objects are split into chunks of about this many bytes."""
     batch_process: bool = True
     """Score batch chunks in a child process, so real-time lanes keep the worker's GIL."""
+    batch_process_nice: int = Field(default=19, ge=0, le=19)
+    """Niceness added to the batch scoring process, so the OS scheduler also puts real-time
+    lanes first under CPU contention (0 = same priority as the worker)."""
     batch_yield_ratio: float = Field(default=2.0, ge=0.0, le=100.0)
     """While real-time traffic flows, the batch lane rests this many times as long as each
     slice of scoring took (2.0: batch uses at most a third of the time). 0 = never rests."""

@@ -33,7 +33,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from pipeline.bench.stats import ResultRow
-from pipeline.kafka import apply_idle_fetch_backoff, client_kwargs
+from pipeline.kafka import start_reader
 from pipeline.settings import load_settings
 
 __all__ = ["ReaderOutput", "ReaderProcess", "main"]
@@ -98,13 +98,9 @@ async def _wait_command(collector: _Collector) -> None:
 
 async def _run(topic: str, id_field: str) -> _Collector:
     settings = load_settings()
-    consumer = AIOKafkaConsumer(**client_kwargs(settings, client_id="inferlane-bench-reader"),
-                                enable_auto_commit=False, fetch_max_wait_ms=50)
-    await consumer.start()
+    consumer = await start_reader(settings, "inferlane-bench-reader")
     collector = _Collector(id_field)
     try:
-        if settings.is_local_broker:
-            apply_idle_fetch_backoff(consumer, settings.idle_fetch_sleep_ms)
         partitions = consumer.partitions_for_topic(topic)
         if partitions is None:
             await consumer.topics()  # refresh metadata for topics not seen yet
