@@ -210,7 +210,7 @@ class RecommendationService(HttpService):
         if stored is None:
             raise ApiError(404, "not_found",
                            f"user_id: no recommendations stored for {user_id!r} (this instance "
-                           f"keeps the latest result of {len(self.latest):,} users read from "
+                           f"holds the latest result of {len(self.latest):,} user(s) read from "
                            "reco.results; POST /v1/recommend asks the pipeline)")
         self._answers.labels("recommendations", "stored").inc()
         return json_response(Recommendations(

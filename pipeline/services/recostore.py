@@ -4,7 +4,7 @@ per user read from ``reco.results``, and the served model's popular items.
 * :class:`LatestResults` - user id -> the last :class:`~schemas.RecoResult` read for the user
   (a :class:`~pipeline.services.stream.BoundedStore`: at most ``max_users`` users, the least
   recently updated one evicted). Results are kept as compact msgspec-encoded arrays (about
-  0.6 KB per user at k = 10 with its key, against 3.4 KB as parsed JSON), decoded when read.
+  0.5 KB per user at k = 10 with its key, against 3.4 KB as parsed JSON), decoded when read.
 * :class:`PopularItems` / :func:`load_popular` - the ``popular_items`` of the model card of the
   reco version the workers serve (same selection: ``INFERLANE_RECO_MODEL_DIR``, else the
   registry at ``INFERLANE_RECO_MODEL_VERSION``), with that version's ``model_version`` string.
