@@ -38,7 +38,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from pipeline.errors import BinaryNotFoundError, PortInUseError, StackError
 
-__all__ = ["DUMMY_S3_KEY", "LocalStack", "ManagedProcess", "StackEndpoints", "noida_binary"]
+__all__ = ["DUMMY_S3_KEY", "LocalStack", "ManagedProcess", "StackEndpoints", "free_port",
+           "noida_binary"]
 
 DUMMY_S3_KEY = "inferlane-local"
 _HOST = "127.0.0.1"
@@ -61,7 +62,7 @@ def noida_binary() -> Path:
     return Path(found)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((_HOST, 0))
         return int(sock.getsockname()[1])
@@ -70,7 +71,7 @@ def _free_port() -> int:
 def _claim_port(port: int, what: str) -> int:
     """Return ``port`` (a free one when 0); raise :class:`PortInUseError` if it is taken."""
     if port == 0:
-        return _free_port()
+        return free_port()
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
             sock.bind((_HOST, port))

@@ -18,10 +18,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.errors import StackError
+from pipeline.stack import free_port
 
-__all__ = ["FAUST_READY_MARK", "WorkerProcess", "faust_worker_argv"]
+__all__ = ["FAUST_READY_MARK", "SERVICE_READY_MARK", "ServiceProcess", "WorkerProcess",
+           "faust_worker_argv"]
 
 FAUST_READY_MARK = "[^Worker]: Ready"
+SERVICE_READY_MARK = "Kafka clients connected"
+"""Logged by a consumer service (``inferlane serve ...``) once its Kafka clients are up."""
 
 
 def faust_worker_argv(app_module: str = "agents", *, web: bool = False) -> list[str]:
@@ -121,3 +125,17 @@ class WorkerProcess:
         if self._popen is not None and self.alive:
             os.killpg(self._popen.pid, signal.SIGKILL)
             self._popen.wait(timeout=5)
+
+
+class ServiceProcess(WorkerProcess):
+    """``inferlane serve <service> --port <free port> [args]``; ``url`` is its base URL. Ready
+    once its Kafka clients are connected (or at ``ready_mark``)."""
+
+    def __init__(self, service: str, env: dict[str, str], log_path: Path, *args: str,
+                 ready_mark: str = SERVICE_READY_MARK, cwd: Path | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(env, log_path, cwd=cwd, label=f"serve {service}",
+                         ready_mark=ready_mark,
+                         argv=[sys.executable, "-m", "pipeline.cli", "serve", service,
+                               "--port", str(self.port), *args])

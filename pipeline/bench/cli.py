@@ -1,4 +1,4 @@
-"""``inferlane bench run|reco|batch``: the typer sub-application of the benchmarks.
+"""``inferlane bench run|reco|batch|service``: the typer sub-application of the benchmarks.
 
 Registered by the main CLI as ``app.add_typer(bench_app, name="bench")``; also runnable alone
 as ``python -m pipeline.bench run --quick``. Writes ``results.md``, ``results.json`` and
@@ -24,7 +24,7 @@ __all__ = ["bench_app"]
 
 bench_app = typer.Typer(
     help="Benchmarks on the local stack: the fraud lane against two yardsticks (naive faust "
-         "agent, bare aiokafka loop), the reco lane, the batch lane.",
+         "agent, bare aiokafka loop), the reco lane, the batch lane, the fraud-check service.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 # Piped output gets a table wide enough to read instead of rich's 80-column fallback.
 console = Console(width=None if sys.stdout.isatty() else 132)
@@ -195,3 +195,30 @@ def batch(
     console.print(f"wrote {folder / 'results.json'}")
     raise typer.Exit(0 if result.exact else 1)
 
+
+
+@bench_app.command("service")
+def service(
+    rate: Annotated[float, typer.Option(help="Offered load, requests/s.", min=1)] = 500,
+    duration: Annotated[float, typer.Option(help="Seconds per budget.", min=1)] = 20,
+    budgets: Annotated[str, typer.Option(help="Comma-separated fraud-check budgets, ms: one "
+                                              "run each.")] = "50,1000",
+    warmup: Annotated[float, typer.Option(help="Seconds of latencies discarded.")] = 2.0,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic transactions.")] = 1,
+    out: Annotated[Path | None, typer.Option(
+        help="Results folder (default bench-results/service-<UTC timestamp>).")] = None,
+) -> None:
+    """POST /v1/check latency through HTTP -> Kafka -> worker -> Kafka -> HTTP, open loop."""
+    from pipeline.bench.service import render as render_service
+    from pipeline.bench.service import run_service_bench
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    folder = (out or Path("bench-results") / f"service-{stamp}").resolve()
+    results = run_service_bench(folder, rate=rate, duration_s=duration,
+                                budgets=list(_rates(budgets)), warmup_s=warmup, seed=seed,
+                                console=console)
+    console.print(render_service(results))
+    console.print(f"wrote {folder / 'results.json'}, {folder / 'latency.png'}")
+    failed = sum(r.errors + r.sent - r.answered for r in results)
+    raise typer.Exit(1 if failed else 0)

@@ -46,6 +46,7 @@ class FraudCheckService(HttpService):
     """The fraud-check HTTP service (see the module docstring)."""
 
     name = "fraud-check"
+    topic_lanes = ("fraud",)
     title = "inferlane fraud-check service"
     description = ("Approve, review or decline a card transaction within a latency budget: the "
                    "fraud model's decision when the pipeline answers in time, a rules fallback "

@@ -35,7 +35,10 @@ from prometheus_client import (
     generate_latest,
 )
 
+from pipeline.errors import TopicError
 from pipeline.settings import Settings
+from pipeline.topics import ensure_topics, topic_specs
+from pipeline.worker import SERVICE_READY_MARK
 from schemas.http import ErrorBody, Health
 from schemas.validation import validate_record
 
@@ -96,7 +99,10 @@ async def read_json(request: web.Request, shape: type[msgspec.Struct]) -> dict[s
     if rejection is not None or value is None:
         error = rejection.error if rejection else "invalid_json"
         reason = rejection.reason if rejection else "value: empty body"
-        raise ApiError(400, error, reason.replace("value: empty record value", "body: empty"))
+        reason = reason.replace("value: empty record value", "body: empty")
+        if reason.startswith("value: "):  # the record's value is the request's body here
+            reason = "body: " + reason[len("value: "):]
+        raise ApiError(400, error, reason)
     return value
 
 
@@ -176,7 +182,7 @@ class KafkaLink:
         while not self.started:
             try:
                 await self._connect()
-            except (KafkaError, OSError) as exc:
+            except (KafkaError, OSError, TopicError) as exc:
                 log.warning("%s: Kafka not reachable (%r); retrying in %.1fs", self.name, exc,
                             backoff_s)
                 await asyncio.sleep(backoff_s)
@@ -184,7 +190,7 @@ class KafkaLink:
                 continue
             self.started = self.connected = True
             self._ever_connected.set()
-            log.info("%s: Kafka clients connected", self.name)
+            log.info("%s: %s", self.name, SERVICE_READY_MARK)
         while True:
             await asyncio.sleep(self.check_interval_s)
             ok = await self._ping()
@@ -200,6 +206,8 @@ class HttpService(ABC):
     name: str
     title: str
     description: str
+    topic_lanes: tuple[str, ...] | None = None
+    """Lanes whose missing topics the service creates before connecting (None: all)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -211,7 +219,7 @@ class HttpService(ABC):
             "inferlane_http_request_seconds", "Time to answer an HTTP request, by route",
             ["route"], registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0))
-        self.kafka = KafkaLink(self.name, self.connect, self.disconnect, self.ping)
+        self.kafka = KafkaLink(self.name, self._connect, self.disconnect, self.ping)
 
     # --- what a service provides ------------------------------------------------------------
     @abstractmethod
@@ -229,6 +237,10 @@ class HttpService(ABC):
     @abstractmethod
     async def ping(self) -> bool:
         """True while the Kafka clients are connected."""
+
+    async def _connect(self) -> None:
+        await ensure_topics(self.settings, topic_specs(self.topic_lanes))
+        await self.connect()
 
     # --- common routes ------------------------------------------------------------------------
     def routes(self) -> list[Route]:

@@ -8,8 +8,6 @@ never see each other's records or consumer groups. Nothing here is mocked.
 from __future__ import annotations
 
 import asyncio
-import socket
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +17,7 @@ import pytest
 from pipeline.settings import Settings, load_settings
 from pipeline.stack import LocalStack, StackEndpoints, _pid_alive
 from pipeline.topics import ensure_topics
-from pipeline.worker import WorkerProcess
+from pipeline.worker import SERVICE_READY_MARK, ServiceProcess, WorkerProcess
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -93,27 +91,6 @@ def worker_factory(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], Worker
     assert all(not w.alive for w in workers)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-SERVICE_READY_MARK = "Kafka clients connected"
-
-
-class ServiceProcess(WorkerProcess):
-    """``inferlane serve <service>`` on a free port; ``url`` is its base URL."""
-
-    def __init__(self, service: str, env: dict[str, str], log_path: Path, *args: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        super().__init__(env, log_path, cwd=REPO, label=f"serve {service}",
-                         ready_mark=SERVICE_READY_MARK,
-                         argv=[sys.executable, "-m", "pipeline.cli", "serve", service,
-                               "--port", str(self.port), *args])
-
-
 ServiceFactory = Callable[..., ServiceProcess]
 
 
@@ -123,10 +100,10 @@ def service_factory(tmp_path: Path) -> Iterator[ServiceFactory]:
     every one is stopped after the test."""
     services: list[ServiceProcess] = []
 
-    def start(service: str, env: dict[str, str], *args: str,
-              name: str | None = None) -> ServiceProcess:
+    def start(service: str, env: dict[str, str], *args: str, name: str | None = None,
+              ready_mark: str = SERVICE_READY_MARK) -> ServiceProcess:
         process = ServiceProcess(service, env, tmp_path / "logs" / f"{name or service}.log",
-                                 *args)
+                                 *args, ready_mark=ready_mark, cwd=REPO)
         services.append(process)
         process.start()
         return process

@@ -21,7 +21,7 @@ from pipeline.loadgen import ProduceReport, ResultReader, produce_transactions, 
 from pipeline.model import OnnxScorer
 from pipeline.s3 import S3Store
 from pipeline.settings import Settings
-from pipeline.stack import _free_port
+from pipeline.stack import free_port
 from pipeline.worker import WorkerProcess
 from tests.integration.conftest import EnvFactory, settings_from
 
@@ -84,7 +84,7 @@ async def test_new_version_swapped_under_load_and_corrupt_version_refused(
     registry = tmp_path / "registry"
     registry.mkdir()
     _publish(registry, "fraud-v2", "fraud-v2", "v2")
-    port = _free_port()
+    port = free_port()
     env = test_env(lanes="fraud", model_registry=str(registry), model_poll_interval_s="0.3",
                    drift_sample="0.5", web_port=str(port))
     settings = settings_from(env)
