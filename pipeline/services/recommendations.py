@@ -63,6 +63,7 @@ class RecommendationService(HttpService):
     """The recommendation HTTP service (see the module docstring)."""
 
     name = "recommendations"
+    topic_lanes = ("reco",)
     title = "inferlane recommendation service"
     description = ("A user's top-k items: fresh from the reco pipeline when it answers within "
                    "the deadline, else the latest ones read from `reco.results`, else the "

@@ -196,7 +196,7 @@ async def test_get_stored_recommendations(service: RecommendationService,
 
 
 @pytest.mark.parametrize(("body", "status", "error", "field"), [
-    (b'{"user_id": "user-000001",', 400, "invalid_json", "value: not valid JSON"),
+    (b'{"user_id": "user-000001",', 400, "invalid_json", "body: not valid JSON"),
     (b'{"k": 3}', 400, "schema", "user_id:"),
     (b'{"user_id": "user-000001", "k": "3"}', 400, "schema", "k:"),
     (b'{"user_id": "user-000001", "k": 0}', 400, "schema", "k:"),
@@ -204,7 +204,7 @@ async def test_get_stored_recommendations(service: RecommendationService,
     (b'{"user_id": "", "k": 1}', 400, "schema", "user_id:"),
     (b'{"user_id": "user-000001", "candidate_ids": []}', 400, "schema", "candidate_ids:"),
     (b'{"user_id": "user-000001", "candidate_ids": [7]}', 400, "schema", "candidate_ids[0]:"),
-    (b'["user-000001"]', 400, "schema", "value:"),
+    (b'["user-000001"]', 400, "schema", "body:"),
     (b"", 400, "invalid_json", "body:"),
     (b'{"user_id": "' + b"u" * 3000 + b'"}', 413, "body_too_large", "body:"),
 ])

@@ -131,7 +131,7 @@ async def test_pipeline_then_stored_then_popular_over_http(
 
 async def _bad_requests(api: Api) -> None:
     for data, status, error, field in (
-            (b'{"user_id": "user-000001"', 400, "invalid_json", "value: not valid JSON"),
+            (b'{"user_id": "user-000001"', 400, "invalid_json", "body: not valid JSON"),
             (b'{"k": 3}', 400, "schema", "user_id:"),
             (b'{"user_id": "user-000001", "k": "ten"}', 400, "schema", "k:"),
             (b'{"user_id": "user-000001", "k": 0}', 400, "schema", "k:"),
