@@ -77,10 +77,7 @@ def recommendations(
     """POST /v1/recommend: a user's top-k within the deadline (pipeline, else stored, else
     popular); GET /v1/recommendations/{user_id}: the latest ones read from reco.results."""
     from pipeline.services.recommendations import RecommendationService
-    from pipeline.services.recostore import PopularItems, load_popular
 
     settings = load_settings()
-    # The document does not depend on the model: --openapi needs no registry.
-    popular = PopularItems("", ()) if openapi else load_popular(settings)
-    _run(settings, lambda s: RecommendationService(s, popular, deadline_ms=deadline_ms), host,
+    _run(settings, lambda s: RecommendationService(s, deadline_ms=deadline_ms), host,
          settings.reco_service_port if port is None else port, openapi)

@@ -18,6 +18,13 @@ the request, e.g. a user the model does not know), ``kafka_unavailable`` (not co
 ``kafka_error`` (the broker refused the request). Neither a slow pipeline nor Kafka being down
 is ever a 5xx.
 
+The popular items are those of the reco version the workers serve, selected the same way
+(``INFERLANE_RECO_MODEL_DIR``, else the registry at ``INFERLANE_RECO_MODEL_VERSION``) before the
+service listens; while it runs it follows the registry like the workers do (``latest`` and
+``INFERLANE_MODEL_POLL_INTERVAL_S`` > 0), so a newly published version's popular items and
+``model_version`` replace the old ones (a version whose file fails its sha256 is refused, as
+the workers refuse it).
+
 Separately it follows ``reco.results`` in its own consumer group (``<app_id>-recommendations``)
 and keeps the latest result of at most ``INFERLANE_RECO_SERVICE_USERS_MAX`` users
 (:class:`~pipeline.services.recostore.LatestResults`) for ``GET /v1/recommendations/{user_id}``
@@ -28,8 +35,10 @@ instance per group (distinct ``INFERLANE_APP_ID``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -39,8 +48,9 @@ from prometheus_client import Counter, Gauge, Histogram
 from pipeline.clients import RecoClient, Rejected, TimedOut
 from pipeline.lane import Lane
 from pipeline.services.http import ApiError, HttpService, Reply, Route, json_response, read_json
-from pipeline.services.recostore import LatestResults, PopularItems, top_k
+from pipeline.services.recostore import LatestResults, PopularItems, read_popular, top_k
 from pipeline.services.stream import follow_results
+from pipeline.serving import follower_for
 from pipeline.settings import Settings
 from schemas import RECO_DEFAULT_K, RecoResult
 from schemas.http import (
@@ -69,12 +79,17 @@ class RecommendationService(HttpService):
                    "the deadline, else the latest ones read from `reco.results`, else the "
                    "served model's most popular items; `source` says which.")
 
-    def __init__(self, settings: Settings, popular: PopularItems, *,
+    def __init__(self, settings: Settings, popular: PopularItems | None = None, *,
                  deadline_ms: float | None = None) -> None:
+        """``popular``: fixed popular items; None = the served model's, read at start and
+        followed (see the module docstring)."""
         super().__init__(settings)
         self.deadline_ms = (settings.reco_service_deadline_ms if deadline_ms is None
                             else deadline_ms)
-        self.popular = popular
+        self.popular = popular or PopularItems("", ())
+        self._popular_fixed = popular is not None
+        self._follower = follower_for(settings, "reco")
+        self._follow_task: asyncio.Task[None] | None = None
         self.client = RecoClient(settings, default_timeout_ms=self.deadline_ms,
                                  client_id=f"{settings.app_id}-recommendations-"
                                            f"{settings.worker_id}")
@@ -107,6 +122,35 @@ class RecommendationService(HttpService):
         Gauge("inferlane_reco_service_popular_items", "Popular items loaded from the served "
               "model's card (0: the popular fallback answers with no items)",
               registry=self.registry).set_function(lambda: len(self.popular.items))
+
+    # --- the served model's popular items ------------------------------------------------------
+    async def _on_startup(self, app: web.Application) -> None:
+        if not self._popular_fixed:
+            path = await self._follower.initial()
+            self.popular = await self._read_popular(path)
+            log.info("recommendations: %d popular items of %s from %s", len(self.popular.items),
+                     self.popular.model_version, path)
+            if self._follower.follows:
+                self._follow_task = asyncio.create_task(
+                    self._follower.follow(self._read_popular, self._install_popular),
+                    name="recommendations-model-follow")
+                self._follow_task.add_done_callback(_log_death)
+        await super()._on_startup(app)
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        if self._follow_task is not None:
+            self._follow_task.cancel()
+            await asyncio.gather(self._follow_task, return_exceptions=True)
+            self._follow_task = None
+        await super()._on_cleanup(app)
+
+    async def _read_popular(self, path: Path) -> PopularItems:
+        return await asyncio.to_thread(read_popular, path, self.settings.reco_model_precision)
+
+    async def _install_popular(self, popular: PopularItems) -> None:
+        log.info("recommendations: popular items now from %s (were %s)", popular.model_version,
+                 self.popular.model_version)
+        self.popular = popular
 
     # --- Kafka --------------------------------------------------------------------------------
     async def connect(self) -> None:
@@ -219,6 +263,12 @@ class RecommendationService(HttpService):
             model_version=stored.model_version, request_id=stored.request_id,
             scored_at=stored.scored_at,
             latency_ms=round((time.monotonic() - started) * 1000.0, 3)))
+
+
+def _log_death(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("recommendations: %s died; the popular items are no longer updated",
+                  task.get_name(), exc_info=task.exception())
 
 
 def _from_result(result: RecoResult) -> dict[str, Any]:

@@ -5,9 +5,9 @@ per user read from ``reco.results``, and the served model's popular items.
   (a :class:`~pipeline.services.stream.BoundedStore`: at most ``max_users`` users, the least
   recently updated one evicted). Results are kept as compact msgspec-encoded arrays (about
   0.5 KB per user at k = 10 with its key, against 3.4 KB as parsed JSON), decoded when read.
-* :class:`PopularItems` / :func:`load_popular` - the ``popular_items`` of the model card of the
-  reco version the workers serve (same selection: ``INFERLANE_RECO_MODEL_DIR``, else the
-  registry at ``INFERLANE_RECO_MODEL_VERSION``), with that version's ``model_version`` string.
+* :class:`PopularItems` / :func:`read_popular` - the ``popular_items`` of a reco model folder's
+  card, with the ``model_version`` string the lane reports for it; the service reads the folder
+  of the version the workers serve (same selection, :func:`pipeline.serving.follower_for`).
 * :func:`top_k` - the first ``k`` of a ranked list, keeping only candidates when given.
 """
 
@@ -16,17 +16,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from pipeline.errors import ModelLoadError
+from pipeline.model import Precision, verified_bytes
 from pipeline.reco import RecoCard, load_reco_card
 from pipeline.services.stream import BoundedStore
-from pipeline.serving import model_path_now
-from pipeline.settings import Settings
 from schemas import RecoItem, RecoResult
 
-__all__ = ["LatestResults", "PopularItems", "StoredResult", "load_popular", "top_k"]
+__all__ = ["LatestResults", "PopularItems", "StoredResult", "read_popular", "top_k"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class LatestResults:
 
     @property
     def max_users(self) -> int:
+        """The bound: most users kept at once."""
         return self._store.max_entries
 
     @property
@@ -84,6 +86,7 @@ class LatestResults:
         return True
 
     def get(self, user_id: str) -> StoredResult | None:
+        """The latest result kept for ``user_id``, or None."""
         raw = self._store.get(user_id)
         return None if raw is None else _DECODER.decode(raw)
 
@@ -98,16 +101,23 @@ class PopularItems:
     """Score = the item's number of training interactions."""
 
     @classmethod
-    def from_card(cls, card: RecoCard, settings: Settings) -> PopularItems:
+    def from_card(cls, card: RecoCard, precision: Precision) -> PopularItems:
+        """The card's popular items, for the card served at ``precision``."""
         items = tuple(RecoItem(item_id=p.item_id, score=float(p.interactions))
                       for p in card.popular_items)
-        return cls(card.served_version(settings.reco_model_precision), items)
+        return cls(card.served_version(precision), items)
 
 
-def load_popular(settings: Settings) -> PopularItems:
-    """The popular items of the reco version the workers serve now (fetched from the registry
-    like the workers do); :class:`~pipeline.errors.ModelLoadError` when there is none."""
-    popular = PopularItems.from_card(load_reco_card(model_path_now(settings, "reco")), settings)
+def read_popular(model_dir: Path, precision: Precision) -> PopularItems:
+    """The popular items of the reco folder ``model_dir`` served at ``precision`` (blocking:
+    run it in a thread). The served file's sha256 is checked as the workers check it, so a
+    version they refuse is refused here too (:class:`~pipeline.errors.ModelLoadError`)."""
+    card = load_reco_card(model_dir)
+    entry = card.files.get(precision)
+    if entry is None:
+        raise ModelLoadError(f"card in {model_dir} lists no {precision!r} file")
+    verified_bytes(model_dir, entry)
+    popular = PopularItems.from_card(card, precision)
     if not popular.items:
         log.warning("recommendations: the card of %s has no popular_items; the popular "
                     "fallback answers with no items", popular.model_version)

@@ -5,10 +5,12 @@ input validation, metrics, and the OpenAPI document against the routes and every
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import socket
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from pipeline.errors import ModelLoadError
 from pipeline.reco import load_reco_card
 from pipeline.services.openapi import openapi_document
 from pipeline.services.recommendations import RecommendationService
-from pipeline.services.recostore import LatestResults, PopularItems, load_popular, top_k
+from pipeline.services.recostore import LatestResults, PopularItems, read_popular, top_k
 from pipeline.settings import Settings, load_settings
 from schemas import RecoItem
 from tests.openapi_check import assert_matches_openapi, route_pairs
@@ -88,36 +90,77 @@ def test_latest_results_skips_what_is_not_a_reco_result() -> None:
     assert (len(store), store.invalid) == (0, 2)
 
 
-def test_popular_items_come_from_the_served_card() -> None:
+def test_popular_items_come_from_the_card() -> None:
     card = load_reco_card(MODEL_DIR)
-    popular = load_popular(_settings())
+    popular = read_popular(MODEL_DIR, "int8")
     assert popular.model_version == "reco-v1-int8"
     assert [i.item_id for i in popular.items] == [p.item_id for p in card.popular_items]
     assert [i.score for i in popular.items] == [float(p.interactions) for p in card.popular_items]
     assert len(popular.items) == 100
-    assert load_popular(_settings(reco_model_precision="fp32")).model_version == "reco-v1-fp32"
-    # Through the registry (the repository's models/ folder, latest version), as workers do:
-    registry = load_popular(load_settings(reco_model_version="latest"))
-    assert registry == popular
+    assert read_popular(MODEL_DIR, "fp32").model_version == "reco-v1-fp32"
+
+
+def _publish(folder: Path, version: str, popular: list[str] | None) -> Path:
+    """A copy of the committed reco folder as ``version`` with these popular items (None: the
+    card has no popular_items)."""
+    shutil.copytree(MODEL_DIR, folder)
+    raw = json.loads((folder / "card.json").read_text())
+    raw["version"] = version
+    del raw["popular_items"]
+    if popular is not None:
+        raw["popular_items"] = [{"item_id": i, "interactions": 100 - n}
+                                for n, i in enumerate(popular)]
+    (folder / "card.json").write_text(json.dumps(raw))
+    return folder
 
 
 def test_a_card_without_popular_items_still_serves(tmp_path: Path) -> None:
-    copy = tmp_path / "reco"
-    shutil.copytree(MODEL_DIR, copy)
-    raw = json.loads((copy / "card.json").read_text())
-    del raw["popular_items"]
-    (copy / "card.json").write_text(json.dumps(raw))
-    popular = load_popular(_settings(reco_model_dir=copy))
-    assert popular == PopularItems("reco-v1-int8", ())
+    folder = _publish(tmp_path / "reco", "v1", None)
+    assert read_popular(folder, "int8") == PopularItems("reco-v1-int8", ())
     with pytest.raises(ModelLoadError, match="cannot read model card"):
-        load_popular(_settings(reco_model_dir=tmp_path))
+        read_popular(tmp_path, "int8")
+    (folder / "reco.int8.onnx").write_bytes(b"not the model")
+    with pytest.raises(ModelLoadError, match="sha256 mismatch"):
+        read_popular(folder, "int8")
+
+
+async def test_the_service_serves_and_follows_the_registrys_version(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Like the workers: the registry's latest version at start, a newer one once published;
+    one whose file fails its sha256 is refused and the served one stays."""
+    registry = tmp_path / "registry"
+    _publish(registry / "reco-v1", "v1", ["item-00001", "item-00002"])
+    settings = load_settings(kafka_bootstrap=f"127.0.0.1:{_closed_port()}",
+                             model_registry=str(registry), reco_model_version="latest",
+                             model_poll_interval_s=0.05)
+    service = RecommendationService(settings)
+    async with TestClient(TestServer(service.make_app())) as client:
+        assert service.popular == PopularItems("reco-v1-int8", (
+            RecoItem(item_id="item-00001", score=100.0),
+            RecoItem(item_id="item-00002", score=99.0)))
+        _publish(registry / "reco-v2", "v2", ["item-00003"])
+        await _until(lambda: service.popular.model_version == "reco-v2-int8")
+        bad = _publish(registry / "reco-v3", "v3", ["item-00004"])
+        (bad / "reco.int8.onnx").write_bytes(b"corrupt")
+        await _until(lambda: "refusing model reco-v3" in caplog.text)
+        answer = await _call(client, openapi_document(service), "POST", RECOMMEND, RECOMMEND,
+                             200, json={"user_id": "user-000001", "k": 3})
+    assert (answer["source"], answer["model_version"]) == ("popular", "reco-v2-int8")
+    assert answer["items"] == [{"item_id": "item-00003", "score": 100.0}]
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
 
 
 # --- over HTTP --------------------------------------------------------------------------------
 @pytest.fixture
 def service() -> RecommendationService:
-    return RecommendationService(_settings(service_max_body_bytes=2048),
-                                 load_popular(_settings()), deadline_ms=100.0)
+    """Popular items from the pinned committed folder, read when the app starts."""
+    return RecommendationService(_settings(service_max_body_bytes=2048), deadline_ms=100.0)
 
 
 @pytest.fixture
@@ -218,8 +261,7 @@ async def test_bad_requests_are_4xx_naming_the_field(
 
 
 async def test_metrics_count_answers_fallbacks_results_and_evictions() -> None:
-    service = RecommendationService(_settings(reco_service_users_max=2),
-                                    load_popular(_settings()))
+    service = RecommendationService(_settings(reco_service_users_max=2))
     for n in range(3):
         service._on_result(_result(f"user-00000{n}", ["item-00001"]))
     service._on_result({"not": "a result"})
