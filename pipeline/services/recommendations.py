@@ -86,7 +86,7 @@ class RecommendationService(HttpService):
         super().__init__(settings)
         self.deadline_ms = (settings.reco_service_deadline_ms if deadline_ms is None
                             else deadline_ms)
-        self.popular = popular or PopularItems("", ())
+        self.popular = popular if popular is not None else PopularItems("", ())
         self._popular_fixed = popular is not None
         self._follower = follower_for(settings, "reco")
         self._follow_task: asyncio.Task[None] | None = None
