@@ -43,6 +43,8 @@ app.add_typer(batch_app, name="batch")
 app.add_typer(serve_app, name="serve")
 
 console = Console()
+# Messages for people go to stderr where stdout is meant for a shell (`eval "$(... stack up)"`).
+err_console = Console(stderr=True)
 _DEFAULT_STACK_DIR = Path(".inferlane") / "stack"
 
 StackDir = Annotated[Path, typer.Option("--dir", help="Where the stack keeps data, logs, state.")]
@@ -62,7 +64,8 @@ def stack_up(
         raise InferlaneError(f"a stack already runs from {root}: `inferlane stack down` first")
     endpoints = LocalStack(root, kafka_port=kafka_port, s3_port=s3_port, fresh=fresh).start()
     del existing
-    console.print(f"[green]stack up[/] (state in {root / 'stack.json'}); use:")
+    err_console.print(f"[green]stack up[/] (state in {root / 'stack.json'}); exports on stdout, "
+                      f'so `eval "$(inferlane stack up)"` sets them:')
     for key, value in endpoints.env().items():
         typer.echo(f"export {key}={value}")
 
