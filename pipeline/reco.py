@@ -5,7 +5,8 @@ Lives here:
 * the graph contract shared with :mod:`pipeline.training.reco` - input/output names and the
   ``-1`` padding id for candidate lists;
 * :class:`IdFormat` - external ids (``user-000123``, ``item-00042``) <-> table indices;
-* :class:`RecoCard` / :func:`load_reco_card` - the parsed ``card.json`` of the folder;
+* :class:`RecoCard` / :func:`load_reco_card` - the parsed ``card.json`` of the folder (with
+  its ``popular_items``, :class:`PopularItem`);
 * :class:`RecoScorer` - loads one precision after checking its sha256 against the card and
   returns top-k items per user, over the whole catalogue or over request candidates.
 
@@ -41,6 +42,7 @@ __all__ = [
     "ITEM_IDS",
     "ITEMS_OUTPUT",
     "PAD_ID",
+    "PopularItem",
     "SCORES_OUTPUT",
     "USER_IDS",
     "USER_INPUT",
@@ -93,6 +95,15 @@ ITEM_IDS = IdFormat("item-", 5)
 
 
 @dataclass(frozen=True)
+class PopularItem:
+    """One entry of a card's ``popular_items``."""
+
+    item_id: str
+    interactions: int
+    """Training interactions with the item (the popularity baseline's score)."""
+
+
+@dataclass(frozen=True)
 class RecoCard:
     """The parsed ``card.json`` of a recommender folder; ``raw`` keeps every field."""
 
@@ -106,6 +117,13 @@ class RecoCard:
     files: Mapping[str, ModelFile]
     metrics: Mapping[str, Any]
     raw: Mapping[str, Any]
+    popular_items: tuple[PopularItem, ...] = ()
+    """The most-interacted training items, most first; empty when the card has none (cards
+    built before the field existed)."""
+
+    def served_version(self, precision: Precision) -> str:
+        """Model identity of this card served at ``precision``, e.g. ``reco-v1-int8``."""
+        return f"{self.name}-{self.version}-{precision}"
 
 
 def _id_format(raw: Mapping[str, Any], key: str, where: str) -> IdFormat:
@@ -114,21 +132,41 @@ def _id_format(raw: Mapping[str, Any], key: str, where: str) -> IdFormat:
                     require_field(ids, "digits", int, where))
 
 
+def _popular_items(raw: Mapping[str, Any], item_ids: IdFormat, n_items: int,
+                   where: str) -> tuple[PopularItem, ...]:
+    entries = raw.get("popular_items", [])
+    if not isinstance(entries, list):
+        raise ModelLoadError(f"{where}: field 'popular_items' must be list, got {entries!r}")
+    items = []
+    for n, entry in enumerate(entries):
+        sub = f"{where} popular_items[{n}]"
+        if not isinstance(entry, dict):
+            raise ModelLoadError(f"{sub}: must be an object")
+        item_id = require_field(entry, "item_id", str, sub)
+        if item_ids.parse(item_id, n_items) is None:
+            raise ModelLoadError(f"{sub}: {item_id!r} is not an item of this model")
+        items.append(PopularItem(item_id, require_field(entry, "interactions", int, sub)))
+    return tuple(items)
+
+
 def load_reco_card(model_dir: Path) -> RecoCard:
     """Read and validate ``model_dir/card.json``; raise ModelLoadError if unusable."""
     raw, where = read_card_json(model_dir)
     files = parse_files(raw, where)
+    n_items = require_field(raw, "n_items", int, where)
+    item_ids = _id_format(raw, "item", where)
     return RecoCard(
         name=require_field(raw, "name", str, where),
         version=require_field(raw, "version", str, where),
         n_users=require_field(raw, "n_users", int, where),
-        n_items=require_field(raw, "n_items", int, where),
+        n_items=n_items,
         k_max=require_field(raw, "k_max", int, where),
         user_ids=_id_format(raw, "user", where),
-        item_ids=_id_format(raw, "item", where),
+        item_ids=item_ids,
         files=files,
         metrics=raw.get("metrics", {}),
         raw=raw,
+        popular_items=_popular_items(raw, item_ids, n_items, where),
     )
 
 
@@ -182,7 +220,7 @@ class RecoScorer:
     @property
     def version(self) -> str:
         """Model identity for logs and results, e.g. ``reco-v1-int8``."""
-        return f"{self._card.name}-{self._card.version}-{self._precision}"
+        return self._card.served_version(self._precision)
 
     @property
     def k_max(self) -> int:

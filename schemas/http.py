@@ -91,18 +91,21 @@ class Recommendations(msgspec.Struct, frozen=True, kw_only=True):
 
     user_id: _Id
     items: list[RecoItem]
-    """Best first."""
+    """Best first; at most the request's ``k`` (fewer when fewer qualify). Scores are the
+    model's for ``pipeline`` and ``stored``; for ``popular``, the item's number of training
+    interactions."""
     source: RecoSource
     """``pipeline`` (fresh from the reco lane), ``stored`` (latest result seen on
     ``reco.results``), ``popular`` (most popular items of the served model's training data)."""
     model_version: str
     request_id: str | None = None
-    """The reco request's id when ``source`` is ``pipeline``."""
+    """The reco request whose result these items are (``pipeline`` and ``stored``)."""
     scored_at: float | None = None
     """When the pipeline scored the items (absent for ``popular``)."""
     fallback_reason: FallbackReason | None = None
     """Why the pipeline's answer was not used (``POST /v1/recommend`` only)."""
     latency_ms: _Ms = 0.0
+    """Time from receiving the request to answering it, measured by the service."""
 
 
 class Health(msgspec.Struct, frozen=True, kw_only=True):

@@ -62,3 +62,22 @@ def fraud_check(
     settings = load_settings()
     _run(settings, lambda s: FraudCheckService(s, budget_ms=budget_ms), host,
          settings.fraud_check_port if port is None else port, openapi)
+
+
+@serve_app.command("recommendations")
+def recommendations(
+    port: Annotated[int | None, typer.Option(help="Port (default "
+                                                  "INFERLANE_RECO_SERVICE_PORT, 8082).")] = None,
+    host: Host = None,
+    deadline_ms: Annotated[float | None, typer.Option(
+        help="Answer with stored, else popular items when the pipeline's result is not back "
+             "this soon (default INFERLANE_RECO_SERVICE_DEADLINE_MS, 100).", min=0.1)] = None,
+    openapi: OpenApi = False,
+) -> None:
+    """POST /v1/recommend: a user's top-k within the deadline (pipeline, else stored, else
+    popular); GET /v1/recommendations/{user_id}: the latest ones read from reco.results."""
+    from pipeline.services.recommendations import RecommendationService
+
+    settings = load_settings()
+    _run(settings, lambda s: RecommendationService(s, deadline_ms=deadline_ms), host,
+         settings.reco_service_port if port is None else port, openapi)

@@ -337,6 +337,7 @@ def _card(data: rd.RecoData, files: dict[str, Any], results: dict[str, Any],
                               f"L2 {REG}, {ITERATIONS} alternating exact solves",
                      "n_train_interactions": len(data.train_items),
                      "n_test_interactions": len(data.test_items)},
+        "popular_items": rd.popular_items(data, K_MAX),
         "versions": {"onnxruntime": ort.__version__, "onnx": onnx.__version__,
                      "numpy": np.__version__, "scipy": scipy.__version__,
                      "python": platform.python_version()},
@@ -373,7 +374,12 @@ def _render_md(card: dict[str, Any]) -> str:
         f"Requests (users)/s, {b['intra_op_threads']} ORT thread, best of {b['rounds']} rounds "
         f"on the build machine ({b['machine']}); candidates path with C = {b['n_candidates']}.",
         "", "| batch | FP32 full | INT8 full | FP32 candidates | INT8 candidates |",
-        "|---:|---:|---:|---:|---:|", *speed, "", "## Limitations", "",
+        "|---:|---:|---:|---:|---:|", *speed, "", "## Popular items", "",
+        f"`popular_items`: the {len(card['popular_items'])} items with the most training "
+        "interactions, most first (the popularity baseline; the recommendation service's last "
+        "fallback). Top 10: " + ", ".join(f"{p['item_id']} ({p['interactions']:,})"
+                                          for p in card["popular_items"][:10]) + ".",
+        "", "## Limitations", "",
         *(f"- {item}" for item in card["limitations"]), "", "## Reproduce", "", "```",
         card["reproduce"], "```", ""])
 

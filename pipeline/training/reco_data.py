@@ -16,6 +16,8 @@ Lives here:
   through ORT over all users) plus the popularity baseline.
 * :func:`topk_overlap` - how many of two models' top-k items agree (INT8 vs FP32).
 * :func:`popularity_ranking` / :func:`oracle_tables` - baseline and upper-bound inputs.
+* :func:`popular_items` - the same popularity order as the card's ``popular_items`` (the
+  recommendation service's last fallback).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 
 from pipeline.model import session_options
-from pipeline.reco import CANDIDATES_INPUT, ITEMS_OUTPUT, USER_INPUT
+from pipeline.reco import CANDIDATES_INPUT, ITEM_IDS, ITEMS_OUTPUT, USER_INPUT
 
 __all__ = [
     "PROTOCOL",
@@ -38,6 +40,8 @@ __all__ = [
     "evaluate_graphs",
     "generate_reco_data",
     "oracle_tables",
+    "popular_items",
+    "popularity_order",
     "popularity_ranking",
     "ranking_metrics",
     "topk_overlap",
@@ -210,10 +214,22 @@ def ranking_metrics(
     }
 
 
+def popularity_order(data: RecoData, depth: int) -> NDArray[np.int64]:
+    """The ``depth`` most-interacted training items, most first (ties: lower index first)."""
+    return np.argsort(-data.item_counts(), kind="stable")[:depth]
+
+
 def popularity_ranking(data: RecoData, users: NDArray[np.int64], depth: int) -> NDArray[np.int64]:
     """The ``depth`` most-interacted training items, the same list for every user."""
-    order = np.argsort(-data.item_counts(), kind="stable")[:depth]
-    return np.broadcast_to(order, (len(users), depth))
+    return np.broadcast_to(popularity_order(data, depth), (len(users), depth))
+
+
+def popular_items(data: RecoData, depth: int) -> list[dict[str, Any]]:
+    """The card's ``popular_items``: :func:`popularity_order` as ``{item_id, interactions}``
+    entries (external ids, training interaction counts), most popular first."""
+    counts = data.item_counts()
+    return [{"item_id": ITEM_IDS.format(item), "interactions": int(counts[item])}
+            for item in popularity_order(data, depth).tolist()]
 
 
 def oracle_tables(data: RecoData) -> tuple[NDArray[np.float32], NDArray[np.float32]]:

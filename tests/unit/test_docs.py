@@ -31,7 +31,8 @@ def test_every_documented_command_has_help() -> None:
     runner = CliRunner()
     for args in (["--help"], ["demo", "--help"], ["stack", "up", "--help"],
                  ["topics", "create", "--help"], ["models", "build", "--help"],
-                 ["schemas", "export", "--help"], ["settings", "--help"]):
+                 ["schemas", "export", "--help"], ["settings", "--help"],
+                 ["serve", "recommendations", "--help"]):
         result = runner.invoke(app, args)
         assert result.exit_code == 0, (args, result.output)
         assert "Usage" in result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +15,7 @@ from onnx import numpy_helper
 
 from pipeline.errors import ModelLoadError
 from pipeline.reco import PAD_ID, RecoScorer, load_reco_card
+from pipeline.training import reco_data as rd
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "reco"
 
@@ -173,3 +175,42 @@ def test_shared_across_threads(int8: RecoScorer) -> None:
         parallel = list(pool.map(lambda u: int8.recommend(u, k=10)[0], batches))
     for x, y in zip(serial, parallel, strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_card_popular_items_are_distinct_known_items_most_first() -> None:
+    card = load_reco_card(MODEL_DIR)
+    popular = card.popular_items
+    assert len(popular) == card.k_max == 100
+    assert len({p.item_id for p in popular}) == 100
+    assert all(card.item_ids.parse(p.item_id, card.n_items) is not None for p in popular)
+    counts = [p.interactions for p in popular]
+    assert counts == sorted(counts, reverse=True) and counts[-1] > 0
+    assert sum(counts) < card.raw["training"]["n_train_interactions"]
+    assert card.served_version("int8") == "reco-v1-int8"
+
+
+def test_popular_items_follow_training_counts() -> None:
+    data = rd.generate_reco_data(rd.RecoDataConfig(n_users=400, n_items=150, seed=3))
+    entries = rd.popular_items(data, 20)
+    counts = data.item_counts()
+    indices = [int(e["item_id"].removeprefix("item-")) for e in entries]
+    assert [e["interactions"] for e in entries] == [int(counts[i]) for i in indices]
+    assert indices == rd.popularity_ranking(data, np.arange(3), 20)[2].tolist()
+    assert min(e["interactions"] for e in entries) >= np.sort(counts)[::-1][19]
+
+
+def test_card_popular_items_optional_but_checked(tmp_path: Path) -> None:
+    copy = tmp_path / "reco"
+    shutil.copytree(MODEL_DIR, copy)
+    raw = json.loads((copy / "card.json").read_text())
+    del raw["popular_items"]
+    (copy / "card.json").write_text(json.dumps(raw))
+    assert load_reco_card(copy).popular_items == ()
+    raw["popular_items"] = [{"item_id": "item-10000", "interactions": 3}]
+    (copy / "card.json").write_text(json.dumps(raw))
+    with pytest.raises(ModelLoadError, match=r"popular_items\[0\]: 'item-10000' is not an item"):
+        load_reco_card(copy)
+    raw["popular_items"] = [{"item_id": "item-00001", "interactions": "3"}]
+    (copy / "card.json").write_text(json.dumps(raw))
+    with pytest.raises(ModelLoadError, match="'interactions' must be int"):
+        load_reco_card(copy)
