@@ -27,7 +27,15 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from pipeline.clients import FraudClient, Rejected, TimedOut
 from pipeline.lane import Lane
-from pipeline.services.http import ApiError, HttpService, Reply, Route, json_response, read_json
+from pipeline.services.http import (
+    ANSWER_MARGIN_MS,
+    ApiError,
+    HttpService,
+    Reply,
+    Route,
+    json_response,
+    read_json,
+)
 from pipeline.services.rules import RULES_VERSION, evaluate
 from pipeline.services.stream import BoundedStore, follow_results
 from pipeline.settings import Settings
@@ -37,10 +45,6 @@ from schemas.http import CheckDecision, ErrorBody, StoredDecision
 __all__ = ["FraudCheckService"]
 
 log = logging.getLogger(__name__)
-
-_ANSWER_MARGIN_MS = 1.0
-"""Kept from the budget for building and writing the answer."""
-
 
 class FraudCheckService(HttpService):
     """The fraud-check HTTP service (see the module docstring)."""
@@ -131,7 +135,7 @@ class FraudCheckService(HttpService):
         txn = await read_json(request, Transaction)
         if not self.kafka.started:
             return self._fallback(txn, "kafka_unavailable", started)
-        remaining_ms = self.budget_ms - (time.monotonic() - started) * 1000.0 - _ANSWER_MARGIN_MS
+        remaining_ms = self.budget_ms - (time.monotonic() - started) * 1000.0 - ANSWER_MARGIN_MS
         try:
             outcome = await self.client.score(txn, timeout_ms=max(remaining_ms, 0.0))
         except ValueError as exc:  # the same event_id is awaiting its score already

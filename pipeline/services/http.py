@@ -42,12 +42,15 @@ from pipeline.worker import SERVICE_READY_MARK
 from schemas.http import ErrorBody, Health
 from schemas.validation import validate_record
 
-__all__ = ["ApiError", "HttpService", "KafkaLink", "Reply", "Route", "json_response",
-           "read_json", "serve"]
+__all__ = ["ANSWER_MARGIN_MS", "ApiError", "HttpService", "KafkaLink", "Reply", "Route",
+           "json_response", "read_json", "serve"]
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+ANSWER_MARGIN_MS = 1.0
+"""Kept from a budget or deadline for building and writing the answer."""
 
 
 @dataclass(frozen=True)
@@ -298,11 +301,22 @@ class HttpService(ABC):
         self.http_requests.labels(route, str(response.status)).inc()
         return response
 
+    async def on_start(self) -> None:
+        """Called before the service listens (override to load what it serves; the default
+        does nothing). Kafka is connected in the background after it."""
+        return None
+
+    async def on_stop(self) -> None:
+        """Called after the Kafka clients stopped (override to stop what ``on_start`` began)."""
+        return None
+
     async def _on_startup(self, app: web.Application) -> None:
+        await self.on_start()
         self.kafka.start()
 
     async def _on_cleanup(self, app: web.Application) -> None:
         await self.kafka.stop()
+        await self.on_stop()
 
 
 async def serve(service: HttpService, host: str, port: int) -> None:

@@ -47,7 +47,15 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from pipeline.clients import RecoClient, Rejected, TimedOut
 from pipeline.lane import Lane
-from pipeline.services.http import ApiError, HttpService, Reply, Route, json_response, read_json
+from pipeline.services.http import (
+    ANSWER_MARGIN_MS,
+    ApiError,
+    HttpService,
+    Reply,
+    Route,
+    json_response,
+    read_json,
+)
 from pipeline.services.recostore import LatestResults, PopularItems, read_popular, top_k
 from pipeline.services.stream import follow_results
 from pipeline.serving import follower_for
@@ -64,10 +72,6 @@ from schemas.http import (
 __all__ = ["RecommendationService"]
 
 log = logging.getLogger(__name__)
-
-_ANSWER_MARGIN_MS = 1.0
-"""Kept from the deadline for building and writing the answer (as fraud-check does)."""
-
 
 class RecommendationService(HttpService):
     """The recommendation HTTP service (see the module docstring)."""
@@ -124,7 +128,7 @@ class RecommendationService(HttpService):
               registry=self.registry).set_function(lambda: len(self.popular.items))
 
     # --- the served model's popular items ------------------------------------------------------
-    async def _on_startup(self, app: web.Application) -> None:
+    async def on_start(self) -> None:
         if not self._popular_fixed:
             path = await self._follower.initial()
             self.popular = await self._read_popular(path)
@@ -135,14 +139,12 @@ class RecommendationService(HttpService):
                     self._follower.follow(self._read_popular, self._install_popular),
                     name="recommendations-model-follow")
                 self._follow_task.add_done_callback(_log_death)
-        await super()._on_startup(app)
 
-    async def _on_cleanup(self, app: web.Application) -> None:
+    async def on_stop(self) -> None:
         if self._follow_task is not None:
             self._follow_task.cancel()
             await asyncio.gather(self._follow_task, return_exceptions=True)
             self._follow_task = None
-        await super()._on_cleanup(app)
 
     async def _read_popular(self, path: Path) -> PopularItems:
         return await asyncio.to_thread(read_popular, path, self.settings.reco_model_precision)
@@ -204,7 +206,7 @@ class RecommendationService(HttpService):
         if not self.kafka.started:
             return self._fallback(body, "kafka_unavailable", started)
         remaining_ms = (self.deadline_ms - (time.monotonic() - started) * 1000.0
-                        - _ANSWER_MARGIN_MS)
+                        - ANSWER_MARGIN_MS)
         try:
             outcome = await self.client.recommend(
                 body["user_id"], k=body.get("k"), candidate_ids=body.get("candidate_ids"),

@@ -19,6 +19,7 @@ import orjson
 from pipeline.synth import TransactionGenerator
 from pipeline.worker import WorkerProcess
 from tests.integration.conftest import EnvFactory, ServiceFactory
+from tests.openapi_check import assert_matches_openapi
 
 WorkerFactory = Callable[[dict[str, str]], WorkerProcess]
 BUDGET_MS = 50.0
@@ -71,10 +72,14 @@ async def test_pipeline_scores_then_rules_fallback_within_budget(
         assert not any(b["fallback"] for b in bodies), [b for b in bodies if b["fallback"]][:2]
         assert all(b["model_version"].startswith("fraud-") for b in bodies)
 
+        async with session.get(f"{patient.url}/openapi.json") as response:
+            doc = await response.json()
         stored = await _stored(session, patient.url, [t["event_id"] for t in txns])
         assert len(stored) == 200
         for body in bodies:
+            assert_matches_openapi(doc, "POST", "/v1/check", 200, body)
             view = stored[body["event_id"]]
+            assert_matches_openapi(doc, "GET", "/v1/decisions/{event_id}", 200, view)
             assert (view["decision"], view["score"], view["model_version"]) == (
                 body["decision"], body["score"], body["model_version"])
 
@@ -94,6 +99,8 @@ async def test_pipeline_scores_then_rules_fallback_within_budget(
         assert statuses == [200] * 200
         assert all(b["fallback"] and b["fallback_reason"] == "timeout" for b in bodies)
         assert all(b["model_version"] == "rules-v1" for b in bodies)
+        for body in bodies:
+            assert_matches_openapi(doc, "POST", "/v1/check", 200, body)
         # The budget is the service's promise from the moment it has the request; the round
         # trip adds both Pythons' HTTP work and this shared machine's scheduling, so it is
         # printed, not asserted (bench service measures it under a controlled rate).
@@ -124,11 +131,20 @@ async def test_bad_requests_get_4xx_with_the_reason(
         (b"{" + b" " * 5000 + b"}", 413, "body_too_large", "body"),
     ]
     async with aiohttp.ClientSession() as session:
+        async with session.get(f"{service.url}/openapi.json") as response:
+            doc = await response.json()
         for body, status, error, field in cases:
             async with session.post(f"{service.url}/v1/check", data=body,
                                     headers={"Content-Type": "application/json"}) as response:
                 problem = await response.json()
                 assert (response.status, problem["error"]) == (status, error), problem
                 assert problem["reason"].startswith(field), problem
+                assert_matches_openapi(doc, "POST", "/v1/check", status, problem)
+        async with session.get(f"{service.url}/v1/decisions/nope") as response:
+            assert response.status == 404
+            assert_matches_openapi(doc, "GET", "/v1/decisions/{event_id}", 404,
+                                   await response.json())
         async with session.get(f"{service.url}/readyz") as response:
-            assert response.status == 200 and (await response.json())["checks"] == {"kafka": True}
+            ready = await response.json()
+            assert response.status == 200 and ready["checks"] == {"kafka": True}
+            assert_matches_openapi(doc, "GET", "/readyz", 200, ready)
