@@ -21,33 +21,26 @@ workers finish the last chunks at the same moment both may emit it (same content
 from __future__ import annotations
 
 import asyncio
-import gzip
 import logging
-import multiprocessing
-import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import msgspec
 import orjson
 from aiokafka import TopicPartition
 
+from pipeline.chunkrun import ChunkProcess, ChunkRunner, score_jsonl
 from pipeline.deadletter import dead_letter
 from pipeline.errors import SinkError
-from pipeline.features import fast_features
-from pipeline.fraud import Thresholds, decide, score_fields
+from pipeline.fraud import Thresholds
 from pipeline.lane import LaneContext, PartitionRecords, Record
 from pipeline.model import OnnxScorer
-from pipeline.priority import REALTIME_GATE
 from pipeline.s3 import S3Store, retry
-from pipeline.s3lines import iter_line_batches, split_ranges
+from pipeline.s3lines import split_ranges
 from pipeline.serving import fraud_model_path
 from pipeline.settings import Settings
-from schemas import BatchChunk, BatchCounts, BatchJob, BatchResult, Transaction, validate_record
+from schemas import BatchChunk, BatchCounts, BatchJob, BatchResult
 
 __all__ = ["ChunkScorer", "JobPlanner", "parse_s3_uri", "result_event", "score_jsonl"]
 
@@ -155,78 +148,10 @@ def _job_id_of(raw: bytes | None) -> str:
     return job_id if isinstance(job_id, str) else ""
 
 
-_ENCODER = msgspec.json.Encoder()
-_SLICE_ROWS = 1024  # ~5 ms of work: the longest a real-time event waits for batch scoring
-
-
-@dataclass
-class _ChunkOutput:
-    counts: BatchCounts = field(default_factory=BatchCounts)
-    scored: list[bytes] = field(default_factory=list)
-    """JSONL blocks (each already newline-terminated)."""
-    rejected: list[bytes] = field(default_factory=list)
-
-
-def score_jsonl(scorer: OnnxScorer, thresholds: Thresholds,
-                valid: list[dict[str, Any]]) -> bytes:
-    """Score validated transactions in one model call; their FraudScores as JSONL."""
-    if not valid:
-        return b""
-    # Backfills have no slow-path snapshot: a history model scores them on default history.
-    scores = scorer.predict_fast(fast_features(valid))
-    decisions = decide(scores, thresholds)
-    now, version, degraded = time.time(), scorer.version, scorer.uses_history
-    return _ENCODER.encode_lines([
-        score_fields(t, s, d, version, now, degraded)
-        for t, s, d in zip(valid, scores.tolist(), decisions, strict=True)])
-
-
-def score_lines(scorer: OnnxScorer, thresholds: Thresholds, lines: list[bytes],
-                chunk_id: int) -> tuple[bytes, bytes, BatchCounts]:
-    """Validate and score raw JSONL lines: (scored JSONL, rejected JSONL, counts)."""
-    valid: list[dict[str, Any]] = []
-    rejected: list[bytes] = []
-    for line in lines:
-        data, rejection = validate_record(line, Transaction)
-        if data is not None:
-            valid.append(data)
-        elif rejection is not None:
-            rejected.append(orjson.dumps({
-                "error": rejection.error, "reason": rejection.reason,
-                "raw": line.decode("utf-8", "replace"), "chunk_id": chunk_id}) + b"\n")
-    counts = BatchCounts(read=len(lines), scored=len(valid), dead_lettered=len(rejected))
-    return score_jsonl(scorer, thresholds, valid), b"".join(rejected), counts
-
-
-# --- the child process that scores batch chunks (its own GIL) -----------------------------------
-_CHILD: tuple[OnnxScorer, Thresholds] | None = None
-
-
-def _init_child(model_dir: str, precision: str, threads: int, review: float,
-                decline: float, nice: int) -> None:
-    global _CHILD  # noqa: PLW0603 - one model per child process, loaded once
-    if nice:
-        # Real time first, also for the OS scheduler: under CPU contention the scoring process
-        # gets a small share (nice 19: weight 15 vs 1024), when cores are idle all of them.
-        os.nice(nice)
-    scorer = OnnxScorer.load(Path(model_dir), precision, threads)  # type: ignore[arg-type]
-    scorer.warm_up()
-    _CHILD = (scorer, Thresholds(review=review, decline=decline))
-
-
-def _score_in_child(lines: list[bytes], chunk_id: int) -> tuple[bytes, bytes, BatchCounts]:
-    if _CHILD is None:
-        raise RuntimeError("batch scoring process not initialised")
-    return score_lines(_CHILD[0], _CHILD[1], lines, chunk_id)
-
-
 class ChunkScorer:
-    """Lane handler for ``batch.chunks``: stream, score and write one chunk at a time.
-
-    Scoring runs in a child process (``INFERLANE_BATCH_PROCESS``, default on): parsing and
-    validating millions of rows is Python work that would otherwise hold the worker's GIL
-    and delay the real-time lanes sharing the process.
-    """
+    """Lane handler for ``batch.chunks``: one chunk at a time through a
+    :class:`~pipeline.chunkrun.ChunkRunner`, in the low-priority child process
+    (``INFERLANE_BATCH_PROCESS``, default) or in this process."""
 
     def __init__(self, settings: Settings, scorer: OnnxScorer | None = None) -> None:
         self.settings = settings
@@ -237,7 +162,7 @@ class ChunkScorer:
         self.thresholds: Thresholds | None = None
         self.rows_scored = 0
         self.chunks_done = 0
-        self._pool: ProcessPoolExecutor | None = None
+        self._runner: ChunkRunner | ChunkProcess | None = None
 
     async def start(self, ctx: LaneContext) -> None:
         self._ctx = ctx
@@ -248,22 +173,19 @@ class ChunkScorer:
                 self.settings.fraud_model_precision, self.settings.inference_threads)
         await asyncio.to_thread(self._scorer.warm_up)
         self.thresholds = Thresholds.for_model(self.settings, self._scorer)
-        if self.settings.batch_process:
-            s, t = self.settings, self.thresholds
-            self._pool = ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_child, initargs=(str(model_dir),
-                                                   s.fraud_model_precision,
-                                                   s.inference_threads, t.review, t.decline,
-                                                   s.batch_process_nice))
-            await asyncio.get_running_loop().run_in_executor(self._pool, _score_in_child, [], 0)
         await self.store.start()
+        if self.settings.batch_process:
+            process = ChunkProcess(self.settings, model_dir, self.thresholds)
+            await process.start()
+            self._runner = process
+        else:
+            self._runner = ChunkRunner(self.settings, self.store, self._scorer, self.thresholds)
 
     async def stop(self) -> None:
+        if isinstance(self._runner, ChunkProcess):
+            await self._runner.stop()
+        self._runner = None
         await self.store.stop()
-        if self._pool is not None:
-            await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
-            self._pool = None
 
     async def on_revoked(self, tps: set[TopicPartition]) -> None:
         """A chunk in progress finishes (bounded by the lane's revoke timeout) or is redone."""
@@ -289,87 +211,19 @@ class ChunkScorer:
             error=str(exc))])
 
     async def _run(self, ctx: LaneContext, chunk: BatchChunk) -> None:
+        assert self._runner is not None  # noqa: S101 - set in start()
         started = time.monotonic()
-        output = _ChunkOutput()
-        # Read ahead while a batch is scored: S3 I/O and CPU overlap; two batches at most.
-        batches: asyncio.Queue[list[bytes] | None] = asyncio.Queue(maxsize=2)
-        reader = asyncio.create_task(self._read(chunk, batches))
-        try:
-            while (lines := await batches.get()) is not None:
-                await self._score_lines(chunk, lines, output)
-            await reader  # re-raises a read error
-        finally:
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
-        keys = await self._write(chunk, output)
-        ctx.stats.produced += output.counts.scored
-        ctx.stats.dead_lettered += output.counts.dead_lettered
-        self.rows_scored += output.counts.scored
+        keys, counts = await self._runner.run(chunk)
+        ctx.stats.produced += counts.scored
+        ctx.stats.dead_lettered += counts.dead_lettered
+        self.rows_scored += counts.scored
         self.chunks_done += 1
         await ctx.sender.send(self.settings.topic("batch.results"), [result_event(
             chunk.job_id, "chunk_done", chunks_total=chunk.chunks_total, chunk_id=chunk.chunk_id,
-            counts=output.counts, output_keys=keys)])
+            counts=counts, output_keys=keys)])
         log.info("batch: job %s chunk %d/%d: %s in %.2fs", chunk.job_id, chunk.chunk_id + 1,
-                 chunk.chunks_total, output.counts, time.monotonic() - started)
+                 chunk.chunks_total, counts, time.monotonic() - started)
         await self._maybe_complete(ctx, chunk)
-
-    async def _read(self, chunk: BatchChunk, batches: asyncio.Queue[list[bytes] | None]) -> None:
-        try:
-            async for lines in iter_line_batches(
-                    self.store, chunk.bucket, chunk.key, start=chunk.byte_start,
-                    end=chunk.byte_end, size=chunk.object_size, gzip=chunk.gzip,
-                    batch_lines=self.settings.batch_rows_per_call):
-                await batches.put(lines)
-        except Exception:
-            # Wake the scorer; the error itself surfaces where it awaits this task.
-            await batches.put(None)
-            raise
-        await batches.put(None)
-
-    async def _score_lines(self, chunk: BatchChunk, lines: list[bytes],
-                           out: _ChunkOutput) -> None:
-        """Score in slices; before each, real-time work of this process goes first."""
-        loop = asyncio.get_running_loop()
-        for start in range(0, len(lines), _SLICE_ROWS):
-            if REALTIME_GATE.busy:
-                await asyncio.to_thread(REALTIME_GATE.checkpoint)
-            part = lines[start:start + _SLICE_ROWS]
-            began = time.monotonic()
-            if self._pool is not None:
-                scored, rejected, counts = await loop.run_in_executor(
-                    self._pool, _score_in_child, part, chunk.chunk_id)
-            else:
-                assert self._scorer is not None and self.thresholds is not None  # noqa: S101
-                scored, rejected, counts = await asyncio.to_thread(
-                    score_lines, self._scorer, self.thresholds, part, chunk.chunk_id)
-            if REALTIME_GATE.recently_active() and self.settings.batch_yield_ratio:
-                # Real-time traffic flows: leave it the CPU for a while (duty cycle).
-                await asyncio.sleep((time.monotonic() - began) * self.settings.batch_yield_ratio)
-            out.scored.append(scored)
-            if rejected:
-                out.rejected.append(rejected)
-            c = out.counts
-            out.counts = BatchCounts(read=c.read + counts.read, scored=c.scored + counts.scored,
-                                     dead_lettered=c.dead_lettered + counts.dead_lettered)
-
-    async def _write(self, chunk: BatchChunk, output: _ChunkOutput) -> list[str]:
-        prefix, name = chunk.output_prefix, f"part-{chunk.chunk_id:05d}.jsonl.gz"
-        keys = [f"{prefix}{name}"]
-        await self._put_lines(chunk.output_bucket, keys[0], output.scored)
-        if output.rejected:
-            keys.append(f"{prefix}rejected/{name}")
-            await self._put_lines(chunk.output_bucket, keys[1], output.rejected)
-        marker = {"chunk_id": chunk.chunk_id, "counts": msgspec.to_builtins(output.counts),
-                  "output_keys": keys}
-        await self.store.put(f"{prefix}_chunks/{chunk.chunk_id:05d}.json", orjson.dumps(marker),
-                             content_type="application/json", bucket=chunk.output_bucket)
-        return keys
-
-    async def _put_lines(self, bucket: str, key: str, lines: list[bytes]) -> None:
-        # Level 3: half the CPU of the default 6 for ~10 % more bytes on this data.
-        body = await asyncio.to_thread(lambda: gzip.compress(b"".join(lines), 3, mtime=0))
-        await self.store.put(key, body, content_type="application/x-ndjson",
-                             content_encoding="gzip", bucket=bucket)
 
     async def _maybe_complete(self, ctx: LaneContext, chunk: BatchChunk) -> None:
         markers = [k async for k in self.store.list_objects(

@@ -57,3 +57,17 @@ def test_nested_realtime_blocks_count() -> None:
             assert gate.busy
         assert gate.busy
     assert not gate.busy
+
+
+def test_a_child_gate_follows_the_parent_through_shared_memory() -> None:
+    parent, child = RealtimeGate(), RealtimeGate(max_pause_s=0.05)
+    child.attach(parent.share())
+    assert not child.busy and not child.recently_active()
+    with parent.realtime():
+        assert child.busy
+        started = time.monotonic()
+        child.checkpoint()  # waits its max pause: the parent's work is still pending
+        assert time.monotonic() - started >= 0.045 and child.pauses == 1
+    assert not child.busy and child.recently_active(window_s=1.0)
+    time.sleep(0.02)
+    assert not child.recently_active(window_s=0.01)
