@@ -62,6 +62,9 @@ def noida_binary() -> Path:
     return Path(found)
 
 
+_S3_NICE = 10
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((_HOST, 0))
@@ -104,6 +107,8 @@ class ManagedProcess:
     log_path: Path
     pid: int | None = None
     _popen: subprocess.Popen[bytes] | None = None
+    nice: int = 0
+    """Lower the process's scheduling priority by this much right after it starts."""
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,6 +119,9 @@ class ManagedProcess:
                 start_new_session=True,
             )
         self.pid = self._popen.pid
+        if self.nice:
+            # Before it serves anything, so the threads it starts later inherit the value.
+            os.setpriority(os.PRIO_PROCESS, self.pid, self.nice)
 
     @property
     def alive(self) -> bool:
@@ -221,6 +229,9 @@ class LocalStack:
                 "s3",
                 [sys.executable, "-m", "moto.server", "-H", _HOST, "-p", str(self.s3_port)],
                 self.root / "logs" / "s3.log",
+                # A stand-in for a remote service: on this machine its CPU (it serves every
+                # byte in Python) must not compete with the real-time path, which never uses S3.
+                nice=_S3_NICE,
             )
             self.s3.start()
             self._wait_ready()
