@@ -79,27 +79,28 @@ _JSON = {"Content-Type": "application/json"}
 
 def run_service_bench(out: Path, *, rate: float, duration_s: float, budgets: list[float],
                       warmup_s: float, seed: int, console: Console) -> list[ServiceBenchResult]:
-    """Run every budget on one fresh stack and fraud worker; write ``results.json``."""
+    """Run every budget on its own fresh stack and fraud worker (the local broker slows as it
+    accumulates data, so runs sharing one would not be comparable); write ``results.json``."""
     results: list[ServiceBenchResult] = []
-    stack = LocalStack(out / "stack", fresh=True)
-    worker: SutProcess | None = None
-    try:
-        endpoints = stack.start()
-        env = impl_env(endpoints.env(), tag="svc", impl="a", phase="service",
-                       state_dir=out / "state")
-        settings = settings_for(env)
-        asyncio.run(ensure_topics(settings))
-        worker = SutProcess(IMPLS["a"], env, out / "logs" / "worker.log", cwd=Path.cwd())
-        worker.start()
-        for i, budget in enumerate(budgets):
-            console.print(f"budget {budget:g} ms: {rate:g} req/s for {duration_s:g} s ...")
-            results.append(_one_budget(out, env, worker, stack, budget, rate=rate,
+    for i, budget in enumerate(budgets):
+        console.print(f"budget {budget:g} ms: {rate:g} req/s for {duration_s:g} s ...")
+        folder = out / f"budget-{budget:g}"
+        stack = LocalStack(folder / "stack", fresh=True)
+        worker: SutProcess | None = None
+        try:
+            env = impl_env(stack.start().env(), tag="svc", impl="a", phase="service",
+                           state_dir=folder / "state")
+            asyncio.run(ensure_topics(settings_for(env)))
+            worker = SutProcess(IMPLS["a"], env, folder / "logs" / "worker.log",
+                                cwd=Path.cwd())
+            worker.start()
+            results.append(_one_budget(folder, env, worker, stack, budget, rate=rate,
                                        duration_s=duration_s, warmup_s=warmup_s,
                                        seed=seed + i))
-    finally:
-        if worker is not None:
-            worker.stop()
-        stack.stop()
+        finally:
+            if worker is not None:
+                worker.stop()
+            stack.stop()
     rows = [{k: v for k, v in asdict(r).items() if k != "round_trips_ms"} for r in results]
     (out / "results.json").write_bytes(orjson.dumps(rows, option=orjson.OPT_INDENT_2))
     plot_round_trips(results, out / "latency.png")
