@@ -39,7 +39,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from pipeline.kafka import make_producer, start_reader
+from pipeline.kafka import PRODUCER_STATE_LOST, ProducerHandle, make_producer, start_reader
 from pipeline.settings import Settings
 from schemas import FraudScore, RecoRequest, RecoResult, Transaction
 from schemas.validation import validate_record
@@ -206,7 +206,7 @@ class ReplyClient(Generic[R]):
         self.default_timeout_ms = default_timeout_ms
         self.client_id = (client_id
                           or f"{settings.app_id}-{type(self).__name__}-{uuid.uuid4().hex[:8]}")
-        self._producer: AIOKafkaProducer | None = None
+        self._producer: ProducerHandle | None = None
         self._router = _ReplyRouter(
             settings, settings.topic(self.result_topic),
             settings.topic(f"{self.request_topic}.dlq"), self.id_field, self.client_id)
@@ -225,7 +225,8 @@ class ReplyClient(Generic[R]):
     async def start(self) -> None:
         if self._started:
             return
-        producer = make_producer(self.settings, client_id=self.client_id)
+        # Renewed when the broker loses its idempotence state (the local broker on restart).
+        producer = ProducerHandle(lambda: make_producer(self.settings, client_id=self.client_id))
         await producer.start()
         try:
             await self._router.start()
@@ -256,7 +257,8 @@ class ReplyClient(Generic[R]):
         if self._producer is None:
             return False
         try:
-            await asyncio.wait_for(self._producer.client.fetch_all_metadata(), timeout_s)
+            await asyncio.wait_for(self._producer.producer.client.fetch_all_metadata(),
+                                   timeout_s)
         except (KafkaError, OSError, asyncio.TimeoutError):
             return False
         return True
@@ -289,7 +291,10 @@ class ReplyClient(Generic[R]):
         if self._producer is None:
             raise KafkaError(f"{type(self).__name__} is not started")
         key = str(value[self.key_field]).encode()
-        ack: asyncio.Future[Any] = await self._producer.send(self._topic, value=raw, key=key)
+        producer = self._producer.producer
+        ack: asyncio.Future[Any] = await producer.send(self._topic, value=raw, key=key)
+        handle = self._producer
+        ack.add_done_callback(lambda done: _renew_if_state_lost(done, handle, producer))
         return ack
 
     async def request(self, request: Mapping[str, Any] | msgspec.Struct, *,
@@ -323,6 +328,22 @@ class ReplyClient(Generic[R]):
             return Rejected(request_id, str(dead.get("error", "")), str(dead.get("reason", "")),
                             "pipeline")
         return msgspec.convert(answer, self.result_shape)
+
+
+def _renew_if_state_lost(ack: asyncio.Future[Any], handle: ProducerHandle,
+                         producer: AIOKafkaProducer) -> None:
+    """The broker forgot this producer's state: this call fails, the next use a new one."""
+    if ack.cancelled():
+        return
+    exc = ack.exception()
+    if isinstance(exc, PRODUCER_STATE_LOST):
+        task = asyncio.ensure_future(handle.renew(producer, exc))
+        _RENEWALS.add(task)
+        task.add_done_callback(_RENEWALS.discard)
+
+
+_RENEWALS: set[asyncio.Future[None]] = set()
+"""Producer renewals in progress (kept referenced until done)."""
 
 
 def _succeeded(ack: asyncio.Future[Any]) -> bool:

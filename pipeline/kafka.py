@@ -5,14 +5,23 @@ pipeline gets its connection settings (bootstrap, client id, later security) fro
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    InvalidProducerIdMapping,
+    OutOfOrderSequenceNumber,
+    UnknownProducerId,
+)
 
 from pipeline.settings import Settings
 
-__all__ = ["apply_idle_fetch_backoff", "client_kwargs", "make_consumer", "make_producer",
-           "start_reader"]
+__all__ = ["PRODUCER_STATE_LOST", "ProducerHandle", "apply_idle_fetch_backoff", "client_kwargs",
+           "make_consumer", "make_producer", "start_reader"]
 
 
 def client_kwargs(settings: Settings, *, client_id: str | None = None) -> dict[str, Any]:
@@ -36,6 +45,48 @@ def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
     }
     kwargs.update(overrides)
     return AIOKafkaProducer(**kwargs)
+
+
+log = logging.getLogger(__name__)
+
+#: Errors after which an idempotent producer cannot go on: the broker no longer knows its
+#: producer id or sequence numbers (producer state expired, or lost: the local broker forgets
+#: it on restart). Only a new producer (a new producer id) can send again.
+PRODUCER_STATE_LOST = (OutOfOrderSequenceNumber, UnknownProducerId, InvalidProducerEpoch,
+                       InvalidProducerIdMapping)
+
+
+class ProducerHandle:
+    """A component's current producer, replaced by a new one when the broker lost its state.
+
+    Senders read :attr:`producer` for every send and call :meth:`renew` with the producer that
+    failed with one of :data:`PRODUCER_STATE_LOST`; concurrent callers renew it only once.
+    What was not acknowledged must be sent again by the caller (at-least-once).
+    """
+
+    def __init__(self, factory: Callable[[], AIOKafkaProducer]) -> None:
+        self._factory = factory
+        self.producer = factory()
+        self._lock = asyncio.Lock()
+        self.renewals = 0
+
+    async def start(self) -> None:
+        await self.producer.start()
+
+    async def stop(self) -> None:
+        await self.producer.stop()
+
+    async def renew(self, failed: AIOKafkaProducer, reason: BaseException) -> None:
+        async with self._lock:
+            if self.producer is not failed:
+                return  # another send renewed it meanwhile
+            log.warning("producer lost its broker state (%r): starting a new one", reason)
+            fresh = self._factory()
+            await fresh.start()
+            self.producer = fresh
+            self.renewals += 1
+        with contextlib.suppress(Exception):  # its pending batches are failing anyway
+            await asyncio.wait_for(failed.stop(), 5.0)
 
 
 def make_consumer(settings: Settings, lane: str, **overrides: Any) -> AIOKafkaConsumer:

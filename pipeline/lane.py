@@ -29,7 +29,6 @@ from typing import Protocol, TypeAlias
 
 from aiokafka import (
     AIOKafkaConsumer,
-    AIOKafkaProducer,
     ConsumerRebalanceListener,
     ConsumerRecord,
     TopicPartition,
@@ -37,7 +36,12 @@ from aiokafka import (
 from aiokafka.errors import KafkaError
 from mode import Service
 
-from pipeline.kafka import apply_idle_fetch_backoff, make_consumer, make_producer
+from pipeline.kafka import (
+    ProducerHandle,
+    apply_idle_fetch_backoff,
+    make_consumer,
+    make_producer,
+)
 from pipeline.metrics import CONSUME_LAG, LANES
 from pipeline.offsets import Chunk, OffsetTracker
 from pipeline.produce import BatchSender
@@ -147,7 +151,7 @@ class Lane(Service):  # type: ignore[misc]
         self.stats = LaneStats()
         self.tracker = OffsetTracker()
         self._consumer: AIOKafkaConsumer | None = None
-        self._producer: AIOKafkaProducer | None = None
+        self._producer: ProducerHandle | None = None
         self._handling: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._capacity = asyncio.Event()
@@ -167,7 +171,8 @@ class Lane(Service):  # type: ignore[misc]
 
     async def on_start(self) -> None:
         await ensure_topics(self.settings, topic_specs(self.settings.lanes))
-        self._producer = make_producer(self.settings)
+        # Renewed when the broker loses its idempotence state (the local broker on restart).
+        self._producer = ProducerHandle(lambda: make_producer(self.settings))
         await self._producer.start()
         ctx = LaneContext(self.settings, self.name, BatchSender(self._producer, lane=self.name),
                           self._chunk_done, self.stats)

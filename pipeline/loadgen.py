@@ -31,7 +31,7 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from pipeline.kafka import client_kwargs, make_producer, start_reader
+from pipeline.kafka import ProducerHandle, client_kwargs, make_producer, start_reader
 from pipeline.produce import BatchSender
 from pipeline.settings import Settings
 from pipeline.synth import INVALID_KINDS, TransactionGenerator, make_invalid
@@ -174,7 +174,7 @@ async def produce_requests(
         raise ValueError("give count or duration_s")
     rng = np.random.default_rng(seed + 1)
     report = report if report is not None else ProduceReport()
-    producer = make_producer(settings, linger_ms=2)
+    producer = ProducerHandle(lambda: make_producer(settings, linger_ms=2))
     await producer.start()
     sender = BatchSender(producer)
     started = time.monotonic()

@@ -13,8 +13,10 @@ import time
 from collections.abc import Sequence
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
+from pipeline.kafka import PRODUCER_STATE_LOST, ProducerHandle
 from pipeline.metrics import PRODUCE_ACK
 
 __all__ = ["BatchSender"]
@@ -25,10 +27,19 @@ _partitioner = DefaultPartitioner()
 class BatchSender:
     """Send lists of ``(key, value)`` pairs to a topic and return when the broker acked all."""
 
-    def __init__(self, producer: AIOKafkaProducer, *, lane: str | None = None) -> None:
-        self._producer = producer
+    def __init__(self, producer: AIOKafkaProducer | ProducerHandle, *,
+                 lane: str | None = None) -> None:
+        self._handle = producer if isinstance(producer, ProducerHandle) else None
+        self._fixed = producer if isinstance(producer, AIOKafkaProducer) else None
         self._partitions: dict[str, list[int]] = {}
         self._ack_seconds = PRODUCE_ACK.labels(lane) if lane is not None else None
+
+    @property
+    def _producer(self) -> AIOKafkaProducer:
+        if self._handle is not None:
+            return self._handle.producer
+        assert self._fixed is not None  # noqa: S101 - one of the two is set
+        return self._fixed
 
     async def _partitions_for(self, topic: str) -> list[int]:
         partitions = self._partitions.get(topic)
@@ -38,7 +49,24 @@ class BatchSender:
         return partitions
 
     async def send(self, topic: str, records: Sequence[tuple[bytes | None, bytes]]) -> None:
-        """Produce ``records`` to ``topic``; raise if any batch is not acknowledged."""
+        """Produce ``records`` to ``topic``; raise if any batch is not acknowledged.
+
+        Given a :class:`ProducerHandle`, a producer whose broker state was lost is replaced and
+        the records are sent once more (some may then be written twice: at-least-once)."""
+        producer = self._producer
+        try:
+            await self._send(topic, records)
+        except KafkaError as exc:
+            if self._handle is None:
+                raise
+            if isinstance(exc, PRODUCER_STATE_LOST):
+                await self._handle.renew(producer, exc)
+            elif self._handle.producer is producer:
+                raise  # a failure of a producer still in use: the caller's to handle
+            # Renewed by this send or a concurrent one (whose old producer then failed this).
+            await self._send(topic, records)
+
+    async def _send(self, topic: str, records: Sequence[tuple[bytes | None, bytes]]) -> None:
         if not records:
             return
         partitions = await self._partitions_for(topic)
