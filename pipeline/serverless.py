@@ -267,9 +267,8 @@ class FunctionRuntime:
         return self.sender
 
     async def _drop_producer(self) -> None:
-        producer, self.producer = self.producer, None
+        producer, self.producer, self.sender = self.producer, None, None
         if producer is not None:
-            self.sender = None
             try:
                 await asyncio.wait_for(producer.stop(), 5.0)
             except Exception as exc:  # noqa: BLE001 - closing a broken producer: log, go on
