@@ -263,7 +263,7 @@ class FunctionRuntime:
             except BaseException:
                 await producer.stop()
                 raise
-            self.producer, self.sender = producer, BatchSender(producer)
+            self.producer, self.sender = producer, BatchSender(producer, lane="serverless")
         return self.sender
 
     async def _drop_producer(self) -> None:
