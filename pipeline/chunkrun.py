@@ -29,8 +29,7 @@ from typing import Any
 import msgspec
 import orjson
 
-from pipeline.features import fast_features
-from pipeline.fraud import Thresholds, decide, score_fields
+from pipeline.fraud import Thresholds, score_default_history
 from pipeline.model import OnnxScorer
 from pipeline.priority import REALTIME_GATE, SharedGateState
 from pipeline.s3 import S3Store
@@ -50,12 +49,7 @@ def score_jsonl(scorer: OnnxScorer, thresholds: Thresholds,
     if not valid:
         return b""
     # Backfills have no slow-path snapshot: a history model scores them on default history.
-    scores = scorer.predict_fast(fast_features(valid))
-    decisions = decide(scores, thresholds)
-    now, version, degraded = time.time(), scorer.version, scorer.uses_history
-    return _ENCODER.encode_lines([
-        score_fields(t, s, d, version, now, degraded)
-        for t, s, d in zip(valid, scores.tolist(), decisions, strict=True)])
+    return _ENCODER.encode_lines(score_default_history(scorer, thresholds, valid, time.time()))
 
 
 def score_lines(scorer: OnnxScorer, thresholds: Thresholds, lines: list[bytes],

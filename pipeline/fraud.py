@@ -54,7 +54,8 @@ from pipeline.serving import Slot, follower_for
 from pipeline.settings import Settings
 from schemas import Transaction, validate_record
 
-__all__ = ["FraudHandler", "FraudModel", "Thresholds", "decide", "encode_score", "score_fields"]
+__all__ = ["FraudHandler", "FraudModel", "Thresholds", "decide", "encode_score",
+           "score_default_history", "score_fields"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,24 @@ def encode_score(txn: dict[str, Any], score: float, decision: str, version: str,
                  now: float, degraded: bool) -> bytes:
     """The :class:`schemas.FraudScore` JSON of one scored transaction."""
     return orjson.dumps(score_fields(txn, score, decision, version, now, degraded))
+
+
+def score_default_history(scorer: OnnxScorer, thresholds: Thresholds,
+                          valid: Sequence[dict[str, Any]], now: float) -> list[dict[str, Any]]:
+    """FraudScore fields of validated transactions scored with no history snapshot at hand.
+
+    The lane's own path when it has no history view (:meth:`Features.for_model`): fast
+    features, default history for a model that reads history, and ``degraded`` exactly when
+    it does. For callers without a slow path: batch backfills and the serverless function.
+    """
+    if not valid:
+        return []
+    x, degraded = Features(fast_features(valid), None, None).for_model(scorer)
+    scores = scorer.predict(x)
+    decisions = decide(scores, thresholds)
+    version = scorer.version
+    return [score_fields(t, s, d, version, now, f) for t, s, d, f in zip(
+        valid, scores.tolist(), decisions, degraded.tolist(), strict=True)]
 
 
 @dataclass(frozen=True)

@@ -167,6 +167,12 @@ class Settings(BaseSettings):
     archive_max_age_ms: int = Field(default=60_000, ge=100)
     """... or when its first record has waited this long."""
 
+    # --- serverless function (pipeline/serverless.py) -------------------------------------
+    serverless_send_timeout_ms: float = Field(default=10_000.0, gt=0.0, le=900_000.0)
+    """Serverless fraud function: longest an invocation waits for its scores and dead letters
+    to be acknowledged (also capped by the invocation's remaining time); records not acked by
+    then are reported as batch item failures."""
+
     # --- consumer services (inferlane serve ...) -----------------------------------------------
     service_host: str = "127.0.0.1"
     """Address the HTTP services listen on (``0.0.0.0`` in a container)."""
