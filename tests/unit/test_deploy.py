@@ -240,9 +240,9 @@ def _exported_metric_names() -> set[str]:
     registries = [REGISTRY, FraudCheckService(settings).registry,
                   RecommendationService(settings).registry]
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
-                "gauge": ("",)}
+                "summary": ("", "_sum", "_count"), "info": ("_info",)}
     return {family.name + suffix for registry in registries for family in registry.collect()
-            for suffix in suffixes[family.type]}
+            for suffix in suffixes.get(family.type, ("",))}
 
 
 def test_grafana_dashboard_queries_only_exported_metrics() -> None:
