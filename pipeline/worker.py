@@ -21,7 +21,7 @@ from pipeline.errors import StackError
 from pipeline.stack import free_port
 
 __all__ = ["FAUST_READY_MARK", "SERVICE_READY_MARK", "ServiceProcess", "WorkerProcess",
-           "faust_worker_argv"]
+           "faust_worker_argv", "wait_all_ready"]
 
 FAUST_READY_MARK = "[^Worker]: Ready"
 SERVICE_READY_MARK = "Kafka clients connected"
@@ -63,6 +63,12 @@ class WorkerProcess:
     def start(self, *, ready_timeout_s: float = 60.0) -> float:
         """Start and wait until ready; return the ready wall time. :class:`StackError` if it
         exits or is not ready in time."""
+        self.spawn()
+        return self.wait_ready(ready_timeout_s)
+
+    def spawn(self) -> None:
+        """Start the process without waiting (several workers then boot side by side); follow
+        with :meth:`wait_ready`."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         if self.cwd is not None:
             self.cwd.mkdir(parents=True, exist_ok=True)
@@ -72,20 +78,31 @@ class WorkerProcess:
             self._popen = subprocess.Popen(  # noqa: S603 - argv built by this module or caller
                 self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=self.env, cwd=self.cwd, start_new_session=True)
-        self.ready_at = self._wait_ready(ready_timeout_s)
+
+    def wait_ready(self, timeout_s: float = 60.0) -> float:
+        """Wait for the ready mark of the spawned process; return (and keep) its wall time."""
+        self.ready_at = self._wait_ready(timeout_s)
         return self.ready_at
 
     def _wait_ready(self, timeout_s: float) -> float:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if not self.alive:
-                raise StackError(f"{self.label} exited during start-up; log {self.log_path}:\n"
-                                 f"{self.log_tail()}")
-            if self.ready_mark in self._new_log():
+            if self.poll_ready():
                 return time.time()
             time.sleep(0.01)
-        raise StackError(f"{self.label} not ready after {timeout_s:.0f}s; log {self.log_path}:"
-                         f"\n{self.log_tail()}")
+        raise self.not_ready(timeout_s)
+
+    def poll_ready(self) -> bool:
+        """True once the ready mark is in the log; :class:`StackError` if the process exited."""
+        if not self.alive:
+            raise StackError(f"{self.label} exited during start-up; log {self.log_path}:\n"
+                             f"{self.log_tail()}")
+        return self.ready_mark in self._new_log()
+
+    def not_ready(self, timeout_s: float) -> StackError:
+        """The error for a process not ready after ``timeout_s``."""
+        return StackError(f"{self.label} not ready after {timeout_s:.0f}s; log {self.log_path}:"
+                          f"\n{self.log_tail()}")
 
     def _new_log(self) -> str:
         try:
@@ -139,3 +156,18 @@ class ServiceProcess(WorkerProcess):
                          ready_mark=ready_mark,
                          argv=[sys.executable, "-m", "pipeline.cli", "serve", service,
                                "--port", str(self.port), *args])
+
+
+def wait_all_ready(processes: Sequence[WorkerProcess], timeout_s: float = 60.0) -> None:
+    """Wait for the ready marks of processes spawned side by side, each timed when it appears
+    (waiting for one after the other would time a later one when the earlier was ready)."""
+    pending = list(processes)
+    deadline = time.monotonic() + timeout_s
+    while pending:
+        if time.monotonic() >= deadline:
+            raise pending[0].not_ready(timeout_s)
+        for process in list(pending):
+            if process.poll_ready():
+                process.ready_at = time.time()
+                pending.remove(process)
+        time.sleep(0.01)

@@ -70,11 +70,16 @@ def _rates(text: str) -> tuple[float, ...]:
 
 def _config(impl: str, rates: str | None, duration: float | None, drain_events: int | None,
             out: Path | None, poisson: bool, quick: bool, warmup: float,
-            result_timeout: float, seed: int) -> BenchConfig:
+            result_timeout: float, seed: int, drain_workers: int = 1) -> BenchConfig:
     preset = _QUICK if quick else _FULL
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    impls = _impls(impl)
+    if drain_workers > 1 and any(IMPLS[key].yardstick for key in impls):
+        raise typer.BadParameter("--drain-workers > 1 runs inferlane's own workers: --impl a "
+                                 "or r only")
     return BenchConfig(
-        impls=_impls(impl),
+        drain_workers=drain_workers,
+        impls=impls,
         rates=_rates(rates) if rates is not None else preset.rates,
         duration_s=duration if duration is not None else preset.duration_s,
         drain_events=drain_events if drain_events is not None else preset.drain_events,
@@ -131,10 +136,13 @@ def run(
     result_timeout: Annotated[float, typer.Option(help="Max wait for results after a rate, "
                                                        "s.")] = 30.0,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic traffic.")] = 1,
+    drain_workers: Annotated[int, typer.Option(
+        help="Worker processes draining the backlog together (one consumer group).",
+        min=1, max=8)] = 1,
 ) -> None:
     """Run the scenarios on a fresh local stack and write the results folder."""
     config = _config(impl, rates, duration, drain_events, out, poisson, quick, warmup,
-                     result_timeout, seed)
+                     result_timeout, seed, drain_workers)
     raise typer.Exit(_run(config))
 
 

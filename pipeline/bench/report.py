@@ -39,6 +39,8 @@ class BenchConfig:
     result_timeout_s: float
     seed: int
     quick: bool
+    drain_workers: int = 1
+    """Worker processes of the SUT (one consumer group, own static member ids) in the drain."""
     reco_k: int = 10
     """Reco lane scenarios: ``k`` of every request."""
     reco_candidate_fraction: float = 0.2

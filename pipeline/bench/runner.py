@@ -5,8 +5,9 @@ Per implementation, never two at once (the machine has few cores):
 1. *rates*: start the SUT on fresh topics, then per offered rate start a result reader
    (separate process), send open-loop traffic for ``duration_s``, wait for every result (or the
    timeout), and compute latency, throughput and the SUT's CPU in that window;
-2. *drain*: with the SUT stopped, preload ``drain_events`` on fresh topics, start the SUT and
-   time the drain from its ready mark to the last result.
+2. *drain*: with the SUT stopped, preload ``drain_events`` on fresh topics, start the SUT
+   (``drain_workers`` processes of one consumer group, booted side by side) and time the drain
+   from the first one's ready mark to the last result.
 
 Each phase has its own topic prefix and app id (consumer groups), so nothing is shared. A phase
 that fails is recorded as a note and the run goes on; Ctrl-C/SIGTERM unwinds through the
@@ -152,10 +153,10 @@ def _phase_env(ctx: _Ctx, impl: str, phase: str) -> tuple[dict[str, str], Settin
     return env, settings
 
 
-def _start_sut(ctx: _Ctx, impl: str, phase: str, env: dict[str, str]) -> tuple[SutProcess,
-                                                                                PhaseInfo]:
+def _start_sut(ctx: _Ctx, impl: str, phase: str, env: dict[str, str], *,
+               workers: int = 1) -> tuple[SutProcess, PhaseInfo]:
     log = ctx.config.out / "logs" / f"{impl}-{phase}.log"
-    sut = SutProcess(IMPLS[impl], env, log, cwd=ctx.config.out / "state")
+    sut = SutProcess(IMPLS[impl], env, log, cwd=ctx.config.out / "state", workers=workers)
     info = PhaseInfo(impl=impl, phase=phase, log=str(log))
     ctx.run.phases.append(info)
     return sut, info
@@ -279,21 +280,25 @@ def _drain_phase(ctx: _Ctx, impl: str) -> None:
         sent = asyncio.run(preload(settings, cfg.drain_events, seed=seed, source=source))
         ctx.console.print(f"  ({impl}) drain: {len(sent.ids):,} events preloaded")
         reader.request(sent.ids, timeout_s)
-        sut, info = _start_sut(ctx, impl, "drain", env)
+        sut, info = _start_sut(ctx, impl, "drain", env, workers=cfg.drain_workers)
         try:
-            sampler = _launch(ctx, sut, info)
+            samplers = [_launch(ctx, sut, info)]
+            samplers += [CpuSampler(peer.pid, interval_s=0.02).start()
+                         for peer in sut.peers if peer.pid is not None]
             try:
                 output = reader.collect(timeout_s + 30)
             finally:
-                sampler.stop()
+                for sampler in samplers:
+                    sampler.stop()
         finally:
             _stop_sut(sut, info)
     finally:
         reader.close()
     assert sut.ready_at is not None  # noqa: S101 - _launch returned
     matched = match_results(sent.ids, output.rows)
+    spent = [sampler.between(sut.ready_at, matched.last_received) for sampler in samplers]
     result = drain_result(impl, sent=len(sent.ids), ready_at=sut.ready_at, matched=matched,
-                          cpu_s=sampler.between(sut.ready_at, matched.last_received))
+                          cpu_s=None if None in spent else sum(s or 0.0 for s in spent))
     result.extra.update(loadavg_before=list(loadavg), unexpected_results=matched.unexpected,
-                        unparsed_results=output.unparsed)
+                        unparsed_results=output.unparsed, workers=cfg.drain_workers)
     _record(ctx, result, sut.ready_at)

@@ -20,7 +20,7 @@ from typing import Any
 
 from pipeline.loadgen import FRAUD, RECO, Workload
 from pipeline.settings import Settings, load_settings
-from pipeline.worker import FAUST_READY_MARK, WorkerProcess, faust_worker_argv
+from pipeline.worker import FAUST_READY_MARK, WorkerProcess, faust_worker_argv, wait_all_ready
 
 __all__ = ["BARE_READY_MARK", "IMPLS", "FAUST_READY_MARK", "ImplSpec", "SutProcess",
            "impl_env", "parse_batcher_stats", "parse_logged_stats", "settings_for"]
@@ -124,10 +124,20 @@ def parse_batcher_stats(log: str) -> dict[str, Any] | None:
 class SutProcess(WorkerProcess):
     """One system-under-test process (see :class:`pipeline.worker.WorkerProcess`)."""
 
-    def __init__(self, spec: ImplSpec, env: dict[str, str], log_path: Path, cwd: Path) -> None:
+    def __init__(self, spec: ImplSpec, env: dict[str, str], log_path: Path, cwd: Path,
+                 *, workers: int = 1) -> None:
         super().__init__(env, log_path, cwd=cwd, argv=spec.argv, ready_mark=spec.ready_mark,
                          label=spec.label)
         self.spec = spec
+        worker_id = env.get("INFERLANE_WORKER_ID", "bench")
+        # More members of the same consumer groups, each with its own static member id: they
+        # boot side by side with this one and share its partitions.
+        self.peers = [
+            WorkerProcess({**env, "INFERLANE_WORKER_ID": f"{worker_id}-{index}"},
+                          log_path.with_name(f"{log_path.stem}-peer{index}.log"), cwd=cwd,
+                          argv=spec.argv, ready_mark=spec.ready_mark,
+                          label=f"{spec.label}: peer {index}")
+            for index in range(1, workers)]
         self.companion: WorkerProcess | None = None
         if spec.companion_lanes is not None:
             self.companion = WorkerProcess(
@@ -137,13 +147,21 @@ class SutProcess(WorkerProcess):
                 label=f"{spec.label}: {spec.companion_lanes} worker")
 
     def start(self, *, ready_timeout_s: float = 90.0) -> float:
+        """Start the companion (and wait for it), then this process and its peers side by side;
+        return the wall time the first of them was ready (work can start from then on)."""
         if self.companion is not None:
             self.companion.start(ready_timeout_s=ready_timeout_s)
-        return super().start(ready_timeout_s=ready_timeout_s)
+        for process in (self, *self.peers):
+            process.spawn()
+        wait_all_ready([self, *self.peers], ready_timeout_s)
+        self.ready_at = min(p.ready_at for p in (self, *self.peers) if p.ready_at is not None)
+        return self.ready_at
 
     def stop(self, timeout_s: float = 20.0) -> int | None:
         """SIGTERM (graceful), SIGKILL the process group after ``timeout_s``; idempotent."""
         code = self.terminate(timeout_s)
+        for peer in self.peers:
+            peer.terminate(timeout_s)
         if self.companion is not None:
             self.companion.terminate(timeout_s)
         return code

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
+import typer
 from rich.console import Console
 
 from pipeline.batcher import BatchStats
@@ -268,6 +269,14 @@ def test_quick_preset_and_explicit_options() -> None:
     full = _config("c", "10,20", 3.0, 0, Path("x"), True, False, 1.0, 5.0, 2)
     assert full.impls == ("c",) and full.rates == (10.0, 20.0) and full.drain_events == 0
     assert full.poisson
+    assert quick.drain_workers == full.drain_workers == 1
+
+
+def test_drain_workers_only_for_inferlane_workers() -> None:
+    two = _config("a", "", None, 1000, Path("x"), False, False, 2.0, 30.0, 1, 2)
+    assert two.drain_workers == 2 and two.rates == ()
+    with pytest.raises(typer.BadParameter, match="--impl a or r only"):
+        _config("a,c", None, None, None, Path("x"), False, False, 2.0, 30.0, 1, 2)
 
 
 def test_git_commit_reads_refs_without_git(tmp_path: Path) -> None:
