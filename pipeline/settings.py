@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="INFERLANE_", frozen=True, extra="ignore", case_sensitive=False,
         use_attribute_docstrings=True,
+        # A ValidationError would otherwise quote the input (every setting, secrets in clear)
+        # in its text, and ConfigError chains it: a traceback in a log would leak them.
+        hide_input_in_errors=True,
     )
 
     # --- Kafka -----------------------------------------------------------------------------
