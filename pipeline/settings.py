@@ -115,6 +115,7 @@ class Settings(BaseSettings):
     s3_bucket: str = "inferlane"
     s3_region: str = "us-east-1"
     s3_access_key_id: SecretStr | None = None
+    """Static S3 key (with the secret key; unset: the standard AWS credential chain)."""
     s3_secret_access_key: SecretStr | None = None
 
     # --- lanes ------------------------------------------------------------------------------
@@ -234,8 +235,8 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _kafka_security_consistent(self) -> Settings:
-        problems = _kafka_security_problems(self)
+    def _credentials_consistent(self) -> Settings:
+        problems = _credential_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -253,8 +254,8 @@ class Settings(BaseSettings):
         return self.broker_flavor == "local"
 
 
-def _kafka_security_problems(s: Settings) -> list[str]:
-    """Combinations that would connect differently than asked (or not at all)."""
+def _credential_problems(s: Settings) -> list[str]:
+    """Kafka security and S3 key combinations that would connect differently than asked."""
     protocol = s.kafka_security_protocol
     sasl = protocol.startswith("SASL_")
     tls = protocol in ("SSL", "SASL_SSL")
@@ -281,6 +282,10 @@ def _kafka_security_problems(s: Settings) -> list[str]:
         problems.append("INFERLANE_KAFKA_SSL_KEYFILE needs INFERLANE_KAFKA_SSL_CERTFILE")
     if s.kafka_ssl_keyfile_password is not None and s.kafka_ssl_certfile is None:
         problems.append("INFERLANE_KAFKA_SSL_KEYFILE_PASSWORD needs INFERLANE_KAFKA_SSL_CERTFILE")
+    if (s.s3_access_key_id is None) != (s.s3_secret_access_key is None):
+        # One key alone would silently fall back to the AWS credential chain.
+        problems.append("INFERLANE_S3_ACCESS_KEY_ID and INFERLANE_S3_SECRET_ACCESS_KEY go "
+                        "together (or neither: the standard AWS credential chain)")
     return problems
 
 

@@ -293,6 +293,18 @@ def test_unsupported_sasl_mechanisms_are_refused(monkeypatch: pytest.MonkeyPatch
         load_settings()
 
 
+@pytest.mark.parametrize("name", ["INFERLANE_S3_ACCESS_KEY_ID",
+                                  "INFERLANE_S3_SECRET_ACCESS_KEY"])
+def test_one_s3_key_without_the_other_is_refused(monkeypatch: pytest.MonkeyPatch,
+                                                 name: str) -> None:
+    monkeypatch.setenv(name, SECRET)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "INFERLANE_S3_ACCESS_KEY_ID and INFERLANE_S3_SECRET_ACCESS_KEY go together" in str(
+        info.value)
+    assert SECRET not in str(info.value)
+
+
 def test_max_message_bytes_has_a_floor() -> None:
     with pytest.raises(ConfigError, match="INFERLANE_MAX_MESSAGE_BYTES"):
         load_settings(max_message_bytes=10)
@@ -303,6 +315,7 @@ def test_kafka_secrets_are_not_printed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INFERLANE_KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
     monkeypatch.setenv("INFERLANE_KAFKA_SASL_USERNAME", "svc")
     monkeypatch.setenv("INFERLANE_KAFKA_SASL_PASSWORD", SASL_PASSWORD)
+    monkeypatch.setenv("INFERLANE_S3_ACCESS_KEY_ID", "AKIA-test-key-id")
     monkeypatch.setenv("INFERLANE_S3_SECRET_ACCESS_KEY", SECRET)
     s = load_settings()
     for text in (repr(s), str(s), s.model_dump_json(), repr(s.model_dump())):
