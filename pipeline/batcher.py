@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from pipeline.metrics import BATCH_QUEUE_WAIT, BATCH_ROWS, INFERENCE_SECONDS
+
 __all__ = ["BatchStats", "CombineFn", "MicroBatcher", "ModelFn", "submit_isolating"]
 
 ModelFn = Callable[[NDArray[Any]], NDArray[Any]]
@@ -87,6 +89,7 @@ class MicroBatcher:
         inline: bool = False,
         combine: CombineFn | None = None,
         inline_max_rows: int = 0,
+        name: str | None = None,
     ) -> None:
         if batch_max_rows < 1:
             raise ValueError(f"batch_max_rows must be >= 1, got {batch_max_rows}")
@@ -112,6 +115,9 @@ class MicroBatcher:
         self._batches: set[asyncio.Task[None]] = set()
         self._closing = False
         self.stats = BatchStats()
+        self._metrics = (None if name is None else (
+            BATCH_QUEUE_WAIT.labels(name), BATCH_ROWS.labels(name), INFERENCE_SECONDS.labels(name)))
+        """Queue wait, rows and call time of every batch, when the batcher has a ``name``."""
 
     async def start(self) -> None:
         if self._runner is None:
@@ -217,10 +223,13 @@ class MicroBatcher:
             loop = asyncio.get_running_loop()
             try:
                 matrix = self._assemble(taken)
+                started = time.monotonic()
                 if len(matrix) <= self.inline_max_rows:
                     outputs = self._fn(matrix)
                 else:
                     outputs = await loop.run_in_executor(self._executor, self._fn, matrix)
+                if self._metrics is not None:
+                    self._observe(taken, len(matrix), started)
                 if len(outputs) != len(matrix):
                     raise RuntimeError(
                         f"model returned {len(outputs)} outputs for {len(matrix)} rows"
@@ -236,6 +245,14 @@ class MicroBatcher:
         finally:
             self._running -= 1
             self._wakeup.set()
+
+    def _observe(self, taken: list[tuple[_Pending, int, int]], rows: int,
+                 started: float) -> None:
+        assert self._metrics is not None  # noqa: S101 - checked by the caller
+        wait, sizes, seconds = self._metrics
+        wait.observe(started - min(pending.enqueued for pending, _, _ in taken))
+        sizes.observe(rows)
+        seconds.observe(time.monotonic() - started)
 
     def _assemble(self, taken: list[tuple[_Pending, int, int]]) -> NDArray[Any]:
         if len(taken) == 1:

@@ -42,6 +42,7 @@ from pipeline.metrics import (
     DRIFT_ABS_DELTA,
     DRIFT_FLIPS,
     DRIFT_ROWS,
+    E2E_LATENCY,
     MODEL_COLD_START,
     MODEL_INFO,
     SHADOW_ROWS,
@@ -201,7 +202,7 @@ class FraudHandler:
         inline = full_batch_s * 1e6 < s.inline_inference_max_us
         micro = MicroBatcher(main.predict, batch_max_rows=s.fraud_batch_max_rows,
                              max_wait_ms=s.fraud_max_wait_ms, executor=self._executor,
-                             inline=inline)
+                             inline=inline, name="fraud")
         if batcher:
             await micro.start()
         model = FraudModel(main, Thresholds.for_model(s, main), micro, reference,
@@ -372,6 +373,7 @@ class FraudHandler:
         out: list[tuple[bytes | None, bytes]] = []
         late = 0
         flags = degraded.tolist()
+        e2e = E2E_LATENCY.labels("fraud")
         for i, (txn, score, decision) in enumerate(zip(valid, scores.tolist(), decisions,
                                                        strict=True)):
             if i in skip:
@@ -379,6 +381,7 @@ class FraudHandler:
             sent_at = txn.get("sent_at")
             # The budget counts from when the event was produced: consumer lag counts too.
             origin = sent_at if sent_at is not None else sources[i].timestamp / 1000.0
+            e2e.observe(max(now - origin, 0.0))
             if now - origin > budget_s:
                 late += 1
             out.append((txn["card_id"].encode(),

@@ -38,6 +38,7 @@ from aiokafka.errors import KafkaError
 from mode import Service
 
 from pipeline.kafka import apply_idle_fetch_backoff, make_consumer, make_producer
+from pipeline.metrics import CONSUME_LAG, LANES
 from pipeline.offsets import Chunk, OffsetTracker
 from pipeline.produce import BatchSender
 from pipeline.settings import Settings
@@ -157,6 +158,8 @@ class Lane(Service):  # type: ignore[misc]
         """Finished positions of revoked partitions, in case the rebalance gives them back."""
         self.ready = asyncio.Event()
         """Set once the consumer has joined its group and the loop runs (tests wait on it)."""
+        self._next_offset: dict[TopicPartition, int] = {}
+        """Per partition, the offset after the last record fetched (for the lag metric)."""
 
     @property
     def label(self) -> str:
@@ -166,8 +169,8 @@ class Lane(Service):  # type: ignore[misc]
         await ensure_topics(self.settings, topic_specs(self.settings.lanes))
         self._producer = make_producer(self.settings)
         await self._producer.start()
-        ctx = LaneContext(self.settings, self.name, BatchSender(self._producer), self._chunk_done,
-                          self.stats)
+        ctx = LaneContext(self.settings, self.name, BatchSender(self._producer, lane=self.name),
+                          self._chunk_done, self.stats)
         await self.handler.start(ctx)
         self._consumer = make_consumer(self.settings, self.name)
         self._consumer.subscribe(list(self.handler.topics), listener=_Rebalance(self))
@@ -179,6 +182,7 @@ class Lane(Service):  # type: ignore[misc]
             task.add_done_callback(self._on_loop_done)
             self._loops.append(task)
         self.ready.set()
+        LANES.register(self)
         log.info("%s: started (group %s, member %s, loop %s)", self.label,
                  self.settings.group_id(self.name), f"{self.settings.worker_id}-{self.name}",
                  type(asyncio.get_running_loop()).__module__)
@@ -186,6 +190,7 @@ class Lane(Service):  # type: ignore[misc]
     async def on_stop(self) -> None:
         """Graceful stop: finish in-flight work, flush the handler, commit, then leave."""
         self._stopping = True
+        LANES.unregister(self)
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
@@ -236,11 +241,15 @@ class Lane(Service):  # type: ignore[misc]
 
     def _dispatch(self, fetched: dict[TopicPartition, list[Record]]) -> None:
         batch = []
+        now_ms = time.time() * 1000.0
+        lag = CONSUME_LAG.labels(self.name)
         for tp, records in fetched.items():
             if records:
                 chunk = self.tracker.add(tp, records[0].offset, records[-1].offset)
                 batch.append(PartitionRecords(tp, records, chunk))
                 self.stats.consumed += len(records)
+                self._next_offset[tp] = records[-1].offset + 1
+                lag.observe(max(now_ms - records[0].timestamp, 0.0) / 1000.0)
         task = asyncio.create_task(self.handler.handle(batch))
         self._handling.add(task)
         task.add_done_callback(self._on_handled)
@@ -320,9 +329,23 @@ class Lane(Service):  # type: ignore[misc]
                 log.info("%s: resuming %s-%d at %d (committed: %s)", self.label, tp.topic,
                          tp.partition, handover[tp], committed)
 
+    def consumer_lag(self) -> dict[tuple[str, int], int]:
+        """Per assigned partition: high watermark (as of the last fetch) minus the next offset
+        this lane will consume; partitions not fetched yet are left out."""
+        consumer = self._consumer
+        if consumer is None:
+            return {}
+        lag = {}
+        for tp in consumer.assignment():
+            highwater, next_offset = consumer.highwater(tp), self._next_offset.get(tp)
+            if highwater is not None and next_offset is not None:
+                lag[(tp.topic, tp.partition)] = max(highwater - next_offset, 0)
+        return lag
+
     async def _stats_loop(self) -> None:
         while not self._stopping:
             await asyncio.sleep(self.stats_interval_s)
+            LANES.update_cpu_per_1k()
             log.info("%s: %s in-flight=%d", self.label, self.stats, self.tracker.total_in_flight)
             self.handler_stats()
 

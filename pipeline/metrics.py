@@ -1,17 +1,50 @@
 """Prometheus metrics of a worker process (prometheus-client), served at ``/metrics`` by the
-worker's web server (``agents/__init__.py``).
+worker's web server (``agents/__init__.py``); what each means and what to alert on:
+docs/operations.md.
 
-One registry per process. Lanes record into the module-level metrics below; label values are
-the lane's model name and version, never free text.
+One registry per process. Handlers observe into the module-level metrics below; the counters a
+lane already keeps (:class:`pipeline.lane.LaneStats`) and its consumer lag are read at scrape
+time by :class:`LaneCollector`, so the hot path pays nothing for them. Label values are lane,
+batcher, model and version names and DLQ error classes, never free text.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+import time
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+)
 from prometheus_client import generate_latest as _generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from pipeline.lane import Lane
 
 __all__ = [
+    "BATCH_QUEUE_WAIT",
+    "BATCH_ROWS",
+    "CONSUME_LAG",
     "CONTENT_TYPE_LATEST",
+    "CPU_PER_1K_EVENTS",
+    "E2E_LATENCY",
+    "INFERENCE_SECONDS",
+    "LANES",
+    "PRODUCE_ACK",
+    "S3_BYTES",
+    "S3_ERRORS",
+    "S3_OBJECTS",
+    "S3_RETRIES",
+    "LaneCollector",
+    "observe_many",
     "DRIFT_ABS_DELTA",
     "DRIFT_FLIPS",
     "DRIFT_ROWS",
@@ -25,6 +58,7 @@ __all__ = [
 ]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)  # process_cpu_seconds_total, process_resident_memory_bytes
 
 MODEL_INFO = Gauge(
     "inferlane_model_info", "1 for the model version a lane serves (0 once replaced)",
@@ -54,6 +88,122 @@ DRIFT_ABS_DELTA = Histogram(
     "inferlane_drift_abs_score_delta", "|INT8 score - FP32 score| of sampled rows",
     ["lane", "model", "version"], registry=REGISTRY,
     buckets=(1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0))
+
+
+_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
+            5.0, 10.0)
+E2E_LATENCY = Histogram(
+    "inferlane_e2e_latency_seconds",
+    "From the request's sent_at (else its record timestamp) to its result being built",
+    ["lane"], registry=REGISTRY, buckets=_SECONDS)
+CONSUME_LAG = Histogram(
+    "inferlane_consume_lag_seconds",
+    "Record timestamp to consumed, for the oldest record of each fetched partition batch",
+    ["lane"], registry=REGISTRY, buckets=_SECONDS)
+BATCH_QUEUE_WAIT = Histogram(
+    "inferlane_batch_queue_wait_seconds",
+    "How long the oldest row of a model batch waited in the micro-batcher",
+    ["batcher"], registry=REGISTRY, buckets=_SECONDS)
+BATCH_ROWS = Histogram(
+    "inferlane_batch_rows", "Rows per model call", ["batcher"], registry=REGISTRY,
+    buckets=tuple(float(1 << i) for i in range(17)))
+INFERENCE_SECONDS = Histogram(
+    "inferlane_inference_seconds", "Time of one model call (a whole batch)", ["batcher"],
+    registry=REGISTRY, buckets=_SECONDS)
+PRODUCE_ACK = Histogram(
+    "inferlane_produce_ack_seconds",
+    "From handing a lane's results to the producer to the broker's last ack", ["lane"],
+    registry=REGISTRY, buckets=_SECONDS)
+S3_OBJECTS = Counter(
+    "inferlane_s3_objects_total", "S3 calls that succeeded, by operation", ["op"],
+    registry=REGISTRY)
+S3_BYTES = Counter(
+    "inferlane_s3_bytes_total", "Bytes written (put) or read (get, stream)", ["op"],
+    registry=REGISTRY)
+S3_ERRORS = Counter(
+    "inferlane_s3_errors_total", "S3 calls that failed, by operation and retriable",
+    ["op", "retriable"], registry=REGISTRY)
+S3_RETRIES = Counter(
+    "inferlane_s3_retries_total", "Retries of S3 work after a retriable failure",
+    registry=REGISTRY)
+CPU_PER_1K_EVENTS = Gauge(
+    "inferlane_cpu_seconds_per_1k_events",
+    "Process CPU seconds per 1,000 events consumed by all its lanes, over the last stats "
+    "interval (10 s)", registry=REGISTRY)
+
+
+class LaneCollector(Collector):  # type: ignore[misc]
+    """Reads every registered lane's counters and consumer lag at scrape time."""
+
+    def __init__(self) -> None:
+        self._lanes: dict[str, Lane] = {}
+        self._cpu_mark: tuple[float, int] | None = None
+
+    def register(self, lane: Lane) -> None:
+        self._lanes[lane.name] = lane
+
+    def unregister(self, lane: Lane) -> None:
+        if self._lanes.get(lane.name) is lane:
+            del self._lanes[lane.name]
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # label sets change at run time: collected each scrape
+
+    def collect(self) -> Iterator[Metric]:
+        counters = {name: CounterMetricFamily(f"inferlane_{name}", text, labels=["lane"])
+                    for name, text in _LANE_COUNTERS.items()}
+        dead = CounterMetricFamily("inferlane_dead_letters_by_error",
+                                   "Records dead-lettered, by error class",
+                                   labels=["lane", "error"])
+        in_flight = GaugeMetricFamily("inferlane_in_flight_records",
+                                      "Records consumed whose results are not acked yet",
+                                      labels=["lane"])
+        lag = GaugeMetricFamily("inferlane_consumer_lag_records",
+                                "High watermark minus the next offset the lane will consume",
+                                labels=["lane", "topic", "partition"])
+        for name, lane in sorted(self._lanes.items()):
+            stats = lane.stats
+            for field, family in counters.items():
+                family.add_metric([name], float(getattr(stats, _STATS_FIELD.get(field, field))))
+            for error, count in sorted(stats.dlq_reasons.items()):
+                dead.add_metric([name, error], float(count))
+            in_flight.add_metric([name], float(lane.tracker.total_in_flight))
+            for (topic, partition), records in sorted(lane.consumer_lag().items()):
+                lag.add_metric([name, topic, str(partition)], float(records))
+        yield from counters.values()
+        yield from (dead, in_flight, lag)
+
+    def update_cpu_per_1k(self) -> None:
+        """Refresh :data:`CPU_PER_1K_EVENTS` from the CPU and events since the last call."""
+        cpu = time.process_time()
+        events = sum(lane.stats.consumed for lane in self._lanes.values())
+        if self._cpu_mark is not None and events > self._cpu_mark[1]:
+            CPU_PER_1K_EVENTS.set((cpu - self._cpu_mark[0]) * 1000.0
+                                  / (events - self._cpu_mark[1]))
+        self._cpu_mark = (cpu, events)
+
+
+_LANE_COUNTERS = {
+    "events_in": "Records consumed by the lane",
+    "events_out": "Results produced by the lane (acknowledged)",
+    "dead_letters": "Records dead-lettered by the lane (all error classes)",
+    "late": "Results produced after the lane's end-to-end budget",
+    "degraded": "Results built on default history (stale or missing slow-path state)",
+    "commits": "Offset commits",
+    "commit_failures": "Offset commits that failed (retried with the next one)",
+}
+_STATS_FIELD = {"events_in": "consumed", "events_out": "produced",
+                "dead_letters": "dead_lettered"}
+
+#: The collector of this process's lanes (registered in :data:`REGISTRY`).
+LANES = LaneCollector()
+REGISTRY.register(LANES)
+
+
+def observe_many(histogram: Any, values: Iterable[float]) -> None:
+    """Observe each of ``values`` (e.g. a batch's latencies) into ``histogram``."""
+    for value in values:
+        histogram.observe(value)
 
 
 def render() -> bytes:

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
+from pipeline.metrics import PRODUCE_ACK
+
 __all__ = ["BatchSender"]
 
 _partitioner = DefaultPartitioner()
@@ -23,9 +25,10 @@ _partitioner = DefaultPartitioner()
 class BatchSender:
     """Send lists of ``(key, value)`` pairs to a topic and return when the broker acked all."""
 
-    def __init__(self, producer: AIOKafkaProducer) -> None:
+    def __init__(self, producer: AIOKafkaProducer, *, lane: str | None = None) -> None:
         self._producer = producer
         self._partitions: dict[str, list[int]] = {}
+        self._ack_seconds = PRODUCE_ACK.labels(lane) if lane is not None else None
 
     async def _partitions_for(self, topic: str) -> list[int]:
         partitions = self._partitions.get(topic)
@@ -47,10 +50,13 @@ class BatchSender:
                 part = _partitioner(key, partitions, partitions)
             by_partition.setdefault(part, []).append((key, value))
         acks = []
+        started = time.monotonic()
         timestamp_ms = int(time.time() * 1000)
         for part, items in by_partition.items():
             acks.extend(await self._send_partition(topic, part, items, timestamp_ms))
         await asyncio.gather(*acks)
+        if self._ack_seconds is not None:
+            self._ack_seconds.observe(time.monotonic() - started)
 
     async def _send_partition(
         self, topic: str, partition: int, items: list[tuple[bytes | None, bytes]],

@@ -47,7 +47,7 @@ from numpy.typing import NDArray
 from pipeline.batcher import BatchStats, MicroBatcher, submit_isolating
 from pipeline.deadletter import dead_letter
 from pipeline.lane import LaneContext, PartitionRecords, Record
-from pipeline.metrics import MODEL_COLD_START, MODEL_INFO
+from pipeline.metrics import E2E_LATENCY, MODEL_COLD_START, MODEL_INFO
 from pipeline.priority import REALTIME_GATE
 from pipeline.reco import PAD_ID, RecoScorer
 from pipeline.serving import Slot, follower_for
@@ -282,7 +282,8 @@ class RecoHandler:
             inline_rows = int(self.settings.reco_inline_max_us / 1e6 / full_batch_s * limit)
             batchers[path] = MicroBatcher(
                 fn, batch_max_rows=limit, max_wait_ms=self.settings.reco_max_wait_ms,
-                executor=self._executor, combine=combine, inline_max_rows=inline_rows)
+                executor=self._executor, combine=combine, inline_max_rows=inline_rows,
+                name=f"reco-{path}")
             log.info("reco: %s %s path: a full batch of %d%s takes %.0f us: batches of up to "
                      "%d rows run inline on the loop, bigger ones in a thread", scorer.version,
                      path, limit, f" x {RECO_MAX_CANDIDATES} candidates" if combine else "",
@@ -366,12 +367,14 @@ class RecoHandler:
         now = time.time()
         budget_s = self.settings.reco_budget_ms / 1000.0
         out: list[KeyedValue] = []
+        e2e = E2E_LATENCY.labels("reco")
         for query, source, top in zip(queries, sources, tops, strict=True):
             if top is None:
                 continue  # dead-lettered as an inference failure
             sent_at = query.request.get("sent_at")
             # The budget counts from when the request was produced: consumer lag counts too.
             origin = sent_at if sent_at is not None else source.timestamp / 1000.0
+            e2e.observe(max(now - origin, 0.0))
             if now - origin > budget_s:
                 self._ctx.stats.late += 1
             out.append((query.request["user_id"].encode(),

@@ -21,6 +21,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from pipeline.errors import SinkError
+from pipeline.metrics import S3_BYTES, S3_ERRORS, S3_OBJECTS, S3_RETRIES
 from pipeline.settings import Settings
 
 T = TypeVar("T")
@@ -80,16 +81,20 @@ class S3Store:
             await self.client.put_object(Bucket=bucket or self.bucket, Key=key, Body=body,
                                          ContentType=content_type, **extra)
         except (BotoCoreError, ClientError) as exc:
-            raise _sink_error(f"put s3://{bucket or self.bucket}/{key} failed", exc) from exc
+            raise _sink_error(f"put s3://{bucket or self.bucket}/{key} failed", exc,
+                              op="put") from exc
+        _counted("put", len(body))
 
     async def get(self, key: str, *, bucket: str | None = None) -> bytes:
         try:
             response = await self.client.get_object(Bucket=bucket or self.bucket, Key=key)
             async with response["Body"] as body:
                 data: bytes = await body.read()
-                return data
         except (BotoCoreError, ClientError) as exc:
-            raise _sink_error(f"get s3://{bucket or self.bucket}/{key} failed", exc) from exc
+            raise _sink_error(f"get s3://{bucket or self.bucket}/{key} failed", exc,
+                              op="get") from exc
+        _counted("get", len(data))
+        return data
 
     async def size(self, key: str, *, bucket: str | None = None) -> int:
         """Size in bytes of an object (HEAD)."""
@@ -113,9 +118,12 @@ class S3Store:
             body = response["Body"]
             async with body:  # releases the connection even when the caller stops early
                 async for piece in body.iter_chunks(chunk_bytes):
+                    S3_BYTES.labels("stream").inc(len(piece))
                     yield piece
         except (BotoCoreError, ClientError) as exc:
-            raise _sink_error(f"read {where} from byte {start} failed", exc) from exc
+            raise _sink_error(f"read {where} from byte {start} failed", exc,
+                              op="stream") from exc
+        S3_OBJECTS.labels("stream").inc()
 
     async def list_objects(self, prefix: str, *, bucket: str | None = None,
                            ) -> AsyncIterator[tuple[str, int]]:
@@ -139,7 +147,7 @@ class S3Store:
             raise _sink_error(f"list s3://{self.bucket}/{prefix} failed", exc) from exc
 
 
-def _sink_error(message: str, exc: Exception) -> SinkError:
+def _sink_error(message: str, exc: Exception, *, op: str = "other") -> SinkError:
     """Wrap a botocore error; 4xx answers (missing key, denied, bad request) are final, except
     throttling and timeouts; everything else (no connection, 5xx) may pass on a retry."""
     retriable = True
@@ -147,7 +155,13 @@ def _sink_error(message: str, exc: Exception) -> SinkError:
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500) or 500)
         code = str(exc.response.get("Error", {}).get("Code", ""))
         retriable = status >= 500 or status in (408, 429) or code in _RETRIABLE_CODES
+    S3_ERRORS.labels(op, str(retriable).lower()).inc()
     return SinkError(f"{message}: {exc}", retriable=retriable)
+
+
+def _counted(op: str, size: int) -> None:
+    S3_OBJECTS.labels(op).inc()
+    S3_BYTES.labels(op).inc(size)
 
 
 _RETRIABLE_CODES = frozenset({"SlowDown", "Throttling", "RequestTimeout", "InternalError"})
@@ -167,6 +181,7 @@ async def retry(operation: Callable[[], Awaitable[T]], *, what: str,
                 raise
             delay = random.uniform(0, min(max_backoff_s, 0.5 * 2 ** attempt))  # noqa: S311
             attempt += 1
+            S3_RETRIES.inc()
             log.warning("S3: %s failed (attempt %d), retrying in %.1fs: %s", what, attempt,
                         delay, exc)
             await asyncio.sleep(delay)

@@ -36,6 +36,7 @@ from prometheus_client import (
 )
 
 from pipeline.errors import TopicError
+from pipeline.metrics import render as process_metrics
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics, topic_specs
 from pipeline.worker import SERVICE_READY_MARK
@@ -270,8 +271,10 @@ class HttpService(ABC):
                                     checks={"kafka": ready}), 200 if ready else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.registry),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+        # The service's own metrics, then the process-wide ones (its result-following lanes:
+        # events, lag, commits; see pipeline/metrics.py). Names do not overlap.
+        body = generate_latest(self.registry) + process_metrics()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _openapi(self, request: web.Request) -> web.Response:
         from pipeline.services.openapi import openapi_document
