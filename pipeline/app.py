@@ -5,7 +5,9 @@ and, in later lanes, tables. Settings that matter on every broker are tuned here
 
 * static group membership (``consumer_group_instance_id`` from ``INFERLANE_WORKER_ID``): a worker
   restarted with the same id gets its partitions back at once;
-* a short session timeout (the default 60 s makes group joins slow on some brokers).
+* a short session timeout (the default 60 s makes group joins slow on some brokers);
+* the Kafka security settings (TLS, SASL) as faust ``broker_credentials``, the same ones
+  :func:`pipeline.kafka.client_kwargs` gives every aiokafka client of the lanes.
 
 The real-time lanes do not use faust streams (see :mod:`pipeline.lane` and docs/design.md).
 """
@@ -19,11 +21,11 @@ from typing import Any, cast
 import faust
 from mode import Service
 
-from pipeline.kafka import apply_idle_fetch_backoff
+from pipeline.kafka import apply_idle_fetch_backoff, ssl_context
 from pipeline.metrics import CONTENT_TYPE_LATEST, render
 from pipeline.settings import Settings
 
-__all__ = ["create_app"]
+__all__ = ["broker_credentials", "create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
     app = faust.App(
         settings.app_id,
         broker=brokers,
+        broker_credentials=broker_credentials(settings),
         consumer_group_instance_id=f"{settings.worker_id}-faust",
         broker_session_timeout=session_timeout_s,
         broker_heartbeat_interval=max(session_timeout_s / 5, 0.5),
@@ -58,6 +61,22 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
         backoff_ms = max(settings.idle_fetch_sleep_ms, 20.0)
         app.service(cast(type[Service], _IdleFetchBackoff(app, backoff_ms)))
     return app
+
+
+def broker_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
+    """faust's form of the Kafka security settings (None for PLAINTEXT); faust hands them to
+    its consumer, producer and admin clients (tables, agents, topic creation)."""
+    protocol = settings.kafka_security_protocol
+    context = ssl_context(settings) if protocol in ("SSL", "SASL_SSL") else None
+    if protocol == "SSL":
+        return faust.SSLCredentials(context)
+    if protocol.startswith("SASL_"):
+        assert settings.kafka_sasl_password is not None  # noqa: S101 - Settings validated it
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=settings.kafka_sasl_password.get_secret_value(),
+            ssl_context=context, mechanism=settings.kafka_sasl_mechanism)
+    return None
 
 
 async def _metrics(web: Any, request: Any) -> Any:

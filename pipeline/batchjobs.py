@@ -40,7 +40,7 @@ from pipeline.s3 import S3Store, retry
 from pipeline.s3lines import split_ranges
 from pipeline.serving import fraud_model_path
 from pipeline.settings import Settings
-from schemas import BatchChunk, BatchCounts, BatchJob, BatchResult
+from schemas import BatchChunk, BatchCounts, BatchJob, BatchResult, size_rejection
 
 __all__ = ["ChunkScorer", "JobPlanner", "parse_s3_uri", "result_event", "score_jsonl"]
 
@@ -90,12 +90,16 @@ class JobPlanner:
             ctx.done(part.chunk)
 
     async def _plan(self, ctx: LaneContext, record: Record) -> None:
+        too_large = size_rejection(record.value, self.settings.max_message_bytes)
+        if too_large is not None:
+            await self._reject(ctx, record, too_large.reason, error=too_large.error)
+            return
         try:
             job = msgspec.convert(orjson.loads(record.value or b""), BatchJob)
             # An S3 outage delays planning; a missing input (not retriable) rejects the job.
             chunks = await retry(lambda: self._chunks(job), what=f"plan {job.job_id}")
         except (msgspec.ValidationError, orjson.JSONDecodeError, ValueError, SinkError) as exc:
-            await self._reject(ctx, record, exc)
+            await self._reject(ctx, record, str(exc).splitlines()[0])
             return
         chunk_topic = self.settings.topic("batch.chunks")
         await ctx.sender.send(chunk_topic, [
@@ -126,9 +130,9 @@ class JobPlanner:
                            output_bucket=out_bucket, output_prefix=out_prefix.rstrip("/") + "/")
                 for i, (k, s, e, size) in enumerate(ranges)]
 
-    async def _reject(self, ctx: LaneContext, record: Record, exc: Exception) -> None:
-        reason = str(exc).splitlines()[0]
-        letter = dead_letter(record.value, error="job", reason=reason, topic=record.topic,
+    async def _reject(self, ctx: LaneContext, record: Record, reason: str, *,
+                      error: str = "job") -> None:
+        letter = dead_letter(record.value, error=error, reason=reason, topic=record.topic,
                              partition=record.partition, offset=record.offset, lane="batch")
         await ctx.sender.send(self.settings.topic("batch.jobs.dlq"), [(record.key, letter)])
         job_id = _job_id_of(record.value)

@@ -34,7 +34,7 @@ from pipeline.model import OnnxScorer
 from pipeline.priority import REALTIME_GATE
 from pipeline.serving import fraud_model_path
 from pipeline.settings import Settings
-from schemas import BatchCounts, BatchRecord
+from schemas import BatchCounts, BatchRecord, size_rejection
 
 __all__ = ["RecordBatchWriter"]
 
@@ -99,8 +99,9 @@ class RecordBatchWriter(ArchiveHandler):
         assert self._scorer is not None and self.thresholds is not None  # noqa: S101
         REALTIME_GATE.checkpoint()
         by_job: dict[str, _JobWindow] = defaultdict(_JobWindow)
+        max_bytes = self.settings.max_message_bytes
         for line in lines:
-            job_id, payload, reason = _parse(line)
+            job_id, payload, reason = _parse(line, max_bytes)
             if payload is not None:
                 by_job[job_id].valid.append(payload)
             else:
@@ -115,8 +116,12 @@ class RecordBatchWriter(ArchiveHandler):
         return out
 
 
-def _parse(line: bytes) -> tuple[str, dict[str, Any] | None, str]:
-    """(job_id, payload or None, reason); records without a usable job id go to ``_invalid``."""
+def _parse(line: bytes, max_bytes: int) -> tuple[str, dict[str, Any] | None, str]:
+    """(job_id, payload or None, reason); records without a usable job id go to ``_invalid``
+    (so does one longer than ``max_bytes``: it is not parsed to find its job)."""
+    too_large = size_rejection(line, max_bytes)
+    if too_large is not None:
+        return "_invalid", None, too_large.reason
     try:
         value = orjson.loads(line)
     except orjson.JSONDecodeError as exc:

@@ -302,9 +302,10 @@ class FraudHandler:
         valid: list[dict[str, Any]] = []
         sources: list[Record] = []
         dead: list[tuple[bytes | None, bytes]] = []
+        max_bytes = self.settings.max_message_bytes
         for part in batch:
             for record in part.records:
-                data, rejection = validate_record(record.value, Transaction)
+                data, rejection = validate_record(record.value, Transaction, max_bytes=max_bytes)
                 if data is not None:
                     valid.append(data)
                     sources.append(record)

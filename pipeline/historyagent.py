@@ -100,15 +100,16 @@ def attach_history_agent(app: faust.App, settings: Settings) -> tuple[HistoryTab
     table: HistoryTable = app.Table(TABLE_NAME, partitions=partitions, changelog_topic=changelog,
                                     help="per-card history for the fraud model")
     stats = HistoryStats()
+    max_bytes = settings.max_message_bytes
 
     async def history(stream: faust.StreamT[bytes]) -> None:
         try:
             async for event in stream.events():
                 message = event.message
                 if message.topic == requests:
-                    _on_transaction(table, stats, message.value, message.offset)
+                    _on_transaction(table, stats, message.value, message.offset, max_bytes)
                 else:
-                    letter = _on_label(table, stats, message)
+                    letter = _on_label(table, stats, message, max_bytes)
                     if letter is not None:
                         await labels_dlq.send(key=message.key, value=letter)
         finally:
@@ -125,8 +126,8 @@ def attach_history_agent(app: faust.App, settings: Settings) -> tuple[HistoryTab
 
 
 def _on_transaction(table: HistoryTable, stats: HistoryStats, value: bytes | None,
-                          offset: int) -> None:
-    txn, _ = validate_record(value, Transaction)
+                    offset: int, max_bytes: int) -> None:
+    txn, _ = validate_record(value, Transaction, max_bytes=max_bytes)
     if txn is None:  # dead-lettered by the fraud lane
         stats.skipped_invalid += 1
         return
@@ -139,8 +140,9 @@ def _on_transaction(table: HistoryTable, stats: HistoryStats, value: bytes | Non
     stats.transactions += 1
 
 
-def _on_label(table: HistoryTable, stats: HistoryStats, message: Any) -> bytes | None:
-    label, rejection = validate_record(message.value, FraudLabel)
+def _on_label(table: HistoryTable, stats: HistoryStats, message: Any,
+              max_bytes: int) -> bytes | None:
+    label, rejection = validate_record(message.value, FraudLabel, max_bytes=max_bytes)
     if label is None:
         stats.labels_dead_lettered += 1
         assert rejection is not None  # noqa: S101 - validate_record returns one of the two

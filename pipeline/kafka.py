@@ -1,13 +1,17 @@
 """Kafka client construction in one place: every producer, consumer and admin client of the
-pipeline gets its connection settings (bootstrap, client id, later security) from here.
+pipeline gets its connection settings (bootstrap, client id, TLS and SASL) from here, and
+faust's own connection gets the same security from :func:`security_kwargs` (see pipeline/app.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import ssl
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -17,19 +21,54 @@ from aiokafka.errors import (
     OutOfOrderSequenceNumber,
     UnknownProducerId,
 )
+from aiokafka.helpers import create_ssl_context
 
 from pipeline.settings import Settings
 
 __all__ = ["PRODUCER_STATE_LOST", "ProducerHandle", "apply_idle_fetch_backoff", "client_kwargs",
-           "make_consumer", "make_producer", "start_reader"]
+           "make_consumer", "make_producer", "security_kwargs", "ssl_context", "start_reader"]
 
 
 def client_kwargs(settings: Settings, *, client_id: str | None = None) -> dict[str, Any]:
-    """Connection arguments shared by every aiokafka client."""
+    """Connection arguments shared by every aiokafka client: bootstrap, client id, security."""
     return {
         "bootstrap_servers": settings.kafka_bootstrap,
         "client_id": client_id or f"{settings.app_id}-{settings.worker_id}",
+        **security_kwargs(settings),
     }
+
+
+def security_kwargs(settings: Settings) -> dict[str, Any]:
+    """aiokafka's security arguments for ``settings`` (only ``security_protocol`` when
+    PLAINTEXT). The password is read out of its SecretStr here and nowhere else."""
+    protocol = settings.kafka_security_protocol
+    kwargs: dict[str, Any] = {"security_protocol": protocol}
+    if protocol in ("SSL", "SASL_SSL"):
+        kwargs["ssl_context"] = ssl_context(settings)
+    if protocol.startswith("SASL_"):
+        assert settings.kafka_sasl_password is not None  # noqa: S101 - Settings validated it
+        kwargs["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        kwargs["sasl_plain_username"] = settings.kafka_sasl_username
+        kwargs["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
+    return kwargs
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext:
+    """The TLS context of the Kafka clients: the configured CA (else the system CAs), the
+    client certificate for mutual TLS if any; hostname checks always on. Built once per
+    distinct set of files, so every client of a process shares one context."""
+    password = settings.kafka_ssl_keyfile_password
+    return _ssl_context(settings.kafka_ssl_cafile, settings.kafka_ssl_certfile,
+                        settings.kafka_ssl_keyfile,
+                        None if password is None else password.get_secret_value())
+
+
+@functools.lru_cache(maxsize=4)
+def _ssl_context(cafile: Path | None, certfile: Path | None, keyfile: Path | None,
+                 password: str | None) -> ssl.SSLContext:
+    context: ssl.SSLContext = create_ssl_context(cafile=cafile, certfile=certfile,
+                                                 keyfile=keyfile, password=password)
+    return context
 
 
 def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:

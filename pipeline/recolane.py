@@ -346,9 +346,9 @@ class RecoHandler:
         for part in batch:
             ctx.done(part.chunk)
 
-    @staticmethod
-    def _query(record: Record, scorer: RecoScorer) -> RecoQuery | Rejection:
-        data, rejection = validate_record(record.value, RecoRequest)
+    def _query(self, record: Record, scorer: RecoScorer) -> RecoQuery | Rejection:
+        data, rejection = validate_record(record.value, RecoRequest,
+                                          max_bytes=self.settings.max_message_bytes)
         if data is None:
             assert rejection is not None  # noqa: S101 - one of the two is set
             return rejection

@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    Field,
+    FilePath,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from pipeline.errors import ConfigError
@@ -35,6 +42,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="INFERLANE_", frozen=True, extra="ignore", case_sensitive=False,
         use_attribute_docstrings=True,
+        # A ValidationError would otherwise quote the input (every setting, secrets in clear)
+        # in its text, and ConfigError chains it: a traceback in a log would leak them.
+        hide_input_in_errors=True,
     )
 
     # --- Kafka -----------------------------------------------------------------------------
@@ -69,6 +79,27 @@ class Settings(BaseSettings):
     """Local broker only: the same for lanes off the latency path (archive, batch)."""
     max_in_flight_records: int = Field(default=20_000, ge=1)
     """Backpressure: stop fetching while this many records are consumed but not yet done."""
+    max_message_bytes: int = Field(default=1024 * 1024, ge=1024)
+    """Largest record value a lane processes; a larger one is dead-lettered (``too_large``)
+    without being parsed. Default: Kafka's default ``message.max.bytes`` (about 1 MiB)."""
+
+    # --- Kafka security (every aiokafka client and faust's own connection; docs/security.md) -
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
+        "PLAINTEXT")
+    """How clients talk to the brokers: TLS (``SSL``), SASL authentication, or both."""
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    """SASL mechanism for the ``SASL_*`` protocols (AWS MSK IAM is not supported)."""
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    """SASL password (secret type, never logged)."""
+    kafka_ssl_cafile: FilePath | None = None
+    """PEM file of the CA(s) that signed the brokers' certificates (unset: the system CAs)."""
+    kafka_ssl_certfile: FilePath | None = None
+    """Client certificate (PEM) for mutual TLS; may also hold the private key."""
+    kafka_ssl_keyfile: FilePath | None = None
+    """Private key (PEM) of the client certificate, when not in the certificate file."""
+    kafka_ssl_keyfile_password: SecretStr | None = None
+    """Password of an encrypted private key (secret type, never logged)."""
 
     state_dir: Path = Path(".inferlane")
     """Local working files: faust data dirs, local stack logs and data."""
@@ -84,6 +115,7 @@ class Settings(BaseSettings):
     s3_bucket: str = "inferlane"
     s3_region: str = "us-east-1"
     s3_access_key_id: SecretStr | None = None
+    """Static S3 key (with the secret key; unset: the standard AWS credential chain)."""
     s3_secret_access_key: SecretStr | None = None
 
     # --- lanes ------------------------------------------------------------------------------
@@ -208,6 +240,13 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown lane(s) {unknown}; known: {list(KNOWN_LANES)}")
         return value
 
+    @model_validator(mode="after")
+    def _credentials_consistent(self) -> Settings:
+        problems = _credential_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     def topic(self, name: str) -> str:
         """Full topic name for a logical one (``fraud.scores``) with the configured prefix."""
         return f"{self.topic_prefix}{name}"
@@ -221,13 +260,55 @@ class Settings(BaseSettings):
         return self.broker_flavor == "local"
 
 
+def _credential_problems(s: Settings) -> list[str]:
+    """Kafka security and S3 key combinations that would connect differently than asked."""
+    protocol = s.kafka_security_protocol
+    sasl = protocol.startswith("SASL_")
+    tls = protocol in ("SSL", "SASL_SSL")
+    problems = []
+    if sasl:
+        given = {"INFERLANE_KAFKA_SASL_USERNAME": s.kafka_sasl_username,
+                 "INFERLANE_KAFKA_SASL_PASSWORD": s.kafka_sasl_password}
+        missing = [name for name, value in given.items() if not value]
+        if missing:
+            problems.append(f"INFERLANE_KAFKA_SECURITY_PROTOCOL={protocol} needs "
+                            f"{' and '.join(missing)}")
+    elif s.kafka_sasl_username or s.kafka_sasl_password:
+        problems.append(f"INFERLANE_KAFKA_SASL_USERNAME/PASSWORD are set but "
+                        f"INFERLANE_KAFKA_SECURITY_PROTOCOL={protocol} does not use SASL "
+                        f"(SASL_SSL or SASL_PLAINTEXT)")
+    files = [name for name, value in (("INFERLANE_KAFKA_SSL_CAFILE", s.kafka_ssl_cafile),
+                                      ("INFERLANE_KAFKA_SSL_CERTFILE", s.kafka_ssl_certfile),
+                                      ("INFERLANE_KAFKA_SSL_KEYFILE", s.kafka_ssl_keyfile))
+             if value is not None]
+    if files and not tls:
+        problems.append(f"{', '.join(files)} set but INFERLANE_KAFKA_SECURITY_PROTOCOL="
+                        f"{protocol} does not use TLS (SSL or SASL_SSL)")
+    if s.kafka_ssl_keyfile is not None and s.kafka_ssl_certfile is None:
+        problems.append("INFERLANE_KAFKA_SSL_KEYFILE needs INFERLANE_KAFKA_SSL_CERTFILE")
+    if s.kafka_ssl_keyfile_password is not None and s.kafka_ssl_certfile is None:
+        problems.append("INFERLANE_KAFKA_SSL_KEYFILE_PASSWORD needs INFERLANE_KAFKA_SSL_CERTFILE")
+    if (s.s3_access_key_id is None) != (s.s3_secret_access_key is None):
+        # One key alone would silently fall back to the AWS credential chain.
+        problems.append("INFERLANE_S3_ACCESS_KEY_ID and INFERLANE_S3_SECRET_ACCESS_KEY go "
+                        "together (or neither: the standard AWS credential chain)")
+    return problems
+
+
 def load_settings(**overrides: object) -> Settings:
     """Build :class:`Settings` from the environment; :class:`ConfigError` lists every problem."""
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        problems = "; ".join(
-            f"INFERLANE_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
-            for err in exc.errors()
-        )
+        problems = "; ".join(_describe(err) for err in exc.errors())
         raise ConfigError(f"invalid settings: {problems}") from exc
+
+
+def _describe(err: Any) -> str:
+    """One problem of a ValidationError, led by the variable (cross-field ones name theirs).
+
+    Only the location and message are used: pydantic's ``input`` may hold a secret value."""
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if not err["loc"]:
+        return msg
+    return f"INFERLANE_{'_'.join(str(p) for p in err['loc']).upper()}: {msg}"

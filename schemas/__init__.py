@@ -24,7 +24,7 @@ from schemas.events import (
     Transaction,
 )
 from schemas.jsonschema import SHAPES, export_json_schemas, json_schema
-from schemas.validation import Rejection, encode_raw, validate_record
+from schemas.validation import Rejection, encode_raw, size_rejection, validate_record
 
 __all__ = [
     "RECO_DEFAULT_K",
@@ -51,5 +51,6 @@ __all__ = [
     "encode_raw",
     "export_json_schemas",
     "json_schema",
+    "size_rejection",
     "validate_record",
 ]

@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from pipeline.archive import archive_key, archive_prefix
-from pipeline.deadletter import dead_letter
+from pipeline.deadletter import RAW_MAX_BYTES, dead_letter
 from pipeline.fraud import Thresholds, decide
 from pipeline.model import OnnxScorer
 from pipeline.settings import load_settings
@@ -168,6 +168,29 @@ def test_dead_letter_for_non_utf8_raw_is_base64() -> None:
     assert base64.b64decode(letter.raw, validate=True) == raw
     assert letter.error == "invalid_json"
     assert letter.offset == 0
+
+
+def test_dead_letter_keeps_a_raw_value_up_to_the_cap_whole() -> None:
+    raw = b"a" * RAW_MAX_BYTES
+    letter, _ = _letter(raw)
+    assert letter.raw.encode() == raw
+    assert letter.reason == "amount: Expected `float` >= 0.0"
+
+
+@pytest.mark.parametrize("raw", [b"b" * (2 * 1024 * 1024), b"\x01" * (2 * 1024 * 1024),
+                                 b"\xff" * (RAW_MAX_BYTES + 1)])
+def test_dead_letter_of_a_long_value_carries_its_first_bytes_and_fits_a_batch(raw: bytes
+                                                                               ) -> None:
+    value = dead_letter(raw, error="too_large", reason="value: too long", topic="t",
+                        partition=0, offset=1, lane="fraud")
+    # The results producer's batch is 256 KiB (pipeline/kafka.py): the letter must fit it,
+    # even when JSON escapes every byte (\u0001 is six bytes).
+    assert len(value) < 256 * 1024
+    letter = msgspec.json.decode(value, type=DeadLetter)
+    kept = (letter.raw.encode() if letter.raw_encoding == "utf-8"
+            else base64.b64decode(letter.raw))
+    assert kept == raw[:RAW_MAX_BYTES]
+    assert letter.reason == f"value: too long (raw: the first {RAW_MAX_BYTES} of {len(raw)} bytes)"
 
 
 def test_dead_letter_for_missing_value() -> None:

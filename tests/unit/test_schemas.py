@@ -36,6 +36,7 @@ from schemas import (
     encode_raw,
     export_json_schemas,
     json_schema,
+    size_rejection,
     validate_record,
 )
 
@@ -280,6 +281,47 @@ def test_other_shapes_validate_too() -> None:
         orjson.dumps({**letter, "raw_encoding": "latin-1"}), DeadLetter)
     assert rejection is not None
     assert rejection.reason.startswith("raw_encoding: ")
+
+
+# --- maximum message size ------------------------------------------------------------------------
+
+
+def _padded(size: int) -> bytes:
+    """A valid transaction of exactly ``size`` bytes (padded in an extra field)."""
+    base = orjson.dumps({**_txn(), "note": ""})
+    assert len(base) <= size
+    return orjson.dumps({**_txn(), "note": "x" * (size - len(base))})
+
+
+def test_a_value_at_the_limit_is_parsed_one_byte_more_is_too_large() -> None:
+    at_limit = _padded(4096)
+    assert len(at_limit) == 4096
+    data, rejection = validate_record(at_limit, Transaction, max_bytes=4096)
+    assert rejection is None and data is not None
+    over = _padded(4097)
+    assert validate_record(over, Transaction, max_bytes=4096) == (None, Rejection(
+        "too_large",
+        "value: 4097 bytes, more than the limit of 4096 bytes (INFERLANE_MAX_MESSAGE_BYTES)"))
+
+
+@pytest.mark.parametrize("raw", [b"\xff" * 5000, b"[" * 100_000, b'{"amount": NaN}' * 1000])
+def test_too_large_wins_over_any_parse_error(raw: bytes) -> None:
+    """An oversized value is refused on its length alone: it is never parsed."""
+    _, rejection = validate_record(raw, Transaction, max_bytes=1024)
+    assert rejection is not None and rejection.error == "too_large"
+    assert rejection.reason.startswith(f"value: {len(raw)} bytes, more than the limit of 1024")
+
+
+def test_without_max_bytes_there_is_no_limit() -> None:
+    data, rejection = validate_record(_padded(2 * 1024 * 1024), Transaction)
+    assert rejection is None and data is not None
+
+
+def test_size_rejection() -> None:
+    assert size_rejection(None, 10) is None
+    assert size_rejection(b"x" * 10, 10) is None
+    too_large = size_rejection(b"x" * 11, 10)
+    assert too_large is not None and too_large.error == "too_large"
 
 
 # --- encode_raw ----------------------------------------------------------------------------------

@@ -207,3 +207,152 @@ def test_secrets_are_not_printed(monkeypatch: pytest.MonkeyPatch) -> None:
         assert SECRET not in text
         assert "AKIA-test-key-id" not in text
     assert '"s3_secret_access_key":"**********"' in s.model_dump_json()
+
+
+# --- Kafka security and message size ---------------------------------------------------------
+
+SASL_PASSWORD = "sasl-s3cr3t-do-not-print"  # noqa: S105 - a fake secret, checked for leaks
+
+
+def test_security_defaults() -> None:
+    s = load_settings()
+    assert s.kafka_security_protocol == "PLAINTEXT"
+    assert s.kafka_sasl_mechanism == "PLAIN"
+    assert s.kafka_sasl_username is None and s.kafka_sasl_password is None
+    assert s.kafka_ssl_cafile is None and s.kafka_ssl_certfile is None
+    assert s.kafka_ssl_keyfile is None and s.kafka_ssl_keyfile_password is None
+    assert s.max_message_bytes == 1024 * 1024
+
+
+def test_sasl_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not parsed by Settings")
+    monkeypatch.setenv("INFERLANE_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("INFERLANE_KAFKA_SASL_MECHANISM", "SCRAM-SHA-256")
+    monkeypatch.setenv("INFERLANE_KAFKA_SASL_USERNAME", "svc")
+    monkeypatch.setenv("INFERLANE_KAFKA_SASL_PASSWORD", SASL_PASSWORD)
+    monkeypatch.setenv("INFERLANE_KAFKA_SSL_CAFILE", str(ca))
+    s = load_settings()
+    assert s.kafka_security_protocol == "SASL_SSL"
+    assert s.kafka_sasl_mechanism == "SCRAM-SHA-256"
+    assert isinstance(s.kafka_sasl_password, SecretStr)
+    assert s.kafka_sasl_password.get_secret_value() == SASL_PASSWORD
+    assert s.kafka_ssl_cafile == ca
+
+
+@pytest.mark.parametrize(("given", "named"), [
+    ({}, ["INFERLANE_KAFKA_SASL_USERNAME", "INFERLANE_KAFKA_SASL_PASSWORD"]),
+    ({"kafka_sasl_username": "svc"}, ["INFERLANE_KAFKA_SASL_PASSWORD"]),
+    ({"kafka_sasl_password": SASL_PASSWORD}, ["INFERLANE_KAFKA_SASL_USERNAME"]),
+])
+def test_sasl_without_credentials_names_what_is_missing(given: dict[str, str],
+                                                        named: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(kafka_security_protocol="SASL_PLAINTEXT", **given)
+    message = str(info.value)
+    assert "INFERLANE_KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT needs" in message
+    for name in ("INFERLANE_KAFKA_SASL_USERNAME", "INFERLANE_KAFKA_SASL_PASSWORD"):
+        assert (name in message) == (name in named), message
+    assert SASL_PASSWORD not in message
+
+
+def test_credentials_without_a_sasl_protocol_are_refused() -> None:
+    with pytest.raises(ConfigError, match="does not use SASL"):
+        load_settings(kafka_sasl_username="svc", kafka_sasl_password=SASL_PASSWORD)
+
+
+def test_tls_files_without_a_tls_protocol_are_refused(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    with pytest.raises(ConfigError, match="INFERLANE_KAFKA_SSL_CAFILE set but "
+                                          "INFERLANE_KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT"):
+        load_settings(kafka_security_protocol="SASL_PLAINTEXT", kafka_sasl_username="u",
+                      kafka_sasl_password="p", kafka_ssl_cafile=str(ca))  # noqa: S106
+
+
+def test_a_missing_ca_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(kafka_security_protocol="SSL", kafka_ssl_cafile=str(tmp_path / "nope.pem"))
+    assert "INFERLANE_KAFKA_SSL_CAFILE" in str(info.value)
+    assert "does not point to a file" in str(info.value)
+
+
+def test_a_key_needs_its_certificate(tmp_path: Path) -> None:
+    key = tmp_path / "client.key"
+    key.write_text("x")
+    with pytest.raises(ConfigError, match="INFERLANE_KAFKA_SSL_KEYFILE needs "
+                                          "INFERLANE_KAFKA_SSL_CERTFILE"):
+        load_settings(kafka_security_protocol="SSL", kafka_ssl_keyfile=str(key))
+
+
+@pytest.mark.parametrize("mechanism", ["AWS_MSK_IAM", "GSSAPI", "OAUTHBEARER", "plain"])
+def test_unsupported_sasl_mechanisms_are_refused(monkeypatch: pytest.MonkeyPatch,
+                                                 mechanism: str) -> None:
+    monkeypatch.setenv("INFERLANE_KAFKA_SASL_MECHANISM", mechanism)
+    with pytest.raises(ConfigError, match="INFERLANE_KAFKA_SASL_MECHANISM"):
+        load_settings()
+
+
+@pytest.mark.parametrize("name", ["INFERLANE_S3_ACCESS_KEY_ID",
+                                  "INFERLANE_S3_SECRET_ACCESS_KEY"])
+def test_one_s3_key_without_the_other_is_refused(monkeypatch: pytest.MonkeyPatch,
+                                                 name: str) -> None:
+    monkeypatch.setenv(name, SECRET)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "INFERLANE_S3_ACCESS_KEY_ID and INFERLANE_S3_SECRET_ACCESS_KEY go together" in str(
+        info.value)
+    assert SECRET not in str(info.value)
+
+
+def test_max_message_bytes_has_a_floor() -> None:
+    with pytest.raises(ConfigError, match="INFERLANE_MAX_MESSAGE_BYTES"):
+        load_settings(max_message_bytes=10)
+    assert load_settings(max_message_bytes=4096).max_message_bytes == 4096
+
+
+def test_kafka_secrets_are_not_printed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INFERLANE_KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+    monkeypatch.setenv("INFERLANE_KAFKA_SASL_USERNAME", "svc")
+    monkeypatch.setenv("INFERLANE_KAFKA_SASL_PASSWORD", SASL_PASSWORD)
+    monkeypatch.setenv("INFERLANE_S3_ACCESS_KEY_ID", "AKIA-test-key-id")
+    monkeypatch.setenv("INFERLANE_S3_SECRET_ACCESS_KEY", SECRET)
+    s = load_settings()
+    for text in (repr(s), str(s), s.model_dump_json(), repr(s.model_dump())):
+        assert SASL_PASSWORD not in text and SECRET not in text
+    assert '"kafka_sasl_password":"**********"' in s.model_dump_json()
+
+
+def test_settings_command_masks_every_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    monkeypatch.setenv("INFERLANE_KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+    monkeypatch.setenv("INFERLANE_KAFKA_SASL_USERNAME", "svc")
+    monkeypatch.setenv("INFERLANE_KAFKA_SASL_PASSWORD", SASL_PASSWORD)
+    monkeypatch.setenv("INFERLANE_S3_ACCESS_KEY_ID", "AKIA-test-key-id")
+    monkeypatch.setenv("INFERLANE_S3_SECRET_ACCESS_KEY", SECRET)
+    result = CliRunner().invoke(app, ["settings"])
+    assert result.exit_code == 0, result.output
+    assert '"kafka_sasl_username": "svc"' in result.output
+    assert '"kafka_sasl_password": "**********"' in result.output
+    assert '"s3_secret_access_key": "**********"' in result.output
+    for secret in (SASL_PASSWORD, SECRET, "AKIA-test-key-id"):
+        assert secret not in result.output
+
+
+def test_config_errors_and_their_traceback_hold_no_secret(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """ConfigError chains pydantic's ValidationError, whose text would quote the input (pydantic
+    shortens a long input in the middle, so the secret here is short and the input small)."""
+    import traceback
+
+    secret = "pw-LEAK-42"  # noqa: S105
+    monkeypatch.setenv("INFERLANE_KAFKA_SASL_PASSWORD", secret)  # without SASL: invalid
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    text = "".join(traceback.format_exception(info.value))
+    # The cross-field check fails: pydantic's error then concerns the whole input.
+    assert "does not use SASL" in text and "validation error for Settings" in text
+    assert secret not in text
