@@ -36,3 +36,9 @@ def test_every_documented_command_has_help() -> None:
         result = runner.invoke(app, args)
         assert result.exit_code == 0, (args, result.output)
         assert "Usage" in result.output
+
+
+def test_test_file_names_are_unique_across_folders() -> None:
+    # The test folders are not packages: two files with one name cannot be collected together.
+    names = [p.name for p in (README.parent / "tests").rglob("test_*.py")]
+    assert sorted(names) == sorted(set(names)), [n for n in set(names) if names.count(n) > 1]
