@@ -1,4 +1,4 @@
-"""``inferlane bench run|reco|batch|service``: the typer sub-application of the benchmarks.
+"""``inferlane bench run|reco|batch|service|soak``: the typer sub-application of the benchmarks.
 
 Registered by the main CLI as ``app.add_typer(bench_app, name="bench")``; also runnable alone
 as ``python -m pipeline.bench run --quick``. Writes ``results.md``, ``results.json`` and
@@ -230,3 +230,24 @@ def service(
     console.print(f"wrote {folder / 'results.json'}, {folder / 'latency.png'}")
     failed = sum(r.errors + r.sent - r.answered for r in results)
     raise typer.Exit(1 if failed else 0)
+
+
+@bench_app.command("soak")
+def soak(
+    minutes: Annotated[int, typer.Option(help="Minutes of traffic.", min=1)] = 10,
+    rate: Annotated[float, typer.Option(help="Transactions per second.", min=1)] = 5000,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic transactions.")] = 1,
+    out: Annotated[Path | None, typer.Option(
+        help="Results folder (default bench-results/soak-<UTC timestamp>).")] = None,
+) -> None:
+    """The fraud lane (+ history worker) under steady load: p50/p99 and RSS per minute."""
+    from pipeline.bench.soak import render as render_soak
+    from pipeline.bench.soak import run_soak
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    folder = (out or Path("bench-results") / f"soak-{stamp}").resolve()
+    result = run_soak(folder, minutes=minutes, rate=rate, seed=seed, console=console)
+    console.print(render_soak(result, rate))
+    console.print(f"wrote {folder / 'results.json'}")
+    raise typer.Exit(0 if all(m.results for m in result) else 1)
