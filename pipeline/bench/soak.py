@@ -65,17 +65,17 @@ class _RssSampler(threading.Thread):
         super().__init__(daemon=True, name="rss-sampler")
         self.pids = pids
         self.samples: list[tuple[float, str, float]] = []
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(_SAMPLE_S):
+        while not self._halt.wait(_SAMPLE_S):
             now = time.time()
             for name, pid in self.pids.items():
                 if (rss := _rss_mib(pid)) is not None:
                     self.samples.append((now, name, rss))
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=_SAMPLE_S * 2)
 
 

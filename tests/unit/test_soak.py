@@ -18,3 +18,22 @@ def test_latencies_and_rss_land_in_the_minute_they_belong_to() -> None:
     assert second.p50_ms is not None and round(second.p50_ms) == 100
     assert first.rss_mib == {"worker": 120.0}
     assert second.rss_mib == {"worker": 90.0, "broker": 50.0}  # late samples: the last minute
+
+
+def test_rss_sampler_samples_and_stops() -> None:
+    import os
+
+    from pipeline.bench import soak
+
+    soak._SAMPLE_S, saved = 0.01, soak._SAMPLE_S
+    try:
+        sampler = soak._RssSampler({"me": os.getpid()})
+        sampler.start()
+        import time
+
+        time.sleep(0.1)
+        sampler.stop()
+    finally:
+        soak._SAMPLE_S = saved
+    assert not sampler.is_alive()
+    assert sampler.samples and all(name == "me" and rss > 0 for _, name, rss in sampler.samples)
