@@ -250,4 +250,7 @@ def soak(
     result = run_soak(folder, minutes=minutes, rate=rate, seed=seed, console=console)
     console.print(render_soak(result, rate))
     console.print(f"wrote {folder / 'results.json'}")
-    raise typer.Exit(0 if all(m.results for m in result) else 1)
+    missing = sum(m.sent - m.results for m in result)
+    if missing:
+        console.print(f"[red]{missing:,} events had no result by the end of the run[/]")
+    raise typer.Exit(1 if missing else 0)

@@ -41,6 +41,7 @@ class SoakMinute:
     minute: int
     sent: int = 0
     results: int = 0
+    """Results read by the end of the run (60 s after the last send) for events sent in it."""
     p50_ms: float | None = None
     p99_ms: float | None = None
     max_ms: float | None = None
@@ -143,12 +144,13 @@ def _per_minute(started: float, minutes: int, sent: int, rows: list[ResultRow],
 def render(result: list[SoakMinute], rate: float) -> Table:
     """One row per minute: results, latency, RSS per process."""
     names = sorted({name for minute in result for name in minute.rss_mib})
-    table = Table(title=f"soak: fraud lane at {rate:g} ev/s, per minute")
-    for column in ("minute", "results", "p50 ms", "p99 ms", "max ms",
+    table = Table(title=f"soak: fraud lane at {rate:g} ev/s, per minute (results = scored by "
+                        "60 s after the last send)")
+    for column in ("minute", "sent", "results", "p50 ms", "p99 ms", "max ms",
                    *(f"RSS {n} MiB" for n in names)):
         table.add_column(column, justify="right")
     for m in result:
-        table.add_row(str(m.minute), f"{m.results:,}", *(
+        table.add_row(str(m.minute), f"{m.sent:,}", f"{m.results:,}", *(
             "-" if v is None else f"{v:.1f}" for v in (m.p50_ms, m.p99_ms, m.max_ms)),
             *(f"{m.rss_mib.get(n, 0.0):.0f}" for n in names))
     return table
