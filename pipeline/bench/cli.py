@@ -248,9 +248,8 @@ def soak(
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     folder = (out or Path("bench-results") / f"soak-{stamp}").resolve()
     result = run_soak(folder, minutes=minutes, rate=rate, seed=seed, console=console)
-    console.print(render_soak(result, rate))
+    console.print(render_soak(result))
     console.print(f"wrote {folder / 'results.json'}")
-    missing = sum(m.sent - m.results for m in result)
-    if missing:
-        console.print(f"[red]{missing:,} events had no result by the end of the run[/]")
-    raise typer.Exit(1 if missing else 0)
+    if result.missing:
+        console.print(f"[red]{result.missing:,} events had no result by the end of the run[/]")
+    raise typer.Exit(1 if result.missing else 0)

@@ -12,7 +12,7 @@ def test_latencies_and_rss_land_in_the_minute_they_belong_to() -> None:
             ("c", t0 + 61, t0 + 61.100, None), ("d", None, t0 + 62, None)]
     samples = [(t0 + 5, "worker", 100.0), (t0 + 55, "worker", 120.0), (t0 + 65, "worker", 90.0),
                (t0 + 200, "broker", 50.0)]
-    first, second = _per_minute(t0, 2, 4, rows, samples)
+    first, second = _per_minute(t0, 2, rows, samples)
     assert (first.results, second.results) == (2, 1)
     assert first.max_ms is not None and round(first.max_ms) == 30
     assert second.p50_ms is not None and round(second.p50_ms) == 100
