@@ -40,7 +40,11 @@ class SoakResult:
 
     rate: float
     sent: int
+    """Events whose send the broker acknowledged within the run."""
+    unacknowledged: int
+    """Events sent whose ack never came (the broker may still have written them)."""
     results: int
+    """Distinct events of ``sent`` that have a result."""
     minutes: list[SoakMinute]
 
     @property
@@ -128,7 +132,8 @@ def run_soak(out: Path, *, minutes: int, rate: float, seed: int,
         if worker is not None:
             worker.stop()
         stack.stop()
-    result = SoakResult(rate, len(sent.ids), len({row[0] for row in output.rows}),
+    scored = {row[0] for row in output.rows}
+    result = SoakResult(rate, len(sent.ids), sent.unsent, len(scored.intersection(sent.ids)),
                         _per_minute(started, minutes, output.rows, sampler.samples))
     (out / "results.json").write_bytes(orjson.dumps(asdict(result), option=orjson.OPT_INDENT_2))
     return result
@@ -160,7 +165,8 @@ def render(result: SoakResult) -> Table:
     names = sorted({name for minute in result.minutes for name in minute.rss_mib})
     table = Table(title=f"soak: fraud lane offered {result.rate:g} ev/s: {result.sent:,} sent "
                         f"(= {result.sent / (60 * len(result.minutes)):,.0f}/s), "
-                        f"{result.results:,} scored, {result.missing:,} missing")
+                        f"{result.results:,} of them scored, {result.missing:,} missing; "
+                        f"{result.unacknowledged:,} sends never acknowledged")
     for column in ("minute", "results", "p50 ms", "p99 ms", "max ms",
                    *(f"RSS {n} MiB" for n in names)):
         table.add_column(column, justify="right")
