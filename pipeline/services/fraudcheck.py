@@ -26,7 +26,6 @@ from aiokafka.errors import KafkaError
 from prometheus_client import Counter, Gauge, Histogram
 
 from pipeline.clients import FraudClient, Rejected, TimedOut
-from pipeline.lane import Lane
 from pipeline.services.http import (
     ANSWER_MARGIN_MS,
     ApiError,
@@ -37,7 +36,7 @@ from pipeline.services.http import (
     read_json,
 )
 from pipeline.services.rules import RULES_VERSION, evaluate
-from pipeline.services.stream import BoundedStore, follow_results
+from pipeline.services.stream import BoundedStore
 from pipeline.settings import Settings
 from schemas import FraudScore, Transaction
 from schemas.http import CheckDecision, ErrorBody, StoredDecision
@@ -46,10 +45,13 @@ __all__ = ["FraudCheckService"]
 
 log = logging.getLogger(__name__)
 
+
 class FraudCheckService(HttpService):
     """The fraud-check HTTP service (see the module docstring)."""
 
     name = "fraud-check"
+    client: FraudClient
+    result_topic = "fraud.scores"
     topic_lanes = ("fraud",)
     title = "inferlane fraud-check service"
     description = ("Approve, review or decline a card transaction within a latency budget: the "
@@ -63,7 +65,6 @@ class FraudCheckService(HttpService):
                                   client_id=f"{settings.app_id}-fraud-check-{settings.worker_id}")
         self.decisions: BoundedStore[dict[str, Any]] = BoundedStore(
             settings.fraud_check_decisions_max)
-        self._lane: Lane | None = None
         self._answers = Counter(
             "inferlane_fraud_check_answers", "POST /v1/check answers, by decision and source "
             "(pipeline or rules)", ["decision", "source"], registry=self.registry)
@@ -85,26 +86,7 @@ class FraudCheckService(HttpService):
         self._stored.set_function(lambda: len(self.decisions))
 
     # --- Kafka --------------------------------------------------------------------------------
-    async def connect(self) -> None:
-        await self.client.start()
-        lane = follow_results(self.settings, "fraud-check", "fraud.scores", self._on_score)
-        try:
-            await lane.start()
-        except BaseException:
-            await lane.stop()
-            raise
-        self._lane = lane
-
-    async def disconnect(self) -> None:
-        if self._lane is not None:
-            await self._lane.stop()
-            self._lane = None
-        await self.client.stop()
-
-    async def ping(self) -> bool:
-        return await self.client.ping()
-
-    def _on_score(self, value: dict[str, Any]) -> None:
+    def on_result(self, value: dict[str, Any]) -> None:
         event_id = value.get("event_id")
         if not isinstance(event_id, str):
             return

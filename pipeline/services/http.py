@@ -35,8 +35,11 @@ from prometheus_client import (
     generate_latest,
 )
 
+from pipeline.clients import ReplyClient
 from pipeline.errors import TopicError
+from pipeline.lane import Lane
 from pipeline.metrics import render as process_metrics
+from pipeline.services.stream import follow_results
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics, topic_specs
 from pipeline.worker import SERVICE_READY_MARK
@@ -212,9 +215,14 @@ class HttpService(ABC):
     description: str
     topic_lanes: tuple[str, ...] | None = None
     """Lanes whose missing topics the service creates before connecting (None: all)."""
+    result_topic: str
+    """The result topic the service follows in its own group (``<app_id>-<name>``)."""
+    client: ReplyClient[Any]
+    """The request/reply client the service asks the pipeline with (set by the subclass)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._lane: Lane | None = None
         self.registry = CollectorRegistry()
         self.http_requests = Counter(
             "inferlane_http_requests", "HTTP requests answered, by route and status",
@@ -231,16 +239,31 @@ class HttpService(ABC):
         """The service's own routes (health, readiness, metrics and OpenAPI are added)."""
 
     @abstractmethod
+    def on_result(self, value: dict[str, Any]) -> None:
+        """Called with each record of :attr:`result_topic`, parsed, in partition order."""
+
     async def connect(self) -> None:
-        """Start the Kafka clients; raise :class:`KafkaError` / :class:`OSError` to retry."""
+        """Start the client and the result follower; :class:`KafkaError` / :class:`OSError`
+        make :class:`KafkaLink` retry."""
+        await self.client.start()
+        lane = follow_results(self.settings, self.name, self.result_topic, self.on_result)
+        try:
+            await lane.start()
+        except BaseException:
+            await lane.stop()
+            raise
+        self._lane = lane
 
-    @abstractmethod
     async def disconnect(self) -> None:
-        """Stop the Kafka clients (graceful: commit what was consumed)."""
+        """Stop the follower (graceful: commits what was consumed), then the client."""
+        if self._lane is not None:
+            await self._lane.stop()
+            self._lane = None
+        await self.client.stop()
 
-    @abstractmethod
     async def ping(self) -> bool:
-        """True while the Kafka clients are connected."""
+        """True while the broker answers the client."""
+        return await self.client.ping()
 
     async def _connect(self) -> None:
         await ensure_topics(self.settings, topic_specs(self.topic_lanes))

@@ -46,7 +46,6 @@ from aiokafka.errors import KafkaError
 from prometheus_client import Counter, Gauge, Histogram
 
 from pipeline.clients import RecoClient, Rejected, TimedOut
-from pipeline.lane import Lane
 from pipeline.services.http import (
     ANSWER_MARGIN_MS,
     ApiError,
@@ -57,7 +56,6 @@ from pipeline.services.http import (
     read_json,
 )
 from pipeline.services.recostore import LatestResults, PopularItems, read_popular, top_k
-from pipeline.services.stream import follow_results
 from pipeline.serving import follower_for
 from pipeline.settings import Settings
 from schemas import RECO_DEFAULT_K, RecoResult
@@ -73,10 +71,13 @@ __all__ = ["RecommendationService"]
 
 log = logging.getLogger(__name__)
 
+
 class RecommendationService(HttpService):
     """The recommendation HTTP service (see the module docstring)."""
 
     name = "recommendations"
+    client: RecoClient
+    result_topic = "reco.results"
     topic_lanes = ("reco",)
     title = "inferlane recommendation service"
     description = ("A user's top-k items: fresh from the reco pipeline when it answers within "
@@ -98,7 +99,6 @@ class RecommendationService(HttpService):
                                  client_id=f"{settings.app_id}-recommendations-"
                                            f"{settings.worker_id}")
         self.latest = LatestResults(settings.reco_service_users_max)
-        self._lane: Lane | None = None
         self._define_metrics()
 
     def _define_metrics(self) -> None:
@@ -155,26 +155,7 @@ class RecommendationService(HttpService):
         self.popular = popular
 
     # --- Kafka --------------------------------------------------------------------------------
-    async def connect(self) -> None:
-        await self.client.start()
-        lane = follow_results(self.settings, "recommendations", "reco.results", self._on_result)
-        try:
-            await lane.start()
-        except BaseException:
-            await lane.stop()
-            raise
-        self._lane = lane
-
-    async def disconnect(self) -> None:
-        if self._lane is not None:
-            await self._lane.stop()
-            self._lane = None
-        await self.client.stop()
-
-    async def ping(self) -> bool:
-        return await self.client.ping()
-
-    def _on_result(self, value: dict[str, Any]) -> None:
+    def on_result(self, value: dict[str, Any]) -> None:
         evicted = self.latest.evicted
         stored = self.latest.put(value)
         self._consumed.labels("stored" if stored else "invalid").inc()

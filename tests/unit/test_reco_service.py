@@ -190,7 +190,7 @@ async def test_fallback_order_stored_then_popular(service: RecommendationService
     assert 0.0 <= answer["latency_ms"] < 100.0
 
     stored = ["item-00007", "item-00003", popular[5], "item-00009"]
-    service._on_result(_result("user-000001", stored, "req-7", version="reco-v9-int8"))
+    service.on_result(_result("user-000001", stored, "req-7", version="reco-v9-int8"))
     answer = await _call(client, doc, "POST", RECOMMEND, RECOMMEND, 200,
                          json={"user_id": "user-000001", "k": 2})
     assert (answer["source"], answer["fallback_reason"]) == ("stored", "kafka_unavailable")
@@ -230,8 +230,8 @@ async def test_get_stored_recommendations(service: RecommendationService,
     missing = await _call(client, doc, "GET", STORED, "/v1/recommendations/user-000042", 404)
     assert missing["error"] == "not_found"
     assert missing["reason"].startswith("user_id: no recommendations stored for 'user-000042'")
-    service._on_result(_result("user-000042", ["item-00001", "item-00002"], "a"))
-    service._on_result(_result("user-000042", ["item-00005"], "b"))
+    service.on_result(_result("user-000042", ["item-00001", "item-00002"], "a"))
+    service.on_result(_result("user-000042", ["item-00005"], "b"))
     answer = await _call(client, doc, "GET", STORED, "/v1/recommendations/user-000042", 200)
     assert answer["source"] == "stored" and answer["request_id"] == "b"
     assert answer["items"] == [{"item_id": "item-00005", "score": 10.0}]
@@ -263,8 +263,8 @@ async def test_bad_requests_are_4xx_naming_the_field(
 async def test_metrics_count_answers_fallbacks_results_and_evictions() -> None:
     service = RecommendationService(_settings(reco_service_users_max=2))
     for n in range(3):
-        service._on_result(_result(f"user-00000{n}", ["item-00001"]))
-    service._on_result({"not": "a result"})
+        service.on_result(_result(f"user-00000{n}", ["item-00001"]))
+    service.on_result({"not": "a result"})
     async with TestClient(TestServer(service.make_app())) as client:
         for user in ("user-000002", "user-000009"):
             async with client.post(RECOMMEND, json={"user_id": user}) as response:
