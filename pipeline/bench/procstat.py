@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["CpuSampler", "ForeignCpuSampler", "descendants", "parse_stat_ticks", "peak_rss_mb",
-           "steal_ticks", "tree_cpu_seconds"]
+           "rss_mb", "steal_ticks", "tree_cpu_seconds"]
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PROC = Path("/proc")
@@ -68,9 +68,18 @@ def tree_cpu_seconds(pid: int) -> float | None:
 
 def peak_rss_mb(pid: int) -> float | None:
     """Peak resident set size (VmHWM) of ``pid`` in MiB; None when unavailable."""
+    return _status_mib(pid, "VmHWM")
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident set size now (VmRSS) of ``pid`` in MiB; None when unavailable."""
+    return _status_mib(pid, "VmRSS")
+
+
+def _status_mib(pid: int, field: str) -> float | None:
     try:
         for line in (_PROC / str(pid) / "status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024.0
     except (OSError, ValueError, IndexError):
         return None

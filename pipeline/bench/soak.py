@@ -21,6 +21,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.bench.procstat import rss_mb
 from pipeline.bench.reader import ReaderProcess
 from pipeline.bench.stats import ResultRow
 from pipeline.bench.sut import IMPLS, SutProcess, impl_env, settings_for
@@ -31,7 +32,6 @@ from pipeline.topics import ensure_topics
 __all__ = ["SoakMinute", "SoakResult", "render", "run_soak"]
 
 _SAMPLE_S = 5.0
-_PROC = Path("/proc")
 
 
 @dataclass
@@ -68,18 +68,6 @@ class SoakMinute:
     """Peak VmRSS in this minute, per process."""
 
 
-def _rss_mib(pid: int | None) -> float | None:
-    if pid is None:
-        return None
-    try:
-        for line in (_PROC / str(pid) / "status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 class _RssSampler(threading.Thread):
     def __init__(self, pids: dict[str, int | None]) -> None:
         super().__init__(daemon=True, name="rss-sampler")
@@ -91,7 +79,7 @@ class _RssSampler(threading.Thread):
         while not self._halt.wait(_SAMPLE_S):
             now = time.time()
             for name, pid in self.pids.items():
-                if (rss := _rss_mib(pid)) is not None:
+                if pid is not None and (rss := rss_mb(pid)) is not None:
                     self.samples.append((now, name, rss))
 
     def stop(self) -> None:
