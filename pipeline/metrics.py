@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -44,7 +44,6 @@ __all__ = [
     "S3_OBJECTS",
     "S3_RETRIES",
     "LaneCollector",
-    "observe_many",
     "DRIFT_ABS_DELTA",
     "DRIFT_FLIPS",
     "DRIFT_ROWS",
@@ -198,12 +197,6 @@ _STATS_FIELD = {"events_in": "consumed", "events_out": "produced",
 #: The collector of this process's lanes (registered in :data:`REGISTRY`).
 LANES = LaneCollector()
 REGISTRY.register(LANES)
-
-
-def observe_many(histogram: Any, values: Iterable[float]) -> None:
-    """Observe each of ``values`` (e.g. a batch's latencies) into ``histogram``."""
-    for value in values:
-        histogram.observe(value)
 
 
 def render() -> bytes:

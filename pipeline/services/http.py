@@ -14,7 +14,6 @@ registry.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import time
@@ -165,15 +164,9 @@ class KafkaLink:
         self.connected = False
         """Started and the last ping answered."""
         self._task: asyncio.Task[None] | None = None
-        self._ever_connected = asyncio.Event()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"kafka-link-{self.name}")
-
-    async def wait_connected(self, timeout_s: float) -> bool:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._ever_connected.wait(), timeout_s)
-        return self.connected
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -196,7 +189,6 @@ class KafkaLink:
                 backoff_s = min(backoff_s * 2, self.max_backoff_s)
                 continue
             self.started = self.connected = True
-            self._ever_connected.set()
             log.info("%s: %s", self.name, SERVICE_READY_MARK)
         while True:
             await asyncio.sleep(self.check_interval_s)
