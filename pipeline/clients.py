@@ -32,14 +32,20 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import msgspec
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from pipeline.kafka import PRODUCER_STATE_LOST, ProducerHandle, make_producer, start_reader
+from pipeline.kafka import (
+    PRODUCER_STATE_LOST,
+    ProducerHandle,
+    ProducerRetired,
+    make_producer,
+    start_reader,
+)
 from pipeline.settings import Settings
 from schemas import FraudScore, RecoRequest, RecoResult, Transaction
 from schemas.validation import validate_record
@@ -284,18 +290,25 @@ class ReplyClient(Generic[R]):
         value, raw, rejection = self._prepare(request)
         if value is None:
             return rejection
-        await (await self._send(value, raw))
+        sent = await self._send(value, raw)
+        try:
+            await ProducerHandle.acked(sent.retired, sent.ack)
+        except (ProducerRetired, *PRODUCER_STATE_LOST) as exc:
+            if not isinstance(exc, ProducerRetired):
+                await sent.handle.renew(sent.producer, exc)
+            resent = await self._send(value, raw)  # once more, on the new producer
+            await ProducerHandle.acked(resent.retired, resent.ack)
         return None
 
-    async def _send(self, value: dict[str, Any], raw: bytes) -> asyncio.Future[Any]:
+    async def _send(self, value: dict[str, Any], raw: bytes) -> _Sent:
         if self._producer is None:
             raise KafkaError(f"{type(self).__name__} is not started")
         key = str(value[self.key_field]).encode()
-        producer = self._producer.producer
-        ack: asyncio.Future[Any] = await producer.send(self._topic, value=raw, key=key)
         handle = self._producer
+        producer, retired = handle.current()
+        ack: asyncio.Future[Any] = await producer.send(self._topic, value=raw, key=key)
         ack.add_done_callback(lambda done: _renew_if_state_lost(done, handle, producer))
-        return ack
+        return _Sent(ack, retired, handle, producer)
 
     async def request(self, request: Mapping[str, Any] | msgspec.Struct, *,
                       timeout_ms: float | None = None) -> R | TimedOut | Rejected:
@@ -312,7 +325,7 @@ class ReplyClient(Generic[R]):
         acks: list[asyncio.Future[Any]] = []
 
         async def exchange() -> tuple[str, dict[str, Any]]:
-            ack = await self._send(value, raw)
+            ack = (await self._send(value, raw)).ack
             acks.append(ack)
             ack.add_done_callback(lambda done: _fail_on_error(done, reply))
             return await reply
@@ -328,6 +341,16 @@ class ReplyClient(Generic[R]):
             return Rejected(request_id, str(dead.get("error", "")), str(dead.get("reason", "")),
                             "pipeline")
         return msgspec.convert(answer, self.result_shape)
+
+
+class _Sent(NamedTuple):
+    """A request handed to a producer: its acknowledgement, the event set when that producer
+    is replaced (a replaced producer may never settle the acknowledgement), and where from."""
+
+    ack: asyncio.Future[Any]
+    retired: asyncio.Event
+    handle: ProducerHandle
+    producer: AIOKafkaProducer
 
 
 def _renew_if_state_lost(ack: asyncio.Future[Any], handle: ProducerHandle,

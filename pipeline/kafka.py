@@ -10,14 +10,15 @@ import contextlib
 import functools
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import (
     InvalidProducerEpoch,
     InvalidProducerIdMapping,
+    KafkaError,
     OutOfOrderSequenceNumber,
     UnknownProducerId,
 )
@@ -25,8 +26,11 @@ from aiokafka.helpers import create_ssl_context
 
 from pipeline.settings import Settings
 
-__all__ = ["PRODUCER_STATE_LOST", "ProducerHandle", "apply_idle_fetch_backoff", "client_kwargs",
-           "make_consumer", "make_producer", "security_kwargs", "ssl_context", "start_reader"]
+T = TypeVar("T")
+
+__all__ = ["PRODUCER_STATE_LOST", "ProducerHandle", "ProducerRetired", "apply_idle_fetch_backoff",
+           "client_kwargs", "make_consumer", "make_producer", "security_kwargs", "ssl_context",
+           "start_reader"]
 
 
 def client_kwargs(settings: Settings, *, client_id: str | None = None) -> dict[str, Any]:
@@ -95,19 +99,31 @@ PRODUCER_STATE_LOST = (OutOfOrderSequenceNumber, UnknownProducerId, InvalidProdu
                        InvalidProducerIdMapping)
 
 
+class ProducerRetired(KafkaError):  # type: ignore[misc]
+    """The producer was replaced while this send waited for its acknowledgement: the send's
+    fate is unknown (a stopped producer's pending batches may never complete), so send again."""
+
+
 class ProducerHandle:
     """A component's current producer, replaced by a new one when the broker lost its state.
 
-    Senders read :attr:`producer` for every send and call :meth:`renew` with the producer that
-    failed with one of :data:`PRODUCER_STATE_LOST`; concurrent callers renew it only once.
-    What was not acknowledged must be sent again by the caller (at-least-once).
+    Senders take :meth:`current` for every send, await acknowledgements through :meth:`acked`
+    (which gives up with :class:`ProducerRetired` once that producer is replaced) and call
+    :meth:`renew` with the producer that failed with one of :data:`PRODUCER_STATE_LOST`;
+    concurrent callers renew it only once. What was not acknowledged must be sent again by
+    the caller (at-least-once).
     """
 
     def __init__(self, factory: Callable[[], AIOKafkaProducer]) -> None:
         self._factory = factory
         self.producer = factory()
+        self._retired = asyncio.Event()
         self._lock = asyncio.Lock()
         self.renewals = 0
+
+    def current(self) -> tuple[AIOKafkaProducer, asyncio.Event]:
+        """The producer to send with, and the event set when it is replaced."""
+        return self.producer, self._retired
 
     async def start(self) -> None:
         await self.producer.start()
@@ -123,9 +139,35 @@ class ProducerHandle:
             fresh = self._factory()
             await fresh.start()
             self.producer = fresh
+            retired, self._retired = self._retired, asyncio.Event()
+            retired.set()
             self.renewals += 1
         with contextlib.suppress(Exception):  # its pending batches are failing anyway
             await asyncio.wait_for(failed.stop(), 5.0)
+
+    @staticmethod
+    async def acked(retired: asyncio.Event, ack: Awaitable[T]) -> T:
+        """``await ack``, unless the producer it was sent with is replaced first: then raise
+        :class:`ProducerRetired` (the old producer may never settle it)."""
+        pending = asyncio.ensure_future(ack)
+        if retired.is_set() and not pending.done():
+            pending.add_done_callback(_retrieve)
+            raise ProducerRetired("the producer was replaced before this send was acknowledged")
+        waiter = asyncio.ensure_future(retired.wait())
+        try:
+            await asyncio.wait({pending, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if pending.done():
+            return pending.result()
+        pending.add_done_callback(_retrieve)
+        raise ProducerRetired("the producer was replaced before this send was acknowledged")
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark an abandoned future's outcome as seen (no 'exception was never retrieved')."""
+    if not future.cancelled():
+        future.exception()
 
 
 def make_consumer(settings: Settings, lane: str, **overrides: Any) -> AIOKafkaConsumer:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 from aiokafka.partitioner import DefaultPartitioner
 
 from pipeline.kafka import PRODUCER_STATE_LOST, ProducerHandle
@@ -34,17 +35,16 @@ class BatchSender:
         self._partitions: dict[str, list[int]] = {}
         self._ack_seconds = PRODUCE_ACK.labels(lane) if lane is not None else None
 
-    @property
-    def _producer(self) -> AIOKafkaProducer:
+    def _current(self) -> tuple[AIOKafkaProducer, asyncio.Event | None]:
         if self._handle is not None:
-            return self._handle.producer
+            return self._handle.current()
         assert self._fixed is not None  # noqa: S101 - one of the two is set
-        return self._fixed
+        return self._fixed, None
 
-    async def _partitions_for(self, topic: str) -> list[int]:
+    async def _partitions_for(self, producer: AIOKafkaProducer, topic: str) -> list[int]:
         partitions = self._partitions.get(topic)
         if partitions is None:
-            partitions = sorted(await self._producer.partitions_for(topic))
+            partitions = sorted(await producer.partitions_for(topic))
             self._partitions[topic] = partitions
         return partitions
 
@@ -52,10 +52,11 @@ class BatchSender:
         """Produce ``records`` to ``topic``; raise if any batch is not acknowledged.
 
         Given a :class:`ProducerHandle`, a producer whose broker state was lost is replaced and
-        the records are sent once more (some may then be written twice: at-least-once)."""
-        producer = self._producer
+        the records are sent once more (some may then be written twice: at-least-once); so are
+        the records of every send still waiting on the replaced producer."""
+        producer, retired = self._current()
         try:
-            await self._send(topic, records)
+            await self._send(producer, retired, topic, records)
         except KafkaError as exc:
             if self._handle is None:
                 raise
@@ -64,12 +65,13 @@ class BatchSender:
             elif self._handle.producer is producer:
                 raise  # a failure of a producer still in use: the caller's to handle
             # Renewed by this send or a concurrent one (whose old producer then failed this).
-            await self._send(topic, records)
+            await self._send(*self._handle.current(), topic, records)
 
-    async def _send(self, topic: str, records: Sequence[tuple[bytes | None, bytes]]) -> None:
+    async def _send(self, producer: AIOKafkaProducer, retired: asyncio.Event | None, topic: str,
+                    records: Sequence[tuple[bytes | None, bytes]]) -> None:
         if not records:
             return
-        partitions = await self._partitions_for(topic)
+        partitions = await self._partitions_for(producer, topic)
         by_partition: dict[int, list[tuple[bytes | None, bytes]]] = {}
         for key, value in records:
             if key is None:
@@ -81,25 +83,56 @@ class BatchSender:
         started = time.monotonic()
         timestamp_ms = int(time.time() * 1000)
         for part, items in by_partition.items():
-            acks.extend(await self._send_partition(topic, part, items, timestamp_ms))
-        await asyncio.gather(*acks)
+            acks.extend(await self._send_partition(producer, topic, part, items, timestamp_ms))
+        acked = asyncio.gather(*acks)
+        if retired is None:
+            await acked
+        else:
+            await ProducerHandle.acked(retired, acked)
         if self._ack_seconds is not None:
             self._ack_seconds.observe(time.monotonic() - started)
 
+    @staticmethod
     async def _send_partition(
-        self, topic: str, partition: int, items: list[tuple[bytes | None, bytes]],
-        timestamp_ms: int,
+        producer: AIOKafkaProducer, topic: str, partition: int,
+        items: list[tuple[bytes | None, bytes]], timestamp_ms: int,
     ) -> list[asyncio.Future[object]]:
         acks: list[asyncio.Future[object]] = []
-        batch = self._producer.create_batch()
+        batch = producer.create_batch()
         for key, value in items:
             if batch.append(key=key, value=value, timestamp=timestamp_ms) is None:
                 batch.close()
-                acks.append(await self._producer.send_batch(batch, topic, partition=partition))
-                batch = self._producer.create_batch()
+                acks.append(await _enqueue(producer, batch, topic, partition))
+                batch = producer.create_batch()
                 if batch.append(key=key, value=value, timestamp=timestamp_ms) is None:
                     raise ValueError(
                         f"record of {len(value)} bytes exceeds the producer batch size")
         batch.close()
-        acks.append(await self._producer.send_batch(batch, topic, partition=partition))
+        acks.append(await _enqueue(producer, batch, topic, partition))
         return acks
+
+
+#: How long a batch may wait for its partition's slot in the producer (one batch in flight per
+#: partition) before the send fails: the producer's request timeout.
+ENQUEUE_TIMEOUT_S = 30.0
+
+
+async def _enqueue(producer: AIOKafkaProducer, batch: Any, topic: str,
+                   partition: int) -> asyncio.Future[object]:
+    """``producer.send_batch``, waiting up to :data:`ENQUEUE_TIMEOUT_S` for the partition's slot.
+
+    aiokafka 0.14's ``add_batch`` subtracts the *total* time waited so far from its timeout at
+    every wake-up, so a batch queued behind many others for one partition (say, sends piled up
+    while the broker restarted) gives up after a fraction of a second. A batch that timed out
+    there was never handed to the producer (aiokafka documents this), so trying again cannot
+    duplicate it.
+    """
+    deadline = time.monotonic() + ENQUEUE_TIMEOUT_S
+    while True:
+        try:
+            ack: asyncio.Future[object] = await producer.send_batch(batch, topic,
+                                                                    partition=partition)
+            return ack
+        except KafkaTimeoutError:
+            if time.monotonic() >= deadline:
+                raise

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from aiokafka.errors import KafkaTimeoutError, OutOfOrderSequenceNumber
 
-from pipeline.kafka import ProducerHandle
+from pipeline.kafka import ProducerHandle, ProducerRetired
 from pipeline.produce import BatchSender
 
 
@@ -74,3 +74,44 @@ async def test_other_failures_of_the_current_producer_are_raised() -> None:
     with pytest.raises(KafkaTimeoutError):
         await BatchSender(handle).send("t", [(None, b"v")])
     assert handle.renewals == 0
+
+
+class _HangingProducer(_Producer):
+    """Fails the first batch with lost producer state and never settles the others, like a
+    producer stopped while its batches were in flight."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.calls = 0
+
+    async def send_batch(self, batch: _Batch, topic: str, *, partition: int) -> Any:
+        self.calls += 1
+        ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.calls == 1:
+            ack.set_exception(OutOfOrderSequenceNumber())
+        return ack
+
+
+async def test_sends_pending_on_a_replaced_producer_are_sent_again() -> None:
+    made: list[Any] = [_HangingProducer(), _Producer(None)]
+    handle = ProducerHandle(lambda: made.pop(0))
+    await handle.start()
+    sender = BatchSender(handle)
+    # Both sends are handed to the first producer; the first fails and renews it, the second
+    # would wait forever on the replaced producer without the retired signal.
+    await asyncio.wait_for(asyncio.gather(sender.send("t", [(b"k", b"a")]),
+                                          sender.send("t", [(b"k", b"b")])), timeout=5)
+    assert handle.renewals == 1
+    assert sorted(handle.producer.sent) == [b"a", b"b"]
+
+
+async def test_acked_gives_up_once_the_producer_is_replaced() -> None:
+    handle = ProducerHandle(lambda: _Producer(None))  # type: ignore[arg-type,return-value]
+    producer, retired = handle.current()
+    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    waiting = asyncio.create_task(ProducerHandle.acked(retired, never))
+    await asyncio.sleep(0)
+    await handle.renew(producer, OutOfOrderSequenceNumber())
+    with pytest.raises(ProducerRetired):
+        await asyncio.wait_for(waiting, timeout=5)
+    assert handle.current()[1] is not retired and not handle.current()[1].is_set()
