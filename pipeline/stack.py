@@ -63,6 +63,7 @@ def noida_binary() -> Path:
 
 
 _S3_NICE = 10
+_PORT_ATTEMPTS = 3
 
 
 def free_port() -> int:
@@ -220,6 +221,18 @@ class LocalStack:
         if self._fresh and self.data_dir.exists():
             shutil.rmtree(self.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1, _PORT_ATTEMPTS + 1):
+            try:
+                return self._start_on_ports(binary)
+            except StackError as exc:
+                # A free port chosen here can be taken by another program before the server
+                # binds it; only then (ports not given by the caller) try other ones.
+                chosen = not self._kafka_port_wanted and not self._s3_port_wanted
+                if not chosen or "in use" not in str(exc) or attempt == _PORT_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _start_on_ports(self, binary: Path) -> StackEndpoints:
         self.kafka_port = _claim_port(self._kafka_port_wanted, "Kafka")
         self.s3_port = _claim_port(self._s3_port_wanted, "S3")
         try:
@@ -247,15 +260,29 @@ class LocalStack:
         return ManagedProcess("broker", argv, self.root / "logs" / "broker.log")
 
     def stop_broker(self) -> None:
-        """Stop only the broker gracefully (its data dir is kept): for restart tests."""
-        if self.broker is not None:
-            self.broker.stop()
+        """Stop the broker's Kafka service gracefully (``noida-db stop kafka``: its data is
+        saved, the process stays up): for restart tests. Stopping the whole process instead
+        (SIGTERM) can lose the last acknowledged records (docs/design.md)."""
+        self._broker_command("stop")
 
     def start_broker(self) -> None:
-        """Start the broker again on the same port and data dir, and wait until it answers."""
-        self.broker = self._broker_process(noida_binary())
-        self.broker.start()
+        """Start the Kafka service again on the same port and data dir (a new broker process
+        when the old one is gone), and wait until it answers."""
+        if self.broker is None or not self.broker.alive:
+            self.broker = self._broker_process(noida_binary())
+            self.broker.start()
+        else:
+            self._broker_command("start")
+        assert self.broker is not None  # noqa: S101 - set above
         self._wait_for("broker", self.broker, self._kafka_ready)
+
+    def _broker_command(self, verb: str) -> None:
+        result = subprocess.run(  # noqa: S603 - argv is built here
+            [str(noida_binary()), verb, "kafka", "--data-dir", str(self.data_dir)],
+            capture_output=True, text=True, timeout=60, check=False)
+        if result.returncode != 0:
+            raise StackError(f"noida-db {verb} kafka failed ({result.returncode}): "
+                             f"{(result.stderr or result.stdout).strip()[-500:]}")
 
     def stop(self) -> None:
         """Stop what this object started (idempotent) and forget the saved state."""
