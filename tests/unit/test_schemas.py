@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import importlib
+import re
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -154,6 +155,10 @@ def test_unknown_extra_fields_are_accepted_and_kept() -> None:
         ("ts", -1.0),
         ("ts", "2023-11-14T22:13:20Z"),
         ("sent_at", 1.7e12),
+        # Python's ``$`` also matches before a final newline: the patterns must not.
+        ("currency", "EUR\n"),
+        ("country", "DE\n"),
+        ("card_country", "FR\n"),
     ],
 )
 def test_bad_field_is_rejected_with_reason_naming_it(field: str, value: Any) -> None:
@@ -262,6 +267,20 @@ def test_deeply_nested_json_is_rejected_not_raised(raw: bytes) -> None:
     assert rejection is not None
     assert rejection.error in {"invalid_json", "schema"}
     assert rejection.reason.startswith("value: ")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("job_id", "job-1\n"), ("input_uri", "s3://bucket/in.jsonl\n"),
+     ("output_uri", "s3://bucket/out/\n")],
+)
+def test_batch_job_patterns_refuse_a_trailing_newline(field: str, value: str) -> None:
+    job = {"job_id": "job-1", "model": "fraud", "input_uri": "s3://bucket/in.jsonl"}
+    assert validate_record(orjson.dumps(job), BatchJob)[1] is None
+    _, rejection = validate_record(orjson.dumps({**job, field: value}), BatchJob)
+    assert rejection is not None
+    assert rejection.error == "schema"
+    assert rejection.reason.startswith(f"{field}: "), rejection.reason
 
 
 def test_other_shapes_validate_too() -> None:
@@ -383,7 +402,9 @@ def test_json_schema_is_standalone() -> None:
     assert props["amount"]["minimum"] == 0.0
     assert props["amount"]["maximum"] == 1e9
     assert props["mcc"] == {"type": "integer", "minimum": 0, "maximum": 9999}
-    assert props["currency"]["pattern"] == "^[A-Z]{3}$"
+    assert props["currency"]["pattern"] == r"^[A-Z]{3}(?!\n)$"
+    assert re.search(props["currency"]["pattern"], "EUR")
+    assert not re.search(props["currency"]["pattern"], "EUR\n")
     assert props["ts"]["maximum"] == 1e10
 
 
