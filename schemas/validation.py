@@ -103,6 +103,8 @@ def _lenient_rejection(raw: bytes, shape: type[msgspec.Struct], exc: Exception) 
         value = _value_at(data, reason.partition(":")[0])
         if isinstance(value, float) and not math.isfinite(value):
             return Rejection("schema", f"{reason} (NaN or Infinity: not allowed in JSON)")
+    except ValueError:  # e.g. a lone surrogate escape ("\ud800") checked against a Literal
+        pass
     return invalid
 
 

@@ -268,6 +268,17 @@ def test_json_in_another_encoding_is_invalid_json(encoding: str, amount: float) 
     assert rejection.reason.startswith("value: not valid JSON"), rejection.reason
 
 
+@pytest.mark.parametrize("field", ["event_id", "currency", "country", "channel"])
+def test_a_lone_surrogate_escape_is_invalid_json_not_raised(field: str) -> None:
+    # orjson refuses "\ud800"; the stdlib (the lenient parse) accepts it, and msgspec raised
+    # UnicodeEncodeError checking it against the channel Literal: an exception into the lane.
+    raw = _raw(**{field: "__s__"}).replace(b'"__s__"', b'"p\\ud800s"')
+    _, rejection = validate_record(raw, Transaction)
+    assert rejection is not None
+    assert rejection.error == "invalid_json"
+    assert rejection.reason.startswith("value: not valid JSON"), rejection.reason
+
+
 def test_invalid_utf8_reason_names_the_byte() -> None:
     raw = b'{"event_id": "\xc3\x28"}'
     assert validate_record(raw, Transaction)[1] == Rejection(
