@@ -13,6 +13,13 @@ topic (``src_offset``, ``label_offset``), so a redelivered record is recognised 
 instead of being counted twice. (A card's records always arrive on the same partition, so the
 per-card offsets are comparable.)
 
+Producer retries. A producer that retries a send can write the same transaction twice, at two
+offsets. ``event_id`` is unique per transaction, so a transaction whose ``event_id`` is the
+card's newest one (``last_event_id``) is such a copy: it only moves the card's ``src_offset``
+and is not counted again. (A copy that arrives after another transaction of the same card is
+not recognised and counts twice; producers retry within milliseconds, so that is rare.) The
+fraud lane scores every copy again: scores are keyed by ``event_id`` and readers keep one.
+
 Invalid records: a transaction the fraud lane will dead-letter is skipped here (the lane
 reports it); an invalid label goes to ``fraud.labels.dlq`` with its reason.
 """
@@ -46,6 +53,7 @@ __all__ = [
     "apply_label",
     "apply_transaction",
     "attach_history_agent",
+    "is_retry",
 ]
 
 log = logging.getLogger(__name__)
@@ -62,15 +70,28 @@ class HistoryStats:
     labels: int = 0
     skipped_invalid: int = 0
     redelivered: int = 0
+    retried: int = 0
+    """Copies of the card's newest transaction (same ``event_id``, a later offset): not counted."""
     labels_dead_lettered: int = 0
 
 
 def apply_transaction(h: CardHistory | None, txn: dict[str, Any],
                       offset: int) -> CardHistory | None:
-    """The card's state after ``txn`` at ``offset``; None when that offset is already in it."""
+    """The card's state after ``txn`` at ``offset``; None when that offset is already in it.
+
+    A producer's retry of the card's newest transaction (see :func:`is_retry`) only moves
+    ``src_offset`` (the fast path's "applied up to here"); its amounts are not counted again.
+    """
     if h is not None and offset <= h.src_offset:
         return None
+    if h is not None and is_retry(h, txn):
+        return msgspec.structs.replace(h, src_offset=offset)
     return update_with_transaction(h, txn, offset=offset)
+
+
+def is_retry(h: CardHistory, txn: dict[str, Any]) -> bool:
+    """True when ``txn`` has the ``event_id`` of the card's newest transaction: a copy."""
+    return h.last_event_id != "" and txn.get("event_id") == h.last_event_id
 
 
 def apply_label(h: CardHistory | None, label: dict[str, Any], offset: int) -> CardHistory | None:
@@ -132,12 +153,16 @@ def _on_transaction(table: HistoryTable, stats: HistoryStats, value: bytes | Non
         stats.skipped_invalid += 1
         return
     key = txn["card_id"].encode()
-    state = apply_transaction(_current(table, key), txn, offset)
+    current = _current(table, key)
+    state = apply_transaction(current, txn, offset)
     if state is None:
         stats.redelivered += 1
         return
     table[key] = to_bytes(state)
-    stats.transactions += 1
+    if current is not None and is_retry(current, txn):
+        stats.retried += 1
+    else:
+        stats.transactions += 1
 
 
 def _on_label(table: HistoryTable, stats: HistoryStats, message: Any,

@@ -39,8 +39,12 @@ Channel = Literal["pos", "ecom", "atm"]
 Decision = Literal["approve", "review", "decline"]
 Label = Literal["chargeback", "confirmed_fraud", "legit"]
 
+# Pattern end: Python's ``$`` (msgspec's check) also matches before a final newline, so "EUR\n"
+# would pass ``^[A-Z]{3}$``; ``(?!\n)$`` is the end of the string in Python and ECMA regexes
+# (the exported JSON Schema) alike.
+_END = r"(?!\n)$"
 _Id = Annotated[str, Meta(min_length=1, max_length=128)]
-_Country = Annotated[str, Meta(pattern="^[A-Z]{2}$")]
+_Country = Annotated[str, Meta(pattern="^[A-Z]{2}" + _END)]
 # Epoch seconds; bounded so a millisecond timestamp sent by mistake is rejected, not misread.
 _EpochS = Annotated[float, Meta(ge=0.0, le=1e10)]
 _Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
@@ -62,7 +66,7 @@ class Transaction(msgspec.Struct, frozen=True, kw_only=True):
     merchant_id: _Id
     amount: Annotated[float, Meta(ge=0.0, le=1e9)]
     """Amount in ``currency`` units; finite, >= 0 (NaN and Infinity are rejected)."""
-    currency: Annotated[str, Meta(pattern="^[A-Z]{3}$")]
+    currency: Annotated[str, Meta(pattern="^[A-Z]{3}" + _END)]
     """ISO 4217 code, three upper-case letters."""
     mcc: Annotated[int, Meta(ge=0, le=9999)]
     """Merchant category code."""
@@ -188,14 +192,14 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     failed_at: _EpochS = 0.0
 
 
-_S3Uri = Annotated[str, Meta(pattern="^s3://[^/]+(/.*)?$")]
+_S3Uri = Annotated[str, Meta(pattern="^s3://[^/]+(/.*)?" + _END)]
 BatchModel = Literal["fraud"]
 
 
 class BatchJob(msgspec.Struct, frozen=True, kw_only=True):
     """A bulk scoring job over S3 objects, value of ``batch.jobs`` (key: ``job_id``)."""
 
-    job_id: Annotated[str, Meta(pattern="^[A-Za-z0-9._-]{1,128}$")]
+    job_id: Annotated[str, Meta(pattern="^[A-Za-z0-9._-]{1,128}" + _END)]
     """Also the folder of the outputs: letters, digits, ``.``, ``_``, ``-``."""
     model: BatchModel
     input_uri: _S3Uri
@@ -208,7 +212,7 @@ class BatchJob(msgspec.Struct, frozen=True, kw_only=True):
 class BatchRecord(msgspec.Struct, frozen=True, kw_only=True):
     """One record to score without hurry, value of ``batch.requests`` (key: ``job_id``)."""
 
-    job_id: Annotated[str, Meta(pattern="^[A-Za-z0-9._-]{1,128}$")]
+    job_id: Annotated[str, Meta(pattern="^[A-Za-z0-9._-]{1,128}" + _END)]
     model: BatchModel
     payload: Transaction
 

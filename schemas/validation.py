@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import json
+import math
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -75,16 +77,53 @@ def size_rejection(raw: bytes | None, max_bytes: int) -> Rejection | None:
 
 
 def _lenient_rejection(raw: bytes, shape: type[msgspec.Struct], exc: Exception) -> Rejection:
-    """Explain a JSON parse failure; name the field when the culprit is NaN or Infinity."""
+    """Explain a JSON parse failure; name the field when the culprit is NaN or Infinity.
+
+    Only UTF-8 text is JSON here: the stdlib guesses UTF-16/32 and skips a byte order mark when
+    given bytes, so it gets the decoded text. It accepts the NaN and Infinity tokens (and reads
+    a number beyond a double's range, such as ``1e400``, as Infinity), which lets us name the
+    field that holds one; any other failure, or a NaN elsewhere, is ``invalid_json``.
+    """
+    invalid = Rejection("invalid_json", f"value: not valid JSON ({exc})")
     try:
-        # The stdlib accepts NaN/Infinity tokens, which lets us name the offending field.
-        data = json.loads(raw)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return Rejection("invalid_json", f"value: not valid JSON (not UTF-8: {bad.reason} "
+                                         f"{raw[bad.start]:#04x} at byte {bad.start})")
+    try:
+        data = json.loads(text, parse_int=_int_or_infinity)
+    except (ValueError, RecursionError):
+        return invalid
+    if not isinstance(data, dict):
+        return invalid
+    try:
         msgspec.convert(data, shape)
-    except (ValueError, RecursionError, msgspec.ValidationError) as lenient:
-        if isinstance(lenient, msgspec.ValidationError):
-            return Rejection(
-                "schema", f"{_schema_reason(lenient)} (NaN or Infinity: not allowed in JSON)")
-    return Rejection("invalid_json", f"value: not valid JSON ({exc})")
+    except msgspec.ValidationError as lenient:
+        reason = _schema_reason(lenient)
+        value = _value_at(data, reason.partition(":")[0])
+        if isinstance(value, float) and not math.isfinite(value):
+            return Rejection("schema", f"{reason} (NaN or Infinity: not allowed in JSON)")
+    except ValueError:  # e.g. a lone surrogate escape ("\ud800") checked against a Literal
+        pass
+    return invalid
+
+
+def _int_or_infinity(digits: str) -> int | float:
+    """An integer literal as the strict parser sees it: Infinity beyond a double's range."""
+    as_float = float(digits)
+    return int(digits) if math.isfinite(as_float) else as_float
+
+
+def _value_at(data: Any, path: str) -> Any:
+    """The value at a msgspec error path such as ``amount`` or ``payload.amount`` (else None)."""
+    for part in re.findall(r"[^.\[\]]+", path):
+        if isinstance(data, dict):
+            data = data.get(part)
+        elif isinstance(data, list) and part.isdigit() and int(part) < len(data):
+            data = data[int(part)]
+        else:
+            return None
+    return data
 
 
 def encode_raw(raw: bytes | None) -> tuple[str, Literal["utf-8", "base64"]]:

@@ -7,8 +7,10 @@ import math
 from types import SimpleNamespace
 from typing import Any
 
+import msgspec
+
 from pipeline.history import CardHistory, to_bytes
-from pipeline.historyagent import apply_label, apply_transaction
+from pipeline.historyagent import apply_label, apply_transaction, is_retry
 from pipeline.historyview import HistoryView, PartitionClock
 from pipeline.settings import load_settings
 
@@ -57,6 +59,20 @@ def test_transactions_and_labels_are_applied_once_per_offset() -> None:
     assert h3 is not None and h3.chargebacks == 1 and h3.label_offset == 4
     assert apply_label(h3, label, offset=4) is None
     assert h3.src_offset == 9  # labels do not move the transaction offset
+
+
+def test_a_producer_retry_of_the_newest_transaction_is_not_counted_twice() -> None:
+    h = apply_transaction(None, TXN, offset=7)
+    assert h is not None and not is_retry(h, {**TXN, "event_id": "e2"}) and is_retry(h, TXN)
+    copy = apply_transaction(h, TXN, offset=8)  # the same event_id at a later offset
+    assert copy is not None
+    assert copy == msgspec.structs.replace(h, src_offset=8)  # only the offset moved
+    h2 = apply_transaction(copy, {**TXN, "event_id": "e2", "ts": 1_060.0}, offset=9)
+    assert h2 is not None and h2.cnt_30d > 1.9 and h2.last_event_id == "e2"
+    # A copy that comes after another transaction of the card is not recognised: counted.
+    late_copy = apply_transaction(h2, TXN, offset=10)
+    assert late_copy is not None and late_copy.cnt_30d > h2.cnt_30d
+    assert not is_retry(CardHistory(), {**TXN, "event_id": ""})  # "" means: no transaction
 
 
 def _record(offset: int, key: str, value: bytes | None) -> Any:

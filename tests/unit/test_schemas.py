@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import importlib
+import re
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -154,6 +155,10 @@ def test_unknown_extra_fields_are_accepted_and_kept() -> None:
         ("ts", -1.0),
         ("ts", "2023-11-14T22:13:20Z"),
         ("sent_at", 1.7e12),
+        # Python's ``$`` also matches before a final newline: the patterns must not.
+        ("currency", "EUR\n"),
+        ("country", "DE\n"),
+        ("card_country", "FR\n"),
     ],
 )
 def test_bad_field_is_rejected_with_reason_naming_it(field: str, value: Any) -> None:
@@ -210,6 +215,81 @@ def test_nan_literal_in_an_unknown_field_is_still_invalid_json() -> None:
     assert rejection.reason.startswith("value: not valid JSON")
 
 
+def test_nan_in_an_unknown_field_does_not_blame_a_missing_field() -> None:
+    # The lenient parse only names a field that holds the NaN; here none does.
+    _, rejection = validate_record(b'{"note": NaN}', Transaction)
+    assert rejection is not None
+    assert rejection.error == "invalid_json"
+    assert rejection.reason.startswith("value: not valid JSON"), rejection.reason
+
+
+@pytest.mark.parametrize("raw", [b"NaN", b"-Infinity", b"1e400", b"[NaN]", b"[1, Infinity]"])
+def test_top_level_nan_or_infinity_is_invalid_json_of_the_value(raw: bytes) -> None:
+    # Was: schema, "Expected `object`, got `float` (NaN or Infinity...)": no field named.
+    _, rejection = validate_record(raw, Transaction)
+    assert rejection is not None
+    assert rejection.error == "invalid_json"
+    assert rejection.reason.startswith("value: not valid JSON"), rejection.reason
+
+
+@pytest.mark.parametrize(
+    ("field", "literal"),
+    [("amount", b"1e400"), ("amount", b"-1e400"), ("amount", b"1" + b"0" * 400),
+     ("amount", b"1" + b"0" * 5000), ("ts", b"2e308"), ("mcc", b"1" + b"0" * 400),
+     ("event_id", b"1" + b"0" * 5000)],
+)
+def test_numbers_beyond_a_double_name_their_field(field: str, literal: bytes) -> None:
+    # orjson refuses them ("number is infinity when parsed as double"): they are Infinity.
+    raw = _raw(**{field: "__big__"}).replace(b'"__big__"', literal)
+    _, rejection = validate_record(raw, Transaction)
+    assert rejection is not None
+    assert rejection.error == "schema"
+    assert rejection.reason.startswith(f"{field}: "), rejection.reason
+    assert rejection.reason.endswith("(NaN or Infinity: not allowed in JSON)")
+
+
+def test_nan_in_a_nested_field_names_its_path() -> None:
+    raw = orjson.dumps({"job_id": "job-1", "model": "fraud", "payload": _txn(amount="__nan__")})
+    _, rejection = validate_record(raw.replace(b'"__nan__"', b"NaN"), BatchRecord)
+    assert rejection is not None
+    assert rejection.error == "schema"
+    assert rejection.reason.startswith("payload.amount: "), rejection.reason
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-8-sig"])
+@pytest.mark.parametrize("amount", [12.5, -5.0])
+def test_json_in_another_encoding_is_invalid_json(encoding: str, amount: float) -> None:
+    # The stdlib guesses UTF-16/32 and skips a BOM when parsing bytes; the wire is UTF-8 only.
+    # Was: a bad field in such a record came out as a schema error blaming NaN or Infinity.
+    raw = orjson.dumps(_txn(amount=amount)).decode().encode(encoding)
+    _, rejection = validate_record(raw, Transaction)
+    assert rejection is not None
+    assert rejection.error == "invalid_json"
+    assert rejection.reason.startswith("value: not valid JSON"), rejection.reason
+
+
+@pytest.mark.parametrize("field", ["event_id", "currency", "country", "channel"])
+def test_a_lone_surrogate_escape_is_invalid_json_not_raised(field: str) -> None:
+    # orjson refuses "\ud800"; the stdlib (the lenient parse) accepts it, and msgspec raised
+    # UnicodeEncodeError checking it against the channel Literal: an exception into the lane.
+    raw = _raw(**{field: "__s__"}).replace(b'"__s__"', b'"p\\ud800s"')
+    _, rejection = validate_record(raw, Transaction)
+    assert rejection is not None
+    assert rejection.error == "invalid_json"
+    assert rejection.reason.startswith("value: not valid JSON"), rejection.reason
+
+
+def test_invalid_utf8_reason_names_the_byte() -> None:
+    raw = b'{"event_id": "\xc3\x28"}'
+    assert validate_record(raw, Transaction)[1] == Rejection(
+        "invalid_json", "value: not valid JSON (not UTF-8: invalid continuation byte 0xc3 at "
+                        "byte 14)")
+    latin1 = _raw(merchant_id="caf\u00e9").decode().encode("latin-1")
+    _, rejection = validate_record(latin1, Transaction)
+    assert rejection is not None
+    assert rejection.reason.startswith("value: not valid JSON (not UTF-8: "), rejection.reason
+
+
 @pytest.mark.parametrize(
     ("raw", "type_name"),
     [
@@ -262,6 +342,20 @@ def test_deeply_nested_json_is_rejected_not_raised(raw: bytes) -> None:
     assert rejection is not None
     assert rejection.error in {"invalid_json", "schema"}
     assert rejection.reason.startswith("value: ")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("job_id", "job-1\n"), ("input_uri", "s3://bucket/in.jsonl\n"),
+     ("output_uri", "s3://bucket/out/\n")],
+)
+def test_batch_job_patterns_refuse_a_trailing_newline(field: str, value: str) -> None:
+    job = {"job_id": "job-1", "model": "fraud", "input_uri": "s3://bucket/in.jsonl"}
+    assert validate_record(orjson.dumps(job), BatchJob)[1] is None
+    _, rejection = validate_record(orjson.dumps({**job, field: value}), BatchJob)
+    assert rejection is not None
+    assert rejection.error == "schema"
+    assert rejection.reason.startswith(f"{field}: "), rejection.reason
 
 
 def test_other_shapes_validate_too() -> None:
@@ -383,7 +477,9 @@ def test_json_schema_is_standalone() -> None:
     assert props["amount"]["minimum"] == 0.0
     assert props["amount"]["maximum"] == 1e9
     assert props["mcc"] == {"type": "integer", "minimum": 0, "maximum": 9999}
-    assert props["currency"]["pattern"] == "^[A-Z]{3}$"
+    assert props["currency"]["pattern"] == r"^[A-Z]{3}(?!\n)$"
+    assert re.search(props["currency"]["pattern"], "EUR")
+    assert not re.search(props["currency"]["pattern"], "EUR\n")
     assert props["ts"]["maximum"] == 1e10
 
 
