@@ -8,6 +8,7 @@ result or a phase failed (after writing everything it has).
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from datetime import datetime, timezone
@@ -239,6 +240,10 @@ def soak(
     seed: Annotated[int, typer.Option(help="Seed of the synthetic transactions.")] = 1,
     out: Annotated[Path | None, typer.Option(
         help="Results folder (default bench-results/soak-<UTC timestamp>).")] = None,
+    external: Annotated[bool, typer.Option(
+        "--external",
+        help="Use the Kafka and S3 named by INFERLANE_KAFKA_BOOTSTRAP and INFERLANE_S3_* "
+             "(e.g. Apache Kafka from docker-compose) instead of a fresh local stack.")] = False,
 ) -> None:
     """The fraud lane (+ history worker) under steady load: p50/p99 and RSS per minute."""
     from pipeline.bench.soak import render as render_soak
@@ -247,7 +252,15 @@ def soak(
     signal.signal(signal.SIGTERM, _interrupt)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     folder = (out or Path("bench-results") / f"soak-{stamp}").resolve()
-    result = run_soak(folder, minutes=minutes, rate=rate, seed=seed, console=console)
+    outside = None
+    if external:
+        outside = {k: v for k, v in os.environ.items() if k.startswith("INFERLANE_")}
+        if "INFERLANE_KAFKA_BOOTSTRAP" not in outside:
+            console.print("[red]--external needs INFERLANE_KAFKA_BOOTSTRAP (and the "
+                          "INFERLANE_S3_* variables) in the environment[/]")
+            raise typer.Exit(2)
+    result = run_soak(folder, minutes=minutes, rate=rate, seed=seed, console=console,
+                      external=outside)
     console.print(render_soak(result))
     console.print(f"wrote {folder / 'results.json'}")
     if result.missing:

@@ -87,15 +87,21 @@ class _RssSampler(threading.Thread):
         self.join(timeout=_SAMPLE_S * 2)
 
 
-def run_soak(out: Path, *, minutes: int, rate: float, seed: int,
-             console: Console) -> SoakResult:
-    """Run the soak under ``out``; write ``results.json``; stop everything it started."""
-    stack = LocalStack(out / "stack", fresh=True)
+def run_soak(out: Path, *, minutes: int, rate: float, seed: int, console: Console,
+             external: dict[str, str] | None = None) -> SoakResult:
+    """Run the soak under ``out``; write ``results.json``; stop everything it started.
+
+    ``external``: the ``INFERLANE_*`` variables of a Kafka (and S3) to use instead of a fresh
+    local stack, e.g. Apache Kafka from docker-compose; the run gets topics and groups of its
+    own (prefix ``benchsoak<UTC time>.``) and the broker's memory is not sampled."""
+    stack = None if external is not None else LocalStack(out / "stack", fresh=True)
     worker: SutProcess | None = None
     reader: ReaderProcess | None = None
     try:
-        env = impl_env(stack.start().env(), tag="soak", impl="a", phase="soak",
-                       state_dir=out / "state")
+        base = stack.start().env() if stack is not None else dict(external or {})
+        # A shared broker keeps earlier runs' topics and groups: this run gets its own.
+        tag = "soak" + (time.strftime("%Y%m%d%H%M%S", time.gmtime()) if stack is None else "")
+        env = impl_env(base, tag=tag, impl="a", phase="soak", state_dir=out / "state")
         settings = settings_for(env)
         asyncio.run(ensure_topics(settings))
         worker = SutProcess(IMPLS["a"], env, out / "logs" / "worker.log", cwd=Path.cwd())
@@ -105,7 +111,7 @@ def run_soak(out: Path, *, minutes: int, rate: float, seed: int,
         reader.start()
         sampler = _RssSampler({"fraud worker": worker.pid, "history worker": (
             worker.companion.pid if worker.companion else None),
-            "broker": stack.broker.pid if stack.broker else None})
+            "broker": stack.broker.pid if stack and stack.broker else None})
         sampler.start()
         console.print(f"soak: {rate:g} ev/s for {minutes} min ...")
         started = time.time()
@@ -119,7 +125,8 @@ def run_soak(out: Path, *, minutes: int, rate: float, seed: int,
             reader.close()
         if worker is not None:
             worker.stop()
-        stack.stop()
+        if stack is not None:
+            stack.stop()
     scored = {row[0] for row in output.rows}
     result = SoakResult(rate, len(sent.ids), sent.unsent, len(scored.intersection(sent.ids)),
                         _per_minute(started, minutes, output.rows, sampler.samples))

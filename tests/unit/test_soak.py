@@ -37,3 +37,16 @@ def test_rss_sampler_samples_and_stops() -> None:
         soak._SAMPLE_S = saved
     assert not sampler.is_alive()
     assert sampler.samples and all(name == "me" and rss > 0 for _, name, rss in sampler.samples)
+
+
+def test_external_soak_needs_a_bootstrap() -> None:
+    import os
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("INFERLANE_")}
+    result = CliRunner().invoke(app, ["bench", "soak", "--external", "--minutes", "1"], env=env)
+    assert result.exit_code == 2
+    assert "INFERLANE_KAFKA_BOOTSTRAP" in result.output
