@@ -159,6 +159,8 @@ def _realtime(env: dict[str, str], settings: Settings, out: Path, name: str, rat
         output = reader.collect(60.0)
     finally:
         reader.close()
+    # Every result (event id, sent_at, read at, scored_at) for a look at the tail over time.
+    (out / f"realtime-{name}-rows.json").write_bytes(orjson.dumps(output.rows))
     matched = match_results(sent.ids, output.rows)
     summary = rate_result("a", target_rate=rate, sent=len(sent.ids), started_at=sent.started_at,
                           last_sent=sent.last_at, matched=matched, cpu_s=None, warmup_s=2.0)
