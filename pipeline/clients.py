@@ -32,7 +32,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, Generic, TypeVar
 
 import msgspec
 import orjson
@@ -42,7 +42,6 @@ from aiokafka.errors import KafkaError
 from pipeline.kafka import (
     PRODUCER_STATE_LOST,
     ProducerHandle,
-    ProducerRetired,
     make_producer,
     start_reader,
 )
@@ -290,25 +289,25 @@ class ReplyClient(Generic[R]):
         value, raw, rejection = self._prepare(request)
         if value is None:
             return rejection
-        sent = await self._send(value, raw)
-        try:
-            await ProducerHandle.acked(sent.retired, sent.ack)
-        except (ProducerRetired, *PRODUCER_STATE_LOST) as exc:
-            if not isinstance(exc, ProducerRetired):
-                await sent.handle.renew(sent.producer, exc)
-            resent = await self._send(value, raw)  # once more, on the new producer
-            await ProducerHandle.acked(resent.retired, resent.ack)
+        handle = self._handle()
+
+        async def deliver(producer: AIOKafkaProducer, retired: asyncio.Event) -> None:
+            await ProducerHandle.acked(retired, await self._send(handle, producer, value, raw))
+
+        await handle.send_renewing(deliver)
         return None
 
-    async def _send(self, value: dict[str, Any], raw: bytes) -> _Sent:
+    def _handle(self) -> ProducerHandle:
         if self._producer is None:
             raise KafkaError(f"{type(self).__name__} is not started")
+        return self._producer
+
+    async def _send(self, handle: ProducerHandle, producer: AIOKafkaProducer,
+                    value: dict[str, Any], raw: bytes) -> asyncio.Future[Any]:
         key = str(value[self.key_field]).encode()
-        handle = self._producer
-        producer, retired = handle.current()
         ack: asyncio.Future[Any] = await producer.send(self._topic, value=raw, key=key)
         ack.add_done_callback(lambda done: _renew_if_state_lost(done, handle, producer))
-        return _Sent(ack, retired, handle, producer)
+        return ack
 
     async def request(self, request: Mapping[str, Any] | msgspec.Struct, *,
                       timeout_ms: float | None = None) -> R | TimedOut | Rejected:
@@ -325,7 +324,8 @@ class ReplyClient(Generic[R]):
         acks: list[asyncio.Future[Any]] = []
 
         async def exchange() -> tuple[str, dict[str, Any]]:
-            ack = (await self._send(value, raw)).ack
+            handle = self._handle()
+            ack = await self._send(handle, handle.current()[0], value, raw)
             acks.append(ack)
             ack.add_done_callback(lambda done: _fail_on_error(done, reply))
             return await reply
@@ -341,16 +341,6 @@ class ReplyClient(Generic[R]):
             return Rejected(request_id, str(dead.get("error", "")), str(dead.get("reason", "")),
                             "pipeline")
         return msgspec.convert(answer, self.result_shape)
-
-
-class _Sent(NamedTuple):
-    """A request handed to a producer: its acknowledgement, the event set when that producer
-    is replaced (a replaced producer may never settle the acknowledgement), and where from."""
-
-    ack: asyncio.Future[Any]
-    retired: asyncio.Event
-    handle: ProducerHandle
-    producer: AIOKafkaProducer
 
 
 def _renew_if_state_lost(ack: asyncio.Future[Any], handle: ProducerHandle,

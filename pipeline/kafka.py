@@ -145,6 +145,23 @@ class ProducerHandle:
         with contextlib.suppress(Exception):  # its pending batches are failing anyway
             await asyncio.wait_for(failed.stop(), 5.0)
 
+    async def send_renewing(
+            self, attempt: Callable[[AIOKafkaProducer, asyncio.Event], Awaitable[T]]) -> T:
+        """Run ``attempt`` with the current producer; once more with a new one when it failed
+        because the broker lost this producer's state (the producer is renewed first) or
+        because the producer was replaced meanwhile (:class:`ProducerRetired`). Some records
+        may then be written twice (at-least-once); other failures are the caller's."""
+        producer, retired = self.current()
+        try:
+            return await attempt(producer, retired)
+        except KafkaError as exc:
+            if isinstance(exc, PRODUCER_STATE_LOST):
+                await self.renew(producer, exc)
+            elif self.producer is producer:
+                raise  # a failure of a producer still in use
+            # Renewed by this send or a concurrent one (whose old producer then failed this).
+            return await attempt(*self.current())
+
     @staticmethod
     async def acked(retired: asyncio.Event, ack: Awaitable[T]) -> T:
         """``await ack``, unless the producer it was sent with is replaced first: then raise

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, KafkaTimeoutError
+from aiokafka.errors import KafkaTimeoutError
 from aiokafka.partitioner import DefaultPartitioner
 
-from pipeline.kafka import PRODUCER_STATE_LOST, ProducerHandle
+from pipeline.kafka import ProducerHandle
 from pipeline.metrics import PRODUCE_ACK
 
 __all__ = ["BatchSender"]
@@ -35,12 +35,6 @@ class BatchSender:
         self._partitions: dict[str, list[int]] = {}
         self._ack_seconds = PRODUCE_ACK.labels(lane) if lane is not None else None
 
-    def _current(self) -> tuple[AIOKafkaProducer, asyncio.Event | None]:
-        if self._handle is not None:
-            return self._handle.current()
-        assert self._fixed is not None  # noqa: S101 - one of the two is set
-        return self._fixed, None
-
     async def _partitions_for(self, producer: AIOKafkaProducer, topic: str) -> list[int]:
         partitions = self._partitions.get(topic)
         if partitions is None:
@@ -54,18 +48,12 @@ class BatchSender:
         Given a :class:`ProducerHandle`, a producer whose broker state was lost is replaced and
         the records are sent once more (some may then be written twice: at-least-once); so are
         the records of every send still waiting on the replaced producer."""
-        producer, retired = self._current()
-        try:
-            await self._send(producer, retired, topic, records)
-        except KafkaError as exc:
-            if self._handle is None:
-                raise
-            if isinstance(exc, PRODUCER_STATE_LOST):
-                await self._handle.renew(producer, exc)
-            elif self._handle.producer is producer:
-                raise  # a failure of a producer still in use: the caller's to handle
-            # Renewed by this send or a concurrent one (whose old producer then failed this).
-            await self._send(*self._handle.current(), topic, records)
+        if self._handle is None:
+            assert self._fixed is not None  # noqa: S101 - one of the two is set
+            await self._send(self._fixed, None, topic, records)
+            return
+        await self._handle.send_renewing(
+            lambda producer, retired: self._send(producer, retired, topic, records))
 
     async def _send(self, producer: AIOKafkaProducer, retired: asyncio.Event | None, topic: str,
                     records: Sequence[tuple[bytes | None, bytes]]) -> None:
