@@ -1,10 +1,10 @@
 """The local broker stopped gracefully and started again on the same data dir under load:
 producers and the worker recover, and every event the broker acknowledged gets a score.
 
-The test runs its own stack (restarting the session's broker would disturb other tests). A
-graceful stop lets the local broker write its snapshot; a SIGKILL could lose acknowledged
-records there (no fsync: see docs/design.md), which is a limit of the local broker, not a case
-this test covers.
+The test runs its own stack (restarting the session's broker would disturb other tests). The
+broker's Kafka service is stopped with ``noida-db stop kafka``, which saves its data; stopping
+the broker *process* (SIGTERM, let alone SIGKILL) can lose the last acknowledged records there
+(docs/design.md), a limit of the local broker that this test does not cover.
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ async def test_broker_restart_under_load_loses_no_acknowledged_event(
     stack = LocalStack(tmp_path / "own-stack", fresh=True)
     endpoints = await asyncio.to_thread(stack.start)
     try:
-        env = test_env(**{k[len("INFERLANE_"):].lower(): v for k, v in endpoints.env().items()},
-                       lanes="fraud")
+        env = {**test_env(lanes="fraud"), **endpoints.env()}
         settings = settings_from(env)
         await ensure_topics(settings)
         worker = worker_factory(env)
