@@ -7,7 +7,9 @@ and, in later lanes, tables. Settings that matter on every broker are tuned here
   restarted with the same id gets its partitions back at once;
 * a short session timeout (the default 60 s makes group joins slow on some brokers);
 * the Kafka security settings (TLS, SASL) as faust ``broker_credentials``, the same ones
-  :func:`pipeline.kafka.client_kwargs` gives every aiokafka client of the lanes.
+  :func:`pipeline.kafka.client_kwargs` gives every aiokafka client of the lanes;
+* a consumer that puts back a fetch faust would discard (see :func:`put_back`): without it a
+  table's recovery after a rebalance could wait forever for changelog records it had dropped.
 
 The real-time lanes do not use faust streams (see :mod:`pipeline.lane` and docs/design.md).
 """
@@ -15,17 +17,22 @@ The real-time lanes do not use faust streams (see :mod:`pipeline.lane` and docs/
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
 import faust
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import IllegalStateError
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+from faust.transport.drivers.aiokafka import Consumer as AIOKafkaFaustConsumer
 from mode import Service
 
 from pipeline.kafka import apply_idle_fetch_backoff, ssl_context
 from pipeline.metrics import CONTENT_TYPE_LATEST, render
 from pipeline.settings import Settings
 
-__all__ = ["broker_credentials", "create_app"]
+__all__ = ["broker_credentials", "create_app", "put_back"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,9 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
         value_serializer="raw",
         key_serializer="raw",
     )
+    # The transport is built lazily and is reachable from import-time code; its consumer is not
+    # created yet, so every consumer of this app is the one that puts discarded fetches back.
+    app.transport.Consumer = _Consumer  # type: ignore[misc]  # an instance attribute on purpose
     app.page("/metrics")(_metrics)
     if settings.is_local_broker and settings.idle_fetch_sleep_ms:
         # faust's consumer only carries internal and (later) table topics, off the hot path:
@@ -105,3 +115,58 @@ class _IdleFetchBackoff(Service):  # type: ignore[misc]
             log.warning("faust consumer not found; idle fetch backoff not applied")
             return
         apply_idle_fetch_backoff(consumer, self._backoff_ms)
+
+
+def put_back(consumer: AIOKafkaConsumer,
+             records: Mapping[TopicPartition, Sequence[ConsumerRecord[Any, Any]]]) -> int:
+    """Rewind ``consumer`` to the first of ``records`` in each partition, so that the records
+    returned by a fetch that will not be processed are fetched again. Returns how many records
+    were put back. A partition no longer assigned is skipped (whoever owns it now reads it
+    from its own position). Must run on the consumer's event loop, right after the fetch: with
+    no await in between, no other seek can come between the fetch and the rewind.
+    """
+    put = 0
+    for tp, batch in records.items():
+        if not batch:
+            continue
+        try:
+            consumer.seek(tp, batch[0].offset)
+        except IllegalStateError:
+            continue
+        put += len(batch)
+    return put
+
+
+class _ConsumerThread(AIOKafkaConsumerThread):  # type: ignore[misc]
+    """faust's aiokafka consumer thread, except that a fetch returning while the consumer's flow
+    is stopped is put back instead of handed to faust.
+
+    faust (0.15.3) passes its live set of active partitions to a fetch that waits up to a
+    second in this thread. A rebalance can run meanwhile: the flow stops, table recovery seeks
+    the changelog partitions to replay them, adds them to that same set, and only then resumes
+    the flow. The waiting fetch can return the changelog records in between; faust's
+    ``Consumer.getmany`` drops any fetch that finds the flow stopped and seeks back only the
+    stream partitions, so the changelog position is already past the records that recovery
+    waits for, and recovery waits forever (the table's partitions are never processed again).
+    Seen in 1 of ~10 runs of ``test_history_survives_a_rebalance``; faust's own guard for it
+    (``Consumer.wait_for_stopped_flow``) is never called and its flag is never cleared.
+    """
+
+    async def _fetch_records(self, consumer: AIOKafkaConsumer, active_partitions: Any,
+                             timeout: float | None = None,
+                             max_records: int | None = None) -> Any:
+        records = await super()._fetch_records(consumer, active_partitions, timeout=timeout,
+                                               max_records=max_records)
+        if records and not self.consumer.flow_active:
+            put = put_back(consumer, records)
+            log.info("faust consumer: a fetch returned while the flow was stopped (rebalance); "
+                     "%d records in %d partitions put back", put, len(records))
+            return {}
+        return records
+
+
+class _Consumer(AIOKafkaFaustConsumer):  # type: ignore[misc]
+    """faust's aiokafka consumer with :class:`_ConsumerThread`."""
+
+    def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
+        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
