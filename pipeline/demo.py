@@ -110,7 +110,8 @@ def run_demo(root: Path, *, duration_s: float, rate_per_s: float, invalid_fracti
             started = time.monotonic()
             worker.start()
             console.print(f"  {name} worker ({lanes}) ready in "
-                          f"{time.monotonic() - started:.1f}s (log {worker.log_path})")
+                          f"{time.monotonic() - started:.1f}s (log {worker.log_path})",
+                          soft_wrap=True)
         return asyncio.run(_traffic(settings, workers, duration_s, rate_per_s,
                                     invalid_fraction, console, reco_rate_per_s))
     finally:

@@ -400,7 +400,16 @@ def _cmdline_matches(pid: int, argv: list[str]) -> bool:
 
 
 def kafka_probe(bootstrap: str, timeout_s: float = 3.0) -> str:
-    """Do a real metadata request; return "" when it works, else the error text."""
+    """Do a real metadata request; return "" when it works, else the error text.
+
+    A plain TCP connect to the first bootstrap address comes first: while the broker is still
+    starting, aiokafka would log every refused connection as an error on the user's terminal.
+    """
+    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as exc:
+        return f"kafka: {exc!r}"
 
     async def probe() -> None:
         admin = AIOKafkaAdminClient(
