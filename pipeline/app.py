@@ -8,6 +8,7 @@ and, in later lanes, tables. Settings that matter on every broker are tuned here
 * a short session timeout (the default 60 s makes group joins slow on some brokers);
 * the Kafka security settings (TLS, SASL) as faust ``broker_credentials``, the same ones
   :func:`pipeline.kafka.client_kwargs` gives every aiokafka client of the lanes;
+* on the local broker, the lanes' idle-fetch backoff for faust's own consumer thread;
 * a consumer that puts back a fetch faust would discard (see :func:`put_back`): without it a
   table's recovery after a rebalance could wait forever for changelog records it had dropped.
 
@@ -19,14 +20,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import faust
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import IllegalStateError
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaFaustConsumer
-from mode import Service
 
 from pipeline.kafka import apply_idle_fetch_backoff, ssl_context
 from pipeline.metrics import CONTENT_TYPE_LATEST, render
@@ -61,15 +61,15 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
         value_serializer="raw",
         key_serializer="raw",
     )
+    # faust's consumer only carries internal and table topics, off the hot path: on the local
+    # broker a longer idle-fetch backoff than the lanes' costs no lane latency.
+    backoff_ms = (max(settings.idle_fetch_sleep_ms, 20.0)
+                  if settings.is_local_broker and settings.idle_fetch_sleep_ms else 0.0)
     # The transport is built lazily and is reachable from import-time code; its consumer is not
-    # created yet, so every consumer of this app is the one that puts discarded fetches back.
-    app.transport.Consumer = _Consumer  # type: ignore[misc]  # an instance attribute on purpose
+    # created yet, so every consumer of this app is ours.
+    app.transport.Consumer = type(  # type: ignore[misc]  # an instance attribute on purpose
+        "Consumer", (_Consumer,), {"idle_fetch_backoff_ms": backoff_ms})
     app.page("/metrics")(_metrics)
-    if settings.is_local_broker and settings.idle_fetch_sleep_ms:
-        # faust's consumer only carries internal and (later) table topics, off the hot path:
-        # a longer backoff costs no lane latency and saves a busy-polling core.
-        backoff_ms = max(settings.idle_fetch_sleep_ms, 20.0)
-        app.service(cast(type[Service], _IdleFetchBackoff(app, backoff_ms)))
     return app
 
 
@@ -95,28 +95,6 @@ async def _metrics(web: Any, request: Any) -> Any:
     return web.bytes(render(), content_type=CONTENT_TYPE_LATEST.split(";")[0] + "; version=0.0.4")
 
 
-class _IdleFetchBackoff(Service):  # type: ignore[misc]
-    """Local broker only: give faust's own consumer the idle-fetch backoff of the lanes.
-
-    faust runs its aiokafka consumer in a thread with a hard-coded ``fetch_max_wait_ms=1500``;
-    a broker without fetch long-poll answers at once, and that thread would spin a core even
-    when the worker is idle (measured: 87% CPU). Started after faust's consumer.
-    """
-
-    def __init__(self, app: faust.App, backoff_ms: float) -> None:
-        super().__init__()
-        self._app = app
-        self._backoff_ms = backoff_ms
-
-    async def on_start(self) -> None:
-        thread = getattr(self._app.consumer, "_thread", None)
-        consumer = getattr(thread, "_consumer", None)
-        if consumer is None:
-            log.warning("faust consumer not found; idle fetch backoff not applied")
-            return
-        apply_idle_fetch_backoff(consumer, self._backoff_ms)
-
-
 def put_back(consumer: AIOKafkaConsumer,
              records: Mapping[TopicPartition, Sequence[ConsumerRecord[Any, Any]]]) -> int:
     """Rewind ``consumer`` to the first of ``records`` in each partition, so that the records
@@ -138,8 +116,13 @@ def put_back(consumer: AIOKafkaConsumer,
 
 
 class _ConsumerThread(AIOKafkaConsumerThread):  # type: ignore[misc]
-    """faust's aiokafka consumer thread, except that a fetch returning while the consumer's flow
-    is stopped is put back instead of handed to faust.
+    """faust's aiokafka consumer thread, with the idle-fetch backoff of the local broker and a
+    fetch returning while the consumer's flow is stopped put back instead of handed to faust.
+
+    faust runs its aiokafka consumer here with a hard-coded ``fetch_max_wait_ms=1500``; a
+    broker without fetch long-poll answers at once, and this thread would spin a core even when
+    the worker is idle (measured: 87% CPU). Its consumer gets
+    :func:`pipeline.kafka.apply_idle_fetch_backoff` as soon as it is started.
 
     faust (0.15.3) passes its live set of active partitions to a fetch that waits up to a
     second in this thread. A rebalance can run meanwhile: the flow stops, table recovery seeks
@@ -151,6 +134,12 @@ class _ConsumerThread(AIOKafkaConsumerThread):  # type: ignore[misc]
     Seen in 1 of ~10 runs of ``test_history_survives_a_rebalance``; faust's own guard for it
     (``Consumer.wait_for_stopped_flow``) is never called and its flag is never cleared.
     """
+
+    async def on_start(self) -> None:
+        await super().on_start()
+        backoff_ms = cast(_Consumer, self.consumer).idle_fetch_backoff_ms
+        if backoff_ms:
+            apply_idle_fetch_backoff(self._consumer, backoff_ms)
 
     async def _fetch_records(self, consumer: AIOKafkaConsumer, active_partitions: Any,
                              timeout: float | None = None,
@@ -166,7 +155,10 @@ class _ConsumerThread(AIOKafkaConsumerThread):  # type: ignore[misc]
 
 
 class _Consumer(AIOKafkaFaustConsumer):  # type: ignore[misc]
-    """faust's aiokafka consumer with :class:`_ConsumerThread`."""
+    """faust's aiokafka consumer with :class:`_ConsumerThread`; :func:`create_app` subclasses
+    it with the app's backoff (0: none)."""
+
+    idle_fetch_backoff_ms: ClassVar[float] = 0.0
 
     def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)

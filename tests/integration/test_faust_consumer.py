@@ -1,7 +1,8 @@
 """faust's consumer as inferlane builds it: a fetch that faust would discard (it returned while
 the flow was stopped by a rebalance) is put back on the real broker and fetched again, so table
 recovery after a rebalance cannot wait for changelog records that were dropped
-(``test_history_table.py::test_history_survives_a_rebalance`` hit that in about 1 run in 10).
+(``test_history_table.py::test_history_survives_a_rebalance`` hit that in about 1 run in 10);
+on the local broker its thread gets the idle-fetch backoff.
 """
 
 from __future__ import annotations
@@ -67,3 +68,8 @@ async def test_records_put_back_are_fetched_again(settings: Settings) -> None:
 def test_the_app_consumer_puts_discarded_fetches_back(settings: Settings) -> None:
     app = create_app(settings)
     assert isinstance(app.consumer._thread, _ConsumerThread)
+    # Its thread gives the local broker's consumer the idle-fetch backoff (at least 20 ms).
+    assert settings.is_local_broker
+    assert type(app.consumer).idle_fetch_backoff_ms == max(settings.idle_fetch_sleep_ms, 20.0)
+    kafka = create_app(settings.model_copy(update={"broker_flavor": "kafka"}))
+    assert type(kafka.consumer).idle_fetch_backoff_ms == 0.0
