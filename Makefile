@@ -10,6 +10,9 @@ RATE ?= 500
 .PHONY: install demo test lint typecheck unit integration bench clean
 
 install: $(STAMP)
+	@# The local stack's Apache Kafka broker: jars from Maven Central into ~/.cache/inferlane
+	@# (needs Java 17+ and Maven); every run checks the cache, which is kept across clones.
+	@$(BIN)/python -m pipeline.kafkadist fetch
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -19,7 +19,6 @@ def register(app: faust.App, settings: Settings) -> Lane | None:
         return None
     # Windows hold up to archive_max_bytes per partition until written: let that much be read.
     lane = Lane(settings, LANE, ArchiveHandler(settings),
-                max_in_flight_records=max(settings.max_in_flight_records, 500_000),
-                idle_fetch_sleep_ms=settings.background_idle_fetch_sleep_ms)
+                max_in_flight_records=max(settings.max_in_flight_records, 500_000))
     app.service(cast(type[Lane], lane))  # faust also accepts a Service instance
     return lane

@@ -19,18 +19,15 @@ def register(app: faust.App, settings: Settings) -> list[Lane]:
     """Attach the job planner and the chunk scorer when ``INFERLANE_LANES`` includes batch."""
     if LANE not in settings.lanes:
         return []
-    # Off the latency path: poll an idle local broker less often (CPU for the real-time lanes).
-    idle_ms = settings.background_idle_fetch_sleep_ms
     lanes = [
-        Lane(settings, "batch-plan", JobPlanner(settings), idle_fetch_sleep_ms=idle_ms),
+        Lane(settings, "batch-plan", JobPlanner(settings)),
         # One chunk at a time per worker: a chunk is seconds of CPU; the other chunks stay on
         # the topic for the other workers of the group.
         Lane(settings, LANE, ChunkScorer(settings), max_in_flight_records=1,
-             max_records_per_fetch=1, idle_fetch_sleep_ms=idle_ms),
+             max_records_per_fetch=1),
         # Windows hold up to batch_window_bytes per partition until written.
         Lane(settings, "batch-records", RecordBatchWriter(settings),
-             max_in_flight_records=max(settings.max_in_flight_records, 200_000),
-             idle_fetch_sleep_ms=idle_ms),
+             max_in_flight_records=max(settings.max_in_flight_records, 200_000)),
     ]
     for lane in lanes:
         app.service(cast(type[Lane], lane))  # faust also accepts a Service instance

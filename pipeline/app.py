@@ -3,12 +3,12 @@
 faust owns the worker lifecycle (signals, logging, ``faust -A agents worker``), its web server
 and, in later lanes, tables. Settings that matter on every broker are tuned here once:
 
-* static group membership (``consumer_group_instance_id`` from ``INFERLANE_WORKER_ID``): a worker
-  restarted with the same id gets its partitions back at once;
-* a short session timeout (the default 60 s makes group joins slow on some brokers);
+* static group membership only when ``INFERLANE_STATIC_MEMBERSHIP`` is on
+  (``consumer_group_instance_id`` = ``<worker_id>-faust``); dynamic members by default;
+* a short session timeout (faust's default of 60 s leaves a dead worker's partitions idle a
+  minute before the broker expires it);
 * the Kafka security settings (TLS, SASL) as faust ``broker_credentials``, the same ones
   :func:`pipeline.kafka.client_kwargs` gives every aiokafka client of the lanes;
-* on the local broker, the lanes' idle-fetch backoff for faust's own consumer thread;
 * a consumer that puts back a fetch faust would discard (see :func:`put_back`): without it a
   table's recovery after a rebalance could wait forever for changelog records it had dropped.
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Any
 
 import faust
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -28,7 +28,7 @@ from aiokafka.errors import IllegalStateError
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaFaustConsumer
 
-from pipeline.kafka import apply_idle_fetch_backoff, ssl_context
+from pipeline.kafka import ssl_context
 from pipeline.metrics import CONTENT_TYPE_LATEST, render
 from pipeline.settings import Settings
 
@@ -47,7 +47,8 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
         settings.app_id,
         broker=brokers,
         broker_credentials=broker_credentials(settings),
-        consumer_group_instance_id=f"{settings.worker_id}-faust",
+        consumer_group_instance_id=(f"{settings.worker_id}-faust"
+                                    if settings.static_membership else None),
         broker_session_timeout=session_timeout_s,
         broker_heartbeat_interval=max(session_timeout_s / 5, 0.5),
         broker_request_timeout=max(session_timeout_s * 3, 40.0),
@@ -61,14 +62,9 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
         value_serializer="raw",
         key_serializer="raw",
     )
-    # faust's consumer only carries internal and table topics, off the hot path: on the local
-    # broker a longer idle-fetch backoff than the lanes' costs no lane latency.
-    backoff_ms = (max(settings.idle_fetch_sleep_ms, 20.0)
-                  if settings.is_local_broker and settings.idle_fetch_sleep_ms else 0.0)
     # The transport is built lazily and is reachable from import-time code; its consumer is not
     # created yet, so every consumer of this app is ours.
-    app.transport.Consumer = type(  # type: ignore[misc]  # an instance attribute on purpose
-        "Consumer", (_Consumer,), {"idle_fetch_backoff_ms": backoff_ms})
+    app.transport.Consumer = _Consumer  # type: ignore[misc]  # an instance attribute on purpose
     app.page("/metrics")(_metrics)
     return app
 
@@ -116,13 +112,8 @@ def put_back(consumer: AIOKafkaConsumer,
 
 
 class _ConsumerThread(AIOKafkaConsumerThread):  # type: ignore[misc]
-    """faust's aiokafka consumer thread, with the idle-fetch backoff of the local broker and a
-    fetch returning while the consumer's flow is stopped put back instead of handed to faust.
-
-    faust runs its aiokafka consumer here with a hard-coded ``fetch_max_wait_ms=1500``; a
-    broker without fetch long-poll answers at once, and this thread would spin a core even when
-    the worker is idle (measured: 87% CPU). Its consumer gets
-    :func:`pipeline.kafka.apply_idle_fetch_backoff` as soon as it is started.
+    """faust's aiokafka consumer thread, with a fetch returning while the consumer's flow is
+    stopped put back instead of handed to faust.
 
     faust (0.15.3) passes its live set of active partitions to a fetch that waits up to a
     second in this thread. A rebalance can run meanwhile: the flow stops, table recovery seeks
@@ -134,12 +125,6 @@ class _ConsumerThread(AIOKafkaConsumerThread):  # type: ignore[misc]
     Seen in 1 of ~10 runs of ``test_history_survives_a_rebalance``; faust's own guard for it
     (``Consumer.wait_for_stopped_flow``) is never called and its flag is never cleared.
     """
-
-    async def on_start(self) -> None:
-        await super().on_start()
-        backoff_ms = cast(_Consumer, self.consumer).idle_fetch_backoff_ms
-        if backoff_ms:
-            apply_idle_fetch_backoff(self._consumer, backoff_ms)
 
     async def _fetch_records(self, consumer: AIOKafkaConsumer, active_partitions: Any,
                              timeout: float | None = None,
@@ -155,10 +140,7 @@ class _ConsumerThread(AIOKafkaConsumerThread):  # type: ignore[misc]
 
 
 class _Consumer(AIOKafkaFaustConsumer):  # type: ignore[misc]
-    """faust's aiokafka consumer with :class:`_ConsumerThread`; :func:`create_app` subclasses
-    it with the app's backoff (0: none)."""
-
-    idle_fetch_backoff_ms: ClassVar[float] = 0.0
+    """faust's aiokafka consumer with :class:`_ConsumerThread`."""
 
     def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)

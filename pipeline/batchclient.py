@@ -62,8 +62,7 @@ async def wait_for_job(
 
     Returns the final event; raises :class:`TimeoutError` after ``timeout_s``.
     """
-    consumer = await start_reader(settings, "inferlane-batch-client",
-                                  idle_sleep_ms=settings.background_idle_fetch_sleep_ms)
+    consumer = await start_reader(settings, "inferlane-batch-client")
     consumer.assign(list(start))
     for tp, offset in start.items():
         consumer.seek(tp, offset)

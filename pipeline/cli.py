@@ -53,16 +53,24 @@ StackDir = Annotated[Path, typer.Option("--dir", help="Where the stack keeps dat
 @stack_app.command("up")
 def stack_up(
     root: StackDir = _DEFAULT_STACK_DIR,
-    kafka_port: Annotated[int, typer.Option(help="Broker port (0 = a free one).")] = 0,
+    kafka_port: Annotated[int, typer.Option(
+        help="Port of the first Kafka node (0 = free ones); node N listens on port+N-1.")] = 0,
     s3_port: Annotated[int, typer.Option(help="S3 server port (0 = a free one).")] = 0,
-    fresh: Annotated[bool, typer.Option(help="Wipe the broker's data first.")] = False,
+    fresh: Annotated[bool, typer.Option(help="Wipe the brokers' data first.")] = False,
+    brokers: Annotated[int, typer.Option(
+        min=1, max=5, help="Kafka nodes (KRaft, broker+controller each); 3 = replicated.")] = 1,
 ) -> None:
-    """Start the broker and S3 server in the background and print the environment to use."""
+    """Start Apache Kafka (KRaft) and the S3 server in the background; print the environment.
+
+    The broker's jars come from `make install` (Maven, cached in ~/.cache/inferlane); Java 17+
+    runs them. Logs: <root>/logs; data: <root>/kafka.
+    """
     from pipeline.stack import LocalStack
 
     if (existing := LocalStack.attach(root)) is not None:
         raise InferlaneError(f"a stack already runs from {root}: `inferlane stack down` first")
-    endpoints = LocalStack(root, kafka_port=kafka_port, s3_port=s3_port, fresh=fresh).start()
+    endpoints = LocalStack(root, kafka_port=kafka_port, s3_port=s3_port, fresh=fresh,
+                           brokers=brokers).start()
     del existing
     err_console.print(f"[green]stack up[/] (state in {root / 'stack.json'}); exports on stdout, "
                       f'so `eval "$(inferlane stack up)"` sets them:')
@@ -85,7 +93,7 @@ def stack_down(root: StackDir = _DEFAULT_STACK_DIR) -> None:
 
 @stack_app.command("status")
 def stack_status(root: StackDir = _DEFAULT_STACK_DIR) -> None:
-    """Show whether the broker and S3 server run and answer; exit 1 if not."""
+    """Show whether the Kafka node(s) and S3 server run and answer; exit 1 if not."""
     from pipeline.stack import LocalStack
 
     stack = LocalStack.attach(root)
@@ -94,8 +102,10 @@ def stack_status(root: StackDir = _DEFAULT_STACK_DIR) -> None:
         raise typer.Exit(1)
     status = stack.status()
     typer.echo(json.dumps(status, indent=2))
-    healthy = all(isinstance(s, dict) and s.get("alive") and not s.get("error")
-                  for name, s in status.items() if name in ("broker", "s3"))
+    kafka, s3 = status["kafka"], status["s3"]
+    assert isinstance(kafka, dict) and isinstance(s3, dict)  # noqa: S101 - shape of status()
+    healthy = (not kafka["error"] and all(n["alive"] for n in kafka["nodes"].values())
+               and s3["alive"] and not s3["error"])
     raise typer.Exit(0 if healthy else 1)
 
 

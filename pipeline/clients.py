@@ -44,6 +44,7 @@ from pipeline.kafka import (
     ProducerHandle,
     make_producer,
     start_reader,
+    topic_partitions,
 )
 from pipeline.settings import Settings
 from schemas import FraudScore, RecoRequest, RecoResult, Transaction
@@ -114,10 +115,9 @@ class _ReplyRouter:
         self._task.add_done_callback(self._on_done)
 
     async def _partitions(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
-        await consumer.topics()
         tps: list[TopicPartition] = []
         for topic in self._topics:
-            partitions = consumer.partitions_for_topic(topic)
+            partitions = await topic_partitions(consumer, topic)
             if not partitions:
                 raise KafkaError(f"topic {topic} does not exist (run `inferlane topics create`)")
             tps.extend(TopicPartition(topic, p) for p in sorted(partitions))

@@ -6,7 +6,7 @@ flag so callers decide retry-or-give-up with a lookup instead of a guess::
     InferlaneError                  (retriable = False)
     ├── ConfigError                 bad or missing settings
     ├── StackError                  the embedded local stack cannot start or stop
-    │   ├── BinaryNotFoundError     a required executable is not installed
+    │   ├── PrerequisiteMissingError  Java 17+ or the fetched Kafka broker is missing
     │   └── PortInUseError          a requested port is already taken
     ├── ModelLoadError              a model file is missing, corrupt or does not match its card
     ├── TopicError                  topics cannot be created or do not match their spec
@@ -18,11 +18,11 @@ Bad *input* is never an exception: it becomes a :class:`schemas.DeadLetter` reco
 from __future__ import annotations
 
 __all__ = [
-    "BinaryNotFoundError",
     "ConfigError",
     "InferlaneError",
     "ModelLoadError",
     "PortInUseError",
+    "PrerequisiteMissingError",
     "SinkError",
     "StackError",
     "TopicError",
@@ -43,8 +43,8 @@ class StackError(InferlaneError):
     """The embedded local stack (broker, S3) could not be started, reached or stopped."""
 
 
-class BinaryNotFoundError(StackError):
-    """A required executable (e.g. the noida-db broker) is not installed."""
+class PrerequisiteMissingError(StackError):
+    """Java 17+ is not installed, or the Kafka broker's jars are not fetched (``make install``)."""
 
 
 class PortInUseError(StackError):

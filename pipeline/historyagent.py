@@ -114,7 +114,7 @@ def attach_history_agent(app: faust.App, settings: Settings) -> tuple[HistoryTab
                        key_serializer="raw", value_serializer="raw")
     changelog_spec = spec(CHANGELOG)
     changelog = app.topic(settings.topic(CHANGELOG), partitions=partitions, internal=True,
-                          compacting=changelog_spec.compact and not settings.is_local_broker,
+                          compacting=changelog_spec.compact,
                           config=topic_configs(changelog_spec, settings),
                           key_serializer="raw", value_serializer="raw")
     # Keys and values stay bytes: the app's serializers are "raw" (see pipeline.app).

@@ -136,11 +136,8 @@ class HistoryView:
         self._changed.set()
 
     async def start(self) -> None:
-        # Off the latency path: a snapshot may be a few tens of ms late (the staleness bound
-        # is 1 s); polling an idle local broker every 2 ms would cost the lane's loop.
         self._consumer = await start_reader(
             self.settings, f"{self.settings.app_id}-history-view",
-            idle_sleep_ms=self.settings.background_idle_fetch_sleep_ms,
             auto_offset_reset="earliest")
         self._task = asyncio.create_task(self._run(), name="history-view")
 

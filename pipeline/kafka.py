@@ -28,9 +28,9 @@ from pipeline.settings import Settings
 
 T = TypeVar("T")
 
-__all__ = ["PRODUCER_STATE_LOST", "ProducerHandle", "ProducerRetired", "apply_idle_fetch_backoff",
+__all__ = ["PRODUCER_STATE_LOST", "ProducerHandle", "ProducerRetired",
            "client_kwargs", "make_consumer", "make_producer", "security_kwargs", "ssl_context",
-           "start_reader"]
+           "start_reader", "topic_partitions"]
 
 
 def client_kwargs(settings: Settings, *, client_id: str | None = None) -> dict[str, Any]:
@@ -188,16 +188,18 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
 
 
 def make_consumer(settings: Settings, lane: str, **overrides: Any) -> AIOKafkaConsumer:
-    """A group consumer for ``lane`` with static membership and manual commits.
+    """A group consumer for ``lane`` with manual commits.
 
-    Static membership (``group_instance_id`` = ``<worker_id>-<lane>``) lets a restarted worker get
-    its partitions back at once instead of waiting for the session timeout; on the local broker a
-    dead dynamic member would otherwise wedge the group.
+    Dynamic membership by default: a member that dies is expired after the session timeout and
+    its partitions move to the others. With ``static_membership`` the member id is
+    ``<worker_id>-<lane>`` (``group.instance.id``): a worker restarted within the session timeout
+    gets its partitions back without a rebalance.
     """
     kwargs: dict[str, Any] = {
         **client_kwargs(settings),
         "group_id": settings.group_id(lane),
-        "group_instance_id": f"{settings.worker_id}-{lane}",
+        "group_instance_id": (f"{settings.worker_id}-{lane}" if settings.static_membership
+                              else None),
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
         "session_timeout_ms": settings.session_timeout_ms,
@@ -210,54 +212,27 @@ def make_consumer(settings: Settings, lane: str, **overrides: Any) -> AIOKafkaCo
     return AIOKafkaConsumer(**kwargs)
 
 
-def apply_idle_fetch_backoff(consumer: AIOKafkaConsumer, backoff_ms: float) -> None:
-    """Make an empty fetch wait ``backoff_ms`` before the next one (client-side long-poll).
-
-    For brokers that answer an empty fetch at once instead of holding it for
-    ``fetch_max_wait_ms`` (the local noida-db broker): aiokafka's fetcher would re-send fetches
-    back to back and spin a core while idle. This wraps the fetcher of a *started* consumer so
-    that a fetch that brought no new data is followed by a short sleep; records that do arrive
-    are never dropped or delayed by more than ``backoff_ms``. It relies on aiokafka's private
-    ``Fetcher._proc_fetch_request`` (aiokafka is pinned to a tested minor version).
-    """
-    fetcher = getattr(consumer, "_fetcher", None)
-    original = getattr(fetcher, "_proc_fetch_request", None)
-    if fetcher is None or original is None:
-        raise RuntimeError("apply_idle_fetch_backoff needs a started aiokafka consumer")
-    if getattr(original, "_inferlane_backoff", False):
-        return
-    delay_s = backoff_ms / 1000.0
-
-    async def fetch_with_backoff(*args: Any, **kwargs: Any) -> Any:
-        has_new_data = await original(*args, **kwargs)
-        if not has_new_data:
-            try:
-                await asyncio.sleep(delay_s)
-            except asyncio.CancelledError:
-                # Same contract as aiokafka's own fetch task: on close() or unassignment it is
-                # cancelled and must end quietly (close() awaits it without suppressing).
-                return False
-        return has_new_data
-
-    fetch_with_backoff._inferlane_backoff = True  # type: ignore[attr-defined]
-    fetcher._proc_fetch_request = fetch_with_backoff
-
-
-async def start_reader(settings: Settings, client_id: str, *, idle_sleep_ms: float | None = None,
-                       **overrides: Any) -> AIOKafkaConsumer:
-    """A started consumer without a group (the caller assigns and seeks), no auto-commit.
-
-    On the local broker an empty fetch is followed by ``idle_sleep_ms`` (default
-    ``INFERLANE_IDLE_FETCH_SLEEP_MS``; pass ``background_idle_fetch_sleep_ms`` for readers off
-    the latency path), so an idle reader does not spin a core and the broker with it.
-    """
+async def start_reader(settings: Settings, client_id: str, **overrides: Any) -> AIOKafkaConsumer:
+    """A started consumer without a group (the caller assigns and seeks), no auto-commit."""
     kwargs: dict[str, Any] = {**client_kwargs(settings, client_id=client_id),
                               "enable_auto_commit": False, "fetch_max_wait_ms": 50,
                               "max_partition_fetch_bytes": 4 * 1024 * 1024}
     kwargs.update(overrides)
     consumer = AIOKafkaConsumer(**kwargs)
     await consumer.start()
-    sleep_ms = settings.idle_fetch_sleep_ms if idle_sleep_ms is None else idle_sleep_ms
-    if settings.is_local_broker and sleep_ms:
-        apply_idle_fetch_backoff(consumer, sleep_ms)
     return consumer
+
+
+async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+    """The partition ids of ``topic`` (empty when it does not exist), fresh from the broker.
+
+    ``consumer.partitions_for_topic`` only reads the client's cached metadata, which holds the
+    topics the consumer subscribed to or was assigned; ``consumer.topics()`` fetches all topics
+    but returns them without filling that cache (aiokafka 0.14). So a reader that has not used
+    ``topic`` yet would see no partitions at all and read nothing.
+    """
+    known = consumer.partitions_for_topic(topic)
+    if known:
+        return set(known)
+    cluster = await consumer._client.fetch_all_metadata()
+    return set(cluster.partitions_for_topic(topic) or ())

@@ -38,7 +38,6 @@ from mode import Service
 
 from pipeline.kafka import (
     ProducerHandle,
-    apply_idle_fetch_backoff,
     make_consumer,
     make_producer,
 )
@@ -137,11 +136,8 @@ class Lane(Service):  # type: ignore[misc]
 
     def __init__(self, settings: Settings, name: str, handler: Handler, *,
                  max_in_flight_records: int | None = None,
-                 max_records_per_fetch: int | None = None,
-                 idle_fetch_sleep_ms: float | None = None) -> None:
+                 max_records_per_fetch: int | None = None) -> None:
         super().__init__()
-        self.idle_fetch_sleep_ms = (settings.idle_fetch_sleep_ms if idle_fetch_sleep_ms is None
-                                    else idle_fetch_sleep_ms)
         if max_records_per_fetch is not None:
             self.max_records_per_fetch = max_records_per_fetch
         self.max_in_flight_records = max_in_flight_records or settings.max_in_flight_records
@@ -171,7 +167,8 @@ class Lane(Service):  # type: ignore[misc]
 
     async def on_start(self) -> None:
         await ensure_topics(self.settings, topic_specs(self.settings.lanes))
-        # Renewed when the broker loses its idempotence state (the local broker on restart).
+        # Renewed when the broker loses the producer's idempotence state (an expired producer
+        # id, a topic deleted and re-created): the handle retires it and starts a new one.
         self._producer = ProducerHandle(lambda: make_producer(self.settings))
         await self._producer.start()
         ctx = LaneContext(self.settings, self.name, BatchSender(self._producer, lane=self.name),
@@ -180,8 +177,6 @@ class Lane(Service):  # type: ignore[misc]
         self._consumer = make_consumer(self.settings, self.name)
         self._consumer.subscribe(list(self.handler.topics), listener=_Rebalance(self))
         await self._consumer.start()
-        if self.settings.is_local_broker and self.idle_fetch_sleep_ms:
-            apply_idle_fetch_backoff(self._consumer, self.idle_fetch_sleep_ms)
         for coro in (self._consume_loop(), self._commit_loop(), self._stats_loop()):
             task = asyncio.create_task(coro, name=f"{self.label}")
             task.add_done_callback(self._on_loop_done)
@@ -213,7 +208,7 @@ class Lane(Service):  # type: ignore[misc]
         self.handler_stats()
         await self._commit()
         if self._consumer is not None:
-            if self.settings.leave_group_on_stop:
+            if self.settings.static_membership and self.settings.leave_group_on_stop:
                 _leave_on_close(self._consumer)
             await self._consumer.stop()
         if self._producer is not None:

@@ -31,7 +31,13 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from pipeline.kafka import ProducerHandle, client_kwargs, make_producer, start_reader
+from pipeline.kafka import (
+    ProducerHandle,
+    client_kwargs,
+    make_producer,
+    start_reader,
+    topic_partitions,
+)
 from pipeline.produce import BatchSender
 from pipeline.settings import Settings
 from pipeline.synth import INVALID_KINDS, TransactionGenerator, make_invalid
@@ -232,10 +238,7 @@ async def snapshot_end_offsets(settings: Settings, topic: str) -> dict[TopicPart
     consumer = AIOKafkaConsumer(**client_kwargs(settings, client_id="inferlane-reader"))
     await consumer.start()
     try:
-        partitions = consumer.partitions_for_topic(topic)
-        if partitions is None:
-            await consumer.topics()
-            partitions = consumer.partitions_for_topic(topic) or set()
+        partitions = await topic_partitions(consumer, topic)
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         return dict(await consumer.end_offsets(tps)) if tps else {}
     finally:

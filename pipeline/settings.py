@@ -50,19 +50,22 @@ class Settings(BaseSettings):
     # --- Kafka -----------------------------------------------------------------------------
     kafka_bootstrap: str = "127.0.0.1:9092"
     """Comma-separated ``host:port`` list of the Kafka bootstrap brokers."""
-    broker_flavor: Literal["kafka", "local"] = "kafka"
-    """``local`` = the embedded noida-db broker: bounded topic retention, idle-fetch backoff."""
     topic_prefix: str = ""
     """Prepended to every topic name (``staging.`` -> ``staging.fraud.requests``)."""
     app_id: str = "inferlane"
     """faust app id; consumer group ids derive from it (``<app_id>-<lane>``)."""
     worker_id: str = Field(default_factory=_default_worker_id)
-    """Stable id of this worker, used for static group membership (``group.instance.id``)."""
+    """Stable id of this worker: client ids, and ``group.instance.id`` under static membership."""
+    static_membership: bool = False
+    """Join consumer groups as static members (``group.instance.id`` = ``<worker_id>-<lane>``).
+
+    A restarted worker then gets its partitions back without a rebalance, provided it comes back
+    within the session timeout and ``worker_id`` is stable (a StatefulSet ordinal, a compose
+    service). Off by default: a dynamic member that dies is expired by the broker after the
+    session timeout and its partitions move on, whatever its id (docs/design.md)."""
     realtime_partitions: int = Field(default=4, ge=1)
     """Partition count for real-time topics created by ``inferlane topics create``."""
     replication_factor: int = Field(default=1, ge=1)
-    local_retention_ms: int = Field(default=30 * 60 * 1000, ge=60_000)
-    """Topic retention on the local broker, which keeps every record in memory."""
     session_timeout_ms: int = Field(default=10_000, ge=1000)
     commit_interval_ms: int = Field(default=200, ge=10)
     """How often completed offsets are committed (only offsets whose results are acked)."""
@@ -71,12 +74,9 @@ class Settings(BaseSettings):
     leave_group_on_stop: bool = True
     """On a graceful stop, leave the consumer groups so others take the partitions over at once.
 
-    Static members normally do not (a restart then needs no rebalance), but then their
-    partitions wait a session timeout on Apache Kafka and forever on the local broker."""
-    idle_fetch_sleep_ms: float = Field(default=2.0, ge=0.0, le=100.0)
-    """Local broker only: wait after an empty fetch (it has no long-poll; aiokafka would spin)."""
-    background_idle_fetch_sleep_ms: float = Field(default=50.0, ge=0.0, le=1000.0)
-    """Local broker only: the same for lanes off the latency path (archive, batch)."""
+    Dynamic members always do. Static members normally do not (a restart then needs no
+    rebalance), but then their partitions wait a session timeout for a worker that is not coming
+    back; with this on, a static member leaves too (a scale-in hands over at once)."""
     max_in_flight_records: int = Field(default=20_000, ge=1)
     """Backpressure: stop fetching while this many records are consumed but not yet done."""
     max_message_bytes: int = Field(default=1024 * 1024, ge=1024)
@@ -254,10 +254,6 @@ class Settings(BaseSettings):
     def group_id(self, lane: str) -> str:
         """Consumer group id of a lane; each lane commits its own offsets."""
         return f"{self.app_id}-{lane}"
-
-    @property
-    def is_local_broker(self) -> bool:
-        return self.broker_flavor == "local"
 
 
 def _credential_problems(s: Settings) -> list[str]:

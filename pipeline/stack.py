@@ -1,15 +1,19 @@
-"""The embedded local stack: a Kafka-protocol broker and an S3 endpoint on loopback.
+"""The embedded local stack: Apache Kafka (KRaft) and an S3 endpoint on loopback.
 
 Used by ``make demo``, the integration tests and the benchmarks; ``inferlane stack up|down|status``
-drives it by hand. Two processes, both started and stopped by this module only:
+drives it by hand. The processes are started and stopped by this module only:
 
-* broker: the Kafka listener of the ``noida-db`` binary (PyPI wheel), persisted to a data dir;
+* broker(s): Apache Kafka :data:`pipeline.kafkadist.KAFKA_VERSION` in KRaft mode, one JVM per node
+  with the broker and controller roles combined, from the jars ``make install`` fetched with Maven
+  (:mod:`pipeline.kafkadist`); storage formatted by ``kafka.tools.StorageTool``; data under
+  ``<root>/kafka/<node>``; ``brokers=3`` starts a three-node cluster (replication factor 3);
 * S3: moto's server (``moto[server]``), in memory, with the bucket created at start.
 
-Ports are free ones chosen at start unless given; readiness is a real Kafka metadata call and a
-real S3 call; logs go to ``<root>/logs``; state (pids, ports) to ``<root>/stack.json`` so a later
-``stack down`` stops exactly the processes this module started. Production does not use any of
-this: point ``INFERLANE_KAFKA_BOOTSTRAP`` and ``INFERLANE_S3_*`` at real services instead.
+Ports are free ones chosen at start unless given; readiness is a real Kafka request (every node
+registered, a topic created with a leader) and a real S3 call; logs go to ``<root>/logs``; state
+(pids, ports) to ``<root>/stack.json`` so a later ``stack down`` stops exactly the processes this
+module started. Production does not use any of this: point ``INFERLANE_KAFKA_BOOTSTRAP`` and
+``INFERLANE_S3_*`` at real services instead.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -26,42 +29,31 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
+from base64 import urlsafe_b64encode
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
 
 import boto3
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
-from pipeline.errors import BinaryNotFoundError, PortInUseError, StackError
+from pipeline.errors import PortInUseError, PrerequisiteMissingError, StackError
+from pipeline.kafkadist import KafkaDist, PrerequisiteError, find_kafka
 
-__all__ = ["DUMMY_S3_KEY", "LocalStack", "ManagedProcess", "StackEndpoints", "free_port",
-           "noida_binary"]
+__all__ = ["DUMMY_S3_KEY", "KafkaNode", "LocalStack", "ManagedProcess", "StackEndpoints",
+           "free_port", "server_properties"]
 
 DUMMY_S3_KEY = "inferlane-local"
 _HOST = "127.0.0.1"
 _STATE_FILE = "stack.json"
-
-
-def noida_binary() -> Path:
-    """Path of the noida-db executable shipped in its wheel; raise if it is not installed."""
-    spec = importlib.util.find_spec("noida_db")
-    if spec is not None and spec.submodule_search_locations:
-        candidate = Path(next(iter(spec.submodule_search_locations))) / "noida-db"
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    found = shutil.which("noida-db")
-    if found is None:
-        raise BinaryNotFoundError(
-            "the noida-db broker binary is not installed: run `pip install noida-db` "
-            "(or `make install`), or point INFERLANE_KAFKA_BOOTSTRAP at a running Kafka"
-        )
-    return Path(found)
-
+_READY_TOPIC = "__inferlane_stack_ready"
+KAFKA_HEAP_MB = 512
+"""Broker JVM heap: measured ~330 MB resident idle, ~450 MB under the 5k ev/s benchmark."""
 
 _S3_NICE = 10
 _PORT_ATTEMPTS = 3
@@ -164,6 +156,20 @@ class ManagedProcess:
             self._popen.wait(timeout=5)
         self.pid = None
 
+    def kill(self) -> None:
+        """SIGKILL the process group at once (a crash, for failure tests) and reap it."""
+        if self.pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        if self._popen is not None:
+            self._popen.wait(timeout=10)
+        else:
+            deadline = time.monotonic() + 10
+            while _pid_alive(self.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        self.pid = None
+
     def log_tail(self, lines: int = 20) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -182,7 +188,6 @@ class StackEndpoints:
     def env(self) -> dict[str, str]:
         return {
             "INFERLANE_KAFKA_BOOTSTRAP": self.kafka_bootstrap,
-            "INFERLANE_BROKER_FLAVOR": "local",
             "INFERLANE_S3_ENDPOINT_URL": self.s3_endpoint_url,
             "INFERLANE_S3_BUCKET": self.s3_bucket,
             "INFERLANE_S3_ACCESS_KEY_ID": DUMMY_S3_KEY,
@@ -191,11 +196,115 @@ class StackEndpoints:
         }
 
 
-class LocalStack:
-    """Start, check and stop the local broker and S3 server under ``root``.
+@dataclass(frozen=True)
+class KafkaNode:
+    """One KRaft node of the local cluster (broker and controller in one JVM)."""
 
-    ``with LocalStack(root) as endpoints: ...`` starts both and always stops them. ``fresh=True``
-    wipes the broker's data dir first (tests and the demo start from nothing).
+    node_id: int
+    port: int
+    controller_port: int
+    home: Path
+    sasl_port: int = 0
+    """A SASL_PLAINTEXT (PLAIN) listener too when non-zero (the security tests use it)."""
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{_HOST}:{self.port}"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def properties_path(self) -> Path:
+        return self.home / "server.properties"
+
+
+def server_properties(node: KafkaNode, nodes: list[KafkaNode], *,
+                      overrides: dict[str, str] | None = None,
+                      sasl_users: dict[str, str] | None = None) -> dict[str, str]:
+    """The ``server.properties`` of ``node`` in the cluster ``nodes``.
+
+    Choices that differ from Kafka's defaults, and why: topics are never created by a produce or
+    a fetch (``auto.create.topics.enable=false``: :mod:`pipeline.topics` creates each one with its
+    partitions and configs, as in production); 8 consumer-offset partitions instead of 50 (less
+    start-up work on 2 cores, same semantics); no initial rebalance delay (a test's group forms at
+    once); fewer network and I/O threads than Kafka's 3/8 (two cores here); internal topics
+    replicated as far as the cluster allows (3 on three nodes).
+    """
+    rf = min(len(nodes), 3)
+    listeners = [f"PLAINTEXT://{_HOST}:{node.port}", f"CONTROLLER://{_HOST}:{node.controller_port}"]
+    advertised = [f"PLAINTEXT://{_HOST}:{node.port}"]
+    protocols = ["PLAINTEXT:PLAINTEXT", "CONTROLLER:PLAINTEXT"]
+    props = {
+        "process.roles": "broker,controller",
+        "node.id": str(node.node_id),
+        "controller.quorum.voters": ",".join(
+            f"{n.node_id}@{_HOST}:{n.controller_port}" for n in nodes),
+        "controller.listener.names": "CONTROLLER",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "log.dirs": str(node.data_dir),
+        "auto.create.topics.enable": "false",
+        "num.partitions": "1",
+        "default.replication.factor": str(rf),
+        "offsets.topic.num.partitions": "8",
+        "offsets.topic.replication.factor": str(rf),
+        "transaction.state.log.replication.factor": str(rf),
+        "transaction.state.log.min.isr": str(min(rf, 2)),
+        "share.coordinator.state.topic.replication.factor": str(rf),
+        "share.coordinator.state.topic.min.isr": str(min(rf, 2)),
+        "group.initial.rebalance.delay.ms": "0",
+        "num.network.threads": "2",
+        "num.io.threads": "4",
+        "log.retention.hours": "24",
+    }
+    if node.sasl_port:
+        listeners.append(f"SASL_PLAINTEXT://{_HOST}:{node.sasl_port}")
+        advertised.append(f"SASL_PLAINTEXT://{_HOST}:{node.sasl_port}")
+        protocols.append("SASL_PLAINTEXT:SASL_PLAINTEXT")
+        users = " ".join(f'user_{name}="{password}"'
+                         for name, password in sorted((sasl_users or {}).items()))
+        props["sasl.enabled.mechanisms"] = "PLAIN"
+        props["listener.name.sasl_plaintext.plain.sasl.jaas.config"] = (
+            f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};")
+    props["listeners"] = ",".join(listeners)
+    props["advertised.listeners"] = ",".join(advertised)
+    props["listener.security.protocol.map"] = ",".join(protocols)
+    props.update(overrides or {})
+    return props
+
+
+_LOG4J2 = """\
+status = warn
+appender.out.type = Console
+appender.out.name = STDOUT
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.out.ref = STDOUT
+logger.state.name = state.change.logger
+logger.state.level = WARN
+logger.request.name = kafka.request.logger
+logger.request.level = WARN
+"""
+
+# Kafka's own launch script (kafka-run-class.sh) uses these GC flags.
+_JVM_FLAGS = ["-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-XX:InitiatingHeapOccupancyPercent=35",
+              "-XX:+ExplicitGCInvokesConcurrent", "-Djava.awt.headless=true"]
+
+
+def _kafka_uuid() -> str:
+    """A cluster id as ``kafka-storage random-uuid`` makes it: 16 random bytes, URL-safe base64."""
+    return urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+class LocalStack:
+    """Start, check and stop the local Kafka node(s) and S3 server under ``root``.
+
+    ``with LocalStack(root) as endpoints: ...`` starts everything and always stops it.
+    ``fresh=True`` wipes the brokers' data first (tests and the demo start from nothing);
+    ``brokers=3`` runs a three-node KRaft cluster; ``kafka_config`` adds or overrides broker
+    properties; ``sasl_users`` (name → password) adds a SASL_PLAINTEXT listener on every node.
     """
 
     def __init__(
@@ -206,40 +315,69 @@ class LocalStack:
         s3_port: int = 0,
         bucket: str = "inferlane",
         fresh: bool = False,
-        ready_timeout_s: float = 30.0,
+        ready_timeout_s: float = 60.0,
+        brokers: int = 1,
+        kafka_heap_mb: int = KAFKA_HEAP_MB,
+        kafka_config: dict[str, str] | None = None,
+        sasl_users: dict[str, str] | None = None,
     ) -> None:
+        if brokers < 1:
+            raise ValueError("brokers must be at least 1")
         self.root = root
         self.bucket = bucket
         self.ready_timeout_s = ready_timeout_s
+        self.broker_count = brokers
+        self.kafka_heap_mb = kafka_heap_mb
+        self.kafka_config = dict(kafka_config or {})
+        self.sasl_users = dict(sasl_users or {})
         self._fresh = fresh
         self._kafka_port_wanted = kafka_port
         self._s3_port_wanted = s3_port
-        self.kafka_port = 0
         self.s3_port = 0
-        self.broker: ManagedProcess | None = None
+        self.nodes: list[KafkaNode] = []
+        self.brokers: dict[int, ManagedProcess] = {}
         self.s3: ManagedProcess | None = None
+        self._dist: KafkaDist | None = None
 
     @property
     def data_dir(self) -> Path:
-        return self.root / "broker-data"
+        """Where every node keeps its logs and metadata."""
+        return self.root / "kafka"
+
+    @property
+    def kafka_port(self) -> int:
+        return self.nodes[0].port if self.nodes else 0
+
+    @property
+    def broker(self) -> ManagedProcess | None:
+        """The first node's process (the only one of a single-node stack)."""
+        return self.brokers.get(self.nodes[0].node_id) if self.nodes else None
 
     @property
     def endpoints(self) -> StackEndpoints:
         return StackEndpoints(
-            kafka_bootstrap=f"{_HOST}:{self.kafka_port}",
+            kafka_bootstrap=",".join(n.bootstrap for n in self.nodes),
             s3_endpoint_url=f"http://{_HOST}:{self.s3_port}",
             s3_bucket=self.bucket,
         )
 
+    @property
+    def sasl_bootstrap(self) -> str:
+        """The SASL_PLAINTEXT listeners ("" without ``sasl_users``)."""
+        return ",".join(f"{_HOST}:{n.sasl_port}" for n in self.nodes if n.sasl_port)
+
     def start(self) -> StackEndpoints:
-        """Start both services and wait until each answers a real request."""
-        binary = noida_binary()
-        if self._fresh and self.data_dir.exists():
-            shutil.rmtree(self.data_dir)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        """Start every service and wait until each answers a real request."""
+        try:
+            self._dist = find_kafka()
+        except PrerequisiteError as exc:
+            raise PrerequisiteMissingError(str(exc)) from exc
+        if self._fresh:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            shutil.rmtree(self.root / "logs", ignore_errors=True)
         for attempt in range(1, _PORT_ATTEMPTS + 1):
             try:
-                return self._start_on_ports(binary)
+                return self._start_on_ports()
             except StackError as exc:
                 # A free port chosen here can be taken by another program before the server
                 # binds it; only then (ports not given by the caller) try other ones.
@@ -248,12 +386,25 @@ class LocalStack:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _start_on_ports(self, binary: Path) -> StackEndpoints:
-        self.kafka_port = _claim_port(self._kafka_port_wanted, "Kafka")
+    def _plan_nodes(self) -> list[KafkaNode]:
+        nodes = []
+        for i in range(self.broker_count):
+            wanted = self._kafka_port_wanted + i if self._kafka_port_wanted else 0
+            nodes.append(KafkaNode(
+                node_id=i + 1, port=_claim_port(wanted, "Kafka"),
+                controller_port=free_port(), home=self.data_dir / f"node-{i + 1}",
+                sasl_port=free_port() if self.sasl_users else 0))
+        return nodes
+
+    def _start_on_ports(self) -> StackEndpoints:
+        self.nodes = self._plan_nodes()
         self.s3_port = _claim_port(self._s3_port_wanted, "S3")
         try:
-            self.broker = self._broker_process(binary)
-            self.broker.start()
+            cluster_id = _kafka_uuid()
+            for node in self.nodes:
+                self._prepare_node(node, cluster_id)
+            for node in self.nodes:
+                self._start_node(node)
             self.s3 = ManagedProcess(
                 "s3",
                 [sys.executable, "-m", "moto.server", "-H", _HOST, "-p", str(self.s3_port)],
@@ -270,41 +421,74 @@ class LocalStack:
         self._save_state()
         return self.endpoints
 
-    def _broker_process(self, binary: Path) -> ManagedProcess:
-        argv = [str(binary), "start", "--data-dir", str(self.data_dir), "--only", "kafka",
-                "--kafka-port", str(self.kafka_port), "--host", _HOST]
-        return ManagedProcess("broker", argv, self.root / "logs" / "broker.log")
+    def _java_argv(self, *main: str) -> list[str]:
+        assert self._dist is not None  # noqa: S101 - set by start()/attach()
+        return [self._dist.java, f"-Xms{min(256, self.kafka_heap_mb)}m",
+                f"-Xmx{self.kafka_heap_mb}m", *_JVM_FLAGS,
+                f"-Dlog4j2.configurationFile={self.root / 'kafka' / 'log4j2.properties'}",
+                "-cp", self._dist.classpath, *main]
 
-    def stop_broker(self) -> None:
-        """Stop the broker's Kafka service gracefully (``noida-db stop kafka``: its data is
-        saved, the process stays up): for restart tests. Stopping the whole process instead
-        (SIGTERM) can lose the last acknowledged records (docs/design.md)."""
-        self._broker_command("stop")
+    def _prepare_node(self, node: KafkaNode, cluster_id: str) -> None:
+        """Write the node's config and format its storage (skipped when already formatted)."""
+        node.home.mkdir(parents=True, exist_ok=True)
+        (self.root / "kafka" / "log4j2.properties").write_text(_LOG4J2)
+        props = server_properties(node, self.nodes, overrides=self.kafka_config,
+                                  sasl_users=self.sasl_users)
+        node.properties_path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        if (node.data_dir / "meta.properties").exists():
+            return
+        done = subprocess.run(  # noqa: S603 - argv is built here
+            self._java_argv("kafka.tools.StorageTool", "format", "-t", cluster_id,
+                            "-c", str(node.properties_path), "--ignore-formatted"),
+            capture_output=True, text=True, timeout=120, check=False)
+        if done.returncode != 0:
+            raise StackError(f"formatting Kafka node {node.node_id} failed "
+                             f"({done.returncode}): {(done.stderr or done.stdout)[-1500:]}")
 
-    def start_broker(self) -> None:
-        """Start the Kafka service again on the same port and data dir (a new broker process
-        when the old one is gone), and wait until it answers."""
-        if self.broker is None or not self.broker.alive:
-            self.broker = self._broker_process(noida_binary())
-            self.broker.start()
-        else:
-            self._broker_command("start")
-        assert self.broker is not None  # noqa: S101 - set above
-        self._wait_for("broker", self.broker, self._kafka_ready)
+    def _node(self, node_id: int) -> KafkaNode:
+        for node in self.nodes:
+            if node.node_id == node_id:
+                return node
+        raise StackError(f"no Kafka node {node_id} (nodes: {[n.node_id for n in self.nodes]})")
 
-    def _broker_command(self, verb: str) -> None:
-        result = subprocess.run(  # noqa: S603 - argv is built here
-            [str(noida_binary()), verb, "kafka", "--data-dir", str(self.data_dir)],
-            capture_output=True, text=True, timeout=60, check=False)
-        if result.returncode != 0:
-            raise StackError(f"noida-db {verb} kafka failed ({result.returncode}): "
-                             f"{(result.stderr or result.stdout).strip()[-500:]}")
+    def _start_node(self, node: KafkaNode) -> ManagedProcess:
+        proc = ManagedProcess(
+            f"kafka-{node.node_id}",
+            self._java_argv("kafka.Kafka", str(node.properties_path)),
+            self.root / "logs" / f"kafka-{node.node_id}.log")
+        proc.start()
+        self.brokers[node.node_id] = proc
+        return proc
+
+    def stop_broker(self, node_id: int = 1, timeout_s: float = 30.0) -> None:
+        """Stop one node gracefully (SIGTERM: controlled shutdown, logs flushed)."""
+        proc = self.brokers.get(self._node(node_id).node_id)
+        if proc is not None:
+            proc.stop(timeout_s=timeout_s)
+
+    def kill_broker(self, node_id: int = 1) -> None:
+        """SIGKILL one node (``kill -9``: no shutdown, unflushed page cache survives)."""
+        proc = self.brokers.get(self._node(node_id).node_id)
+        if proc is not None:
+            proc.kill()
+
+    def start_broker(self, node_id: int = 1) -> None:
+        """Start a stopped or killed node again on its ports and data, and wait until the whole
+        cluster answers."""
+        node = self._node(node_id)
+        old = self.brokers.get(node_id)
+        if old is not None and old.alive:
+            raise StackError(f"Kafka node {node_id} is running")
+        proc = self._start_node(node)
+        self._wait_for(f"kafka node {node_id}", proc, self._kafka_ready)
+        self._save_state()
 
     def stop(self) -> None:
         """Stop what this object started (idempotent) and forget the saved state."""
-        for proc in (self.broker, self.s3):
-            if proc is not None:
-                proc.stop()
+        procs = [p for p in (*self.brokers.values(), self.s3) if p is not None]
+        # In parallel: each Kafka node's controlled shutdown waits for the others' answers.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(procs))) as pool:
+            list(pool.map(lambda proc: proc.stop(timeout_s=30.0), procs))
         state = self.root / _STATE_FILE
         if state.exists():
             state.unlink()
@@ -320,8 +504,10 @@ class LocalStack:
 
     # --- readiness ------------------------------------------------------------------------
     def _wait_ready(self) -> None:
-        assert self.broker is not None and self.s3 is not None  # noqa: S101 - set by start()
-        self._wait_for("broker", self.broker, self._kafka_ready)
+        assert self.s3 is not None  # noqa: S101 - set by start()
+        for node in self.nodes:
+            self._wait_for(f"kafka node {node.node_id}", self.brokers[node.node_id],
+                           self._kafka_ready)
         self._wait_for("S3", self.s3, self._s3_ready)
 
     def _wait_for(self, what: str, proc: ManagedProcess, probe: Callable[[], str]) -> None:
@@ -335,26 +521,28 @@ class LocalStack:
             last_error = probe()
             if not last_error:
                 return
-            time.sleep(0.1)
+            time.sleep(0.2)
         raise StackError(
             f"{what} not ready after {self.ready_timeout_s:.0f}s ({last_error}); "
             f"log {proc.log_path}:\n{proc.log_tail()}"
         )
 
     def _kafka_ready(self) -> str:
-        return kafka_probe(self.endpoints.kafka_bootstrap)
+        return kafka_probe(self.endpoints.kafka_bootstrap, brokers=len(self.nodes),
+                           create_topic=True)
 
     def _s3_ready(self) -> str:
         return s3_probe(self.endpoints, create_bucket=True)
 
     # --- state for the CLI ----------------------------------------------------------------
     def _save_state(self) -> None:
-        assert self.broker is not None and self.s3 is not None  # noqa: S101 - set by start()
         state = {
             "endpoints": asdict(self.endpoints),
+            "nodes": [{**asdict(n), "home": str(n.home)} for n in self.nodes],
+            "kafka_heap_mb": self.kafka_heap_mb,
             "processes": {
                 proc.name: {"pid": proc.pid, "argv": proc.argv, "log": str(proc.log_path)}
-                for proc in (self.broker, self.s3)
+                for proc in (*self.brokers.values(), self.s3) if proc is not None
             },
         }
         (self.root / _STATE_FILE).write_text(json.dumps(state, indent=2))
@@ -367,24 +555,33 @@ class LocalStack:
             return None
         state = json.loads(path.read_text())
         endpoints = StackEndpoints(**state["endpoints"])
-        stack = cls(root, bucket=endpoints.s3_bucket)
-        stack.kafka_port = int(endpoints.kafka_bootstrap.rsplit(":", 1)[1])
+        nodes = [KafkaNode(**{**n, "home": Path(n["home"])}) for n in state.get("nodes", [])]
+        stack = cls(root, bucket=endpoints.s3_bucket, brokers=max(1, len(nodes)),
+                    kafka_heap_mb=int(state.get("kafka_heap_mb", KAFKA_HEAP_MB)))
+        stack.nodes = nodes
         stack.s3_port = int(endpoints.s3_endpoint_url.rsplit(":", 1)[1])
-        procs = {}
         for name, info in state["processes"].items():
-            proc = ManagedProcess(name, info["argv"], Path(info["log"]), pid=info["pid"])
             # Only a process whose command line is still ours may be signalled (pids get reused).
-            procs[name] = proc if _cmdline_matches(info["pid"], info["argv"]) else None
-        stack.broker, stack.s3 = procs.get("broker"), procs.get("s3")
+            if not _cmdline_matches(info["pid"], info["argv"]):
+                continue
+            proc = ManagedProcess(name, info["argv"], Path(info["log"]), pid=info["pid"])
+            if name == "s3":
+                stack.s3 = proc
+            elif name.startswith("kafka-"):
+                stack.brokers[int(name.removeprefix("kafka-"))] = proc
         return stack
 
     def status(self) -> dict[str, object]:
         """Liveness and reachability of each service, for ``inferlane stack status``."""
+        bootstrap = self.endpoints.kafka_bootstrap
         return {
             "endpoints": asdict(self.endpoints),
-            "broker": {"pid": self.broker.pid if self.broker else None,
-                       "alive": bool(self.broker and self.broker.alive),
-                       "error": kafka_probe(self.endpoints.kafka_bootstrap) or None},
+            "kafka": {
+                "nodes": {str(n.node_id): {
+                    "pid": self.brokers[n.node_id].pid if n.node_id in self.brokers else None,
+                    "alive": bool(n.node_id in self.brokers and self.brokers[n.node_id].alive),
+                    "bootstrap": n.bootstrap} for n in self.nodes},
+                "error": kafka_probe(bootstrap, brokers=len(self.nodes)) or None},
             "s3": {"pid": self.s3.pid if self.s3 else None,
                    "alive": bool(self.s3 and self.s3.alive),
                    "error": s3_probe(self.endpoints, create_bucket=False) or None},
@@ -399,11 +596,15 @@ def _cmdline_matches(pid: int, argv: list[str]) -> bool:
     return raw.split(b"\0")[: len(argv)] == [a.encode() for a in argv]
 
 
-def kafka_probe(bootstrap: str, timeout_s: float = 3.0) -> str:
-    """Do a real metadata request; return "" when it works, else the error text.
+def kafka_probe(bootstrap: str, timeout_s: float = 3.0, *, brokers: int = 0,
+                create_topic: bool = False) -> str:
+    """Do real Kafka requests; return "" when they work, else the error text.
 
-    A plain TCP connect to the first bootstrap address comes first: while the broker is still
-    starting, aiokafka would log every refused connection as an error on the user's terminal.
+    Metadata always; with ``brokers`` the cluster must list that many; with ``create_topic`` a
+    small topic is created (replicated over ``min(brokers, 3)`` nodes) and must have a leader,
+    so a broker that answers metadata but cannot yet serve writes is not "ready". A plain TCP
+    connect to the first bootstrap address comes first: while the broker is still starting,
+    aiokafka would log every refused connection as an error on the user's terminal.
     """
     host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
     try:
@@ -411,23 +612,39 @@ def kafka_probe(bootstrap: str, timeout_s: float = 3.0) -> str:
     except (OSError, ValueError) as exc:
         return f"kafka: {exc!r}"
 
-    async def probe() -> None:
+    async def probe() -> str:
         admin = AIOKafkaAdminClient(
             bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000)
         )
         try:
             await asyncio.wait_for(admin.start(), timeout_s)
-            await asyncio.wait_for(admin.list_topics(), timeout_s)
+            if brokers:
+                cluster = await asyncio.wait_for(admin.describe_cluster(), timeout_s)
+                seen = len(cluster.get("brokers", []))
+                if seen < brokers:
+                    return f"kafka: {seen} of {brokers} brokers registered"
+            else:
+                await asyncio.wait_for(admin.list_topics(), timeout_s)
+            if create_topic:
+                rf = min(max(brokers, 1), 3)
+                with contextlib.suppress(TopicAlreadyExistsError):
+                    await asyncio.wait_for(admin.create_topics(
+                        [NewTopic(_READY_TOPIC, 1, rf)]), timeout_s)
+                described = await asyncio.wait_for(admin.describe_topics([_READY_TOPIC]),
+                                                   timeout_s)
+                parts = described[0].get("partitions", []) if described else []
+                if not parts or any(p.get("leader", -1) < 0 for p in parts):
+                    return "kafka: no partition leader yet"
+            return ""
         finally:
             await admin.close()
 
     # Run in a thread with its own loop: callers may or may not be inside a running loop.
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         try:
-            pool.submit(asyncio.run, probe()).result(timeout=timeout_s * 3)
+            return pool.submit(asyncio.run, probe()).result(timeout=timeout_s * 5)
         except (KafkaError, OSError, asyncio.TimeoutError, concurrent.futures.TimeoutError) as exc:
             return f"kafka: {exc!r}"
-    return ""
 
 
 def s3_probe(endpoints: StackEndpoints, *, create_bucket: bool) -> str:

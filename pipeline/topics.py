@@ -96,10 +96,7 @@ def spec(name: str) -> TopicSpec:
 def topic_configs(spec: TopicSpec, settings: Settings) -> dict[str, str]:
     """Broker configs of a topic as created here (faust's own declarations reuse them)."""
     configs = dict(spec.configs)
-    if settings.is_local_broker:
-        # The local broker keeps every record in memory: bound what each topic can hold.
-        configs.setdefault("retention.ms", str(settings.local_retention_ms))
-    elif spec.compact:
+    if spec.compact:
         configs.setdefault("cleanup.policy", "compact")
     return configs
 
@@ -128,6 +125,7 @@ async def ensure_topics(
         missing = [topic for topic in wanted if topic.name not in existing]
         if missing:
             await _create(admin, missing)
+            await _wait_for_leaders(admin, [t.name for t in missing], timeout_s)
         return [topic.name for topic in missing]
     except (KafkaError, OSError, asyncio.TimeoutError) as exc:
         raise TopicError(f"cannot ensure topics on {settings.kafka_bootstrap}: {exc!r}") from exc
@@ -141,3 +139,27 @@ async def _create(admin: AIOKafkaAdminClient, topics: list[NewTopic]) -> None:
         if code and code != TopicAlreadyExistsError.errno:
             raise TopicError(f"creating topic {name!r} failed: error {code} {rest}")
     log.info("created topics %s", [t.name for t in topics])
+
+
+async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str], timeout_s: float) -> None:
+    """Wait until every partition of the new topics has a leader.
+
+    Kafka answers CreateTopics once the controller has recorded the topics; the brokers elect
+    the partition leaders a moment later. A producer or consumer started in between gets
+    UNKNOWN_TOPIC_OR_PARTITION / LEADER_NOT_AVAILABLE and retries, but a reader that snapshots
+    the partitions then would see none: callers may use the topics as soon as this returns.
+    """
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    waiting = set(names)
+    while waiting:
+        for topic in await admin.describe_topics(sorted(waiting)):
+            parts = topic.get("partitions") or []
+            if not topic.get("error_code") and parts and all(
+                    p.get("leader", -1) >= 0 for p in parts):
+                waiting.discard(topic["topic"])
+        if not waiting:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise TopicError(f"topics without partition leaders after {timeout_s:.0f}s: "
+                             f"{sorted(waiting)}")
+        await asyncio.sleep(0.1)

@@ -26,7 +26,7 @@ from pipeline.bench.sut import BARE_READY_MARK
 from pipeline.deadletter import dead_letter
 from pipeline.features import fast_features
 from pipeline.fraud import Thresholds, decide
-from pipeline.kafka import apply_idle_fetch_backoff, make_consumer, make_producer
+from pipeline.kafka import make_consumer, make_producer
 from pipeline.model import OnnxScorer
 from pipeline.produce import BatchSender
 from pipeline.serving import fraud_model_path
@@ -100,8 +100,6 @@ async def run(settings: Settings) -> None:
     await producer.start()
     try:
         await consumer.start()
-        if settings.is_local_broker:
-            apply_idle_fetch_backoff(consumer, 2.0)
         log.info("%s (group %s)", BARE_READY_MARK, settings.group_id("bare"))
         await _loop(settings, consumer, BatchSender(producer), scorer, stop)
     finally:

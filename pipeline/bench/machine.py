@@ -17,7 +17,7 @@ __all__ = ["PACKAGES", "git_commit", "machine_info"]
 
 PACKAGES: tuple[str, ...] = (
     "inferlane", "faust-streaming", "mode-streaming", "aiokafka", "onnxruntime", "numpy",
-    "orjson", "msgspec", "noida-db", "uvloop", "matplotlib",
+    "orjson", "msgspec", "uvloop", "matplotlib",
 )
 _REPO = Path(__file__).resolve().parents[2]
 

@@ -38,7 +38,6 @@ settings.state_dir.mkdir(parents=True, exist_ok=True)  # faust creates only the 
 app = faust.App(
     settings.app_id,
     broker=[f"kafka://{host.strip()}" for host in settings.kafka_bootstrap.split(",")],
-    consumer_group_instance_id=f"{settings.worker_id}-naive-faust",
     broker_session_timeout=10.0,
     datadir=str(settings.state_dir / "naive-faust"),
 )

@@ -33,7 +33,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from pipeline.bench.stats import ResultRow
-from pipeline.kafka import start_reader
+from pipeline.kafka import start_reader, topic_partitions
 from pipeline.settings import load_settings
 
 __all__ = ["ReaderOutput", "ReaderProcess", "main"]
@@ -101,10 +101,7 @@ async def _run(topic: str, id_field: str) -> _Collector:
     consumer = await start_reader(settings, "inferlane-bench-reader")
     collector = _Collector(id_field)
     try:
-        partitions = consumer.partitions_for_topic(topic)
-        if partitions is None:
-            await consumer.topics()  # refresh metadata for topics not seen yet
-            partitions = consumer.partitions_for_topic(topic) or set()
+        partitions = await topic_partitions(consumer, topic)
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         if not tps:
             raise SystemExit(f"reader: topic {topic} has no partitions")

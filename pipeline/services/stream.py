@@ -100,5 +100,4 @@ def follow_results(settings: Settings, name: str, topic: str,
                    on_result: Callable[[dict[str, Any]], None]) -> Lane:
     """A lane named ``name`` (group ``<app_id>-<name>``, member ``<worker_id>-<name>``) that
     feeds the results of logical ``topic`` to ``on_result``; start it with ``await .start()``."""
-    return Lane(settings, name, ResultFollower(settings.topic(topic), on_result),
-                idle_fetch_sleep_ms=settings.background_idle_fetch_sleep_ms)
+    return Lane(settings, name, ResultFollower(settings.topic(topic), on_result))

@@ -1,4 +1,4 @@
-"""Fixtures of the integration tests: the real local stack (broker + S3 server over TCP),
+"""Fixtures of the integration tests: the real local stack (Apache Kafka + S3 server over TCP),
 per-test settings with unique topics and groups, and worker processes.
 
 The stack starts once per session; every test gets its own topic prefix and app id, so tests
@@ -8,6 +8,7 @@ never see each other's records or consumer groups. Nothing here is mocked.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,13 +21,17 @@ from pipeline.topics import ensure_topics
 from pipeline.worker import SERVICE_READY_MARK, ServiceProcess, WorkerProcess
 
 REPO = Path(__file__).resolve().parents[2]
+SASL_USER = "inferlane-it"
+"""The user of the session broker's SASL_PLAINTEXT listener (PLAIN; password per session)."""
 
 
 @pytest.fixture(scope="session")
 def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    stack = LocalStack(tmp_path_factory.mktemp("stack"), fresh=True)
+    stack = LocalStack(tmp_path_factory.mktemp("stack"), fresh=True,
+                       sasl_users={SASL_USER: f"it-{secrets.token_hex(8)}"})
     stack.start()
-    pids = [p.pid for p in (stack.broker, stack.s3) if p is not None and p.pid is not None]
+    pids = [p.pid for p in (*stack.brokers.values(), stack.s3)
+            if p is not None and p.pid is not None]
     yield stack
     stack.stop()
     leftover = [pid for pid in pids if _pid_alive(pid)]

@@ -68,8 +68,7 @@ async def test_records_put_back_are_fetched_again(settings: Settings) -> None:
 def test_the_app_consumer_puts_discarded_fetches_back(settings: Settings) -> None:
     app = create_app(settings)
     assert isinstance(app.consumer._thread, _ConsumerThread)
-    # Its thread gives the local broker's consumer the idle-fetch backoff (at least 20 ms).
-    assert settings.is_local_broker
-    assert type(app.consumer).idle_fetch_backoff_ms == max(settings.idle_fetch_sleep_ms, 20.0)
-    kafka = create_app(settings.model_copy(update={"broker_flavor": "kafka"}))
-    assert type(kafka.consumer).idle_fetch_backoff_ms == 0.0
+    # Dynamic membership unless asked for: a dead worker is expired after the session timeout.
+    assert app.conf.consumer_group_instance_id is None
+    static = create_app(settings.model_copy(update={"static_membership": True}))
+    assert static.conf.consumer_group_instance_id == f"{settings.worker_id}-faust"

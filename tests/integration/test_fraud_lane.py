@@ -14,7 +14,7 @@ import numpy as np
 import orjson
 from aiokafka import TopicPartition
 
-from pipeline.kafka import make_producer
+from pipeline.kafka import make_producer, topic_partitions
 from pipeline.loadgen import ResultReader, produce_transactions, snapshot_end_offsets
 from pipeline.model import load_card
 from pipeline.s3 import S3Store
@@ -114,8 +114,7 @@ async def _read_all(settings: Settings, topic: str) -> list[tuple[bytes, bytes]]
                                 enable_auto_commit=False)
     await consumer.start()
     try:
-        await consumer.topics()
-        partitions = sorted(consumer.partitions_for_topic(topic) or ())
+        partitions = sorted(await topic_partitions(consumer, topic))
         tps = [TopicPartition(topic, p) for p in partitions]
         ends = await consumer.end_offsets(tps)
         consumer.assign(tps)

@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pipeline.features import fast_features
 from pipeline.history import DEFAULT_HISTORY_FEATURES, CardHistory, from_bytes, history_features
 from pipeline.historyview import CHANGELOG
-from pipeline.kafka import client_kwargs, make_producer
+from pipeline.kafka import client_kwargs, make_producer, topic_partitions
 from pipeline.loadgen import ResultReader, snapshot_end_offsets
 from pipeline.model import OnnxScorer
 from pipeline.serving import fraud_model_path
@@ -55,7 +55,7 @@ class Changelog:
         self._consumer = AIOKafkaConsumer(**client_kwargs(self.settings, client_id="it-cl"),
                                           enable_auto_commit=False)
         await self._consumer.start()
-        partitions = self._consumer.partitions_for_topic(self.topic) or set()
+        partitions = await topic_partitions(self._consumer, self.topic)
         self._consumer.assign([TopicPartition(self.topic, p) for p in partitions])
         await self._consumer.seek_to_beginning()
         return self

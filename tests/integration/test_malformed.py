@@ -49,7 +49,7 @@ from hypothesis import strategies as st
 from pipeline.deadletter import RAW_MAX_BYTES
 from pipeline.history import CardHistory, from_bytes
 from pipeline.historyview import CHANGELOG
-from pipeline.kafka import client_kwargs, make_producer
+from pipeline.kafka import client_kwargs, make_producer, topic_partitions
 from pipeline.loadgen import HistoryTransactionSource
 from pipeline.settings import Settings
 from pipeline.worker import WorkerProcess
@@ -514,7 +514,7 @@ async def _changelog_of_retries(
     await consumer.start()
     found: dict[tuple[int, int], CardHistory] = {}
     try:
-        partitions = consumer.partitions_for_topic(topic) or set()
+        partitions = await topic_partitions(consumer, topic)
         consumer.assign([TopicPartition(topic, p) for p in partitions])
         await consumer.seek_to_beginning()
         deadline = time.monotonic() + 60

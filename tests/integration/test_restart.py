@@ -26,7 +26,9 @@ WorkerFactory = Callable[[dict[str, str]], WorkerProcess]
 async def test_sigkill_and_restart_with_same_worker_id_loses_nothing(
     test_env: EnvFactory, worker_factory: WorkerFactory
 ) -> None:
-    env = test_env(archive_max_bytes="30000", archive_max_age_ms="500")
+    # Static membership: the restarted worker takes its own place in the groups back without
+    # waiting for the dead member's session to expire (the dynamic case: test_group_membership).
+    env = test_env(archive_max_bytes="30000", archive_max_age_ms="500", static_membership="true")
     settings = settings_from(env)
     worker = worker_factory(env)
     scores, dlq = await _readers(settings)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import PortInUseError
+from pipeline.errors import PortInUseError, PrerequisiteMissingError
 from pipeline.stack import LocalStack, _pid_alive, kafka_probe
 
 CLI = [sys.executable, "-m", "pipeline.cli"]
@@ -36,7 +36,7 @@ def test_stack_up_status_down_leaves_nothing_behind(tmp_path: Path) -> None:
         assert all(_pid_alive(pid) for pid in pids)
         status = _cli("stack", "status", "--dir", str(root))
         report = json.loads(status.stdout)
-        assert report["broker"]["alive"] and report["broker"]["error"] is None
+        assert report["kafka"]["nodes"]["1"]["alive"] and report["kafka"]["error"] is None
         assert report["s3"]["alive"] and report["s3"]["error"] is None
         again = _cli("stack", "up", "--dir", str(root), check=False)
         assert again.returncode == 2 and "already runs" in again.stdout
@@ -63,15 +63,36 @@ def test_taken_port_is_a_clear_error(tmp_path: Path) -> None:
     assert f"Kafka port {port} on 127.0.0.1 is already in use" in result.stdout
 
 
+def test_unfetched_broker_is_a_clear_error(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INFERLANE_CACHE_DIR", str(tmp_path / "empty-cache"))
+    with pytest.raises(PrerequisiteMissingError, match="make install"):
+        LocalStack(tmp_path / "a").start()
+    (tmp_path / "libs").mkdir()
+    monkeypatch.setenv("INFERLANE_KAFKA_LIBS", str(tmp_path / "libs"))
+    with pytest.raises(PrerequisiteMissingError, match="holds no kafka_2.13"):
+        LocalStack(tmp_path / "b").start()
+    result = subprocess.run([*CLI, "stack", "up", "--dir", str(tmp_path / "c")],
+                            capture_output=True, text=True, timeout=120, check=False,
+                            env={**os.environ, "INFERLANE_KAFKA_LIBS": str(tmp_path / "libs")})
+    assert result.returncode == 2
+    assert "holds no kafka_2.13" in result.stdout + result.stderr
+
+
 def test_broker_restart_keeps_data_and_port(tmp_path: Path) -> None:
     stack = LocalStack(tmp_path, fresh=True)
     endpoints = stack.start()
     try:
-        assert kafka_probe(endpoints.kafka_bootstrap) == ""
-        stack.stop_broker()
-        assert kafka_probe(endpoints.kafka_bootstrap, timeout_s=1) != ""
-        stack.start_broker()
-        assert kafka_probe(endpoints.kafka_bootstrap) == ""
+        assert kafka_probe(endpoints.kafka_bootstrap, brokers=1, create_topic=True) == ""
+        meta = (stack.nodes[0].data_dir / "meta.properties").read_text()
+        for stop in (stack.stop_broker, stack.kill_broker):
+            stop(1)
+            assert kafka_probe(endpoints.kafka_bootstrap, timeout_s=1) != ""
+            stack.start_broker(1)
+            assert kafka_probe(endpoints.kafka_bootstrap, brokers=1) == ""
+            # Same storage (not formatted again: the cluster id is kept) and same port.
+            assert (stack.nodes[0].data_dir / "meta.properties").read_text() == meta
+            assert stack.endpoints.kafka_bootstrap == endpoints.kafka_bootstrap
     finally:
         stack.stop()
     assert stack.broker is not None and not stack.broker.alive

@@ -133,7 +133,11 @@ async def test_every_factory_builds_secured_clients(
         built.append(self)
 
     monkeypatch.setattr(AIOKafkaConsumer, "start", no_start)
-    monkeypatch.setattr(AIOKafkaConsumer, "partitions_for_topic", lambda self, topic: set())
+
+    async def no_partitions(consumer: Any, topic: str) -> set[int]:
+        return set()
+
+    monkeypatch.setattr("pipeline.loadgen.topic_partitions", no_partitions)
 
     async def no_topics(self: Any) -> set[str]:
         return set()

@@ -28,18 +28,15 @@ def test_defaults() -> None:
     s = load_settings()
     assert isinstance(s, Settings)
     assert s.kafka_bootstrap == "127.0.0.1:9092"
-    assert s.broker_flavor == "kafka"
-    assert s.is_local_broker is False
     assert s.topic_prefix == ""
     assert s.app_id == "inferlane"
     assert s.worker_id == f"{socket.gethostname()}-0"
     assert s.realtime_partitions == 4
     assert s.replication_factor == 1
-    assert s.local_retention_ms == 1_800_000
     assert s.session_timeout_ms == 10_000
     assert s.commit_interval_ms == 200
     assert s.commit_on_revoke is True
-    assert s.idle_fetch_sleep_ms == 2.0
+    assert s.static_membership is False
     assert s.max_in_flight_records == 20_000
     assert s.state_dir == Path(".inferlane")
     assert s.s3_endpoint_url is None
@@ -79,7 +76,7 @@ def test_default_topics_and_group_ids() -> None:
 
 def test_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INFERLANE_KAFKA_BOOTSTRAP", "broker-1:9093,broker-2:9093")
-    monkeypatch.setenv("INFERLANE_BROKER_FLAVOR", "local")
+    monkeypatch.setenv("INFERLANE_STATIC_MEMBERSHIP", "true")
     monkeypatch.setenv("INFERLANE_FRAUD_BATCH_MAX_ROWS", "512")
     monkeypatch.setenv("INFERLANE_FRAUD_MAX_WAIT_MS", "2.5")
     monkeypatch.setenv("INFERLANE_COMMIT_ON_REVOKE", "false")
@@ -87,7 +84,7 @@ def test_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INFERLANE_STATE_DIR", "/tmp/inferlane-state")  # noqa: S108
     s = load_settings()
     assert s.kafka_bootstrap == "broker-1:9093,broker-2:9093"
-    assert s.is_local_broker is True
+    assert s.static_membership is True
     assert s.fraud_batch_max_rows == 512
     assert s.fraud_max_wait_ms == 2.5
     assert s.commit_on_revoke is False
