@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaTimeoutError
+from aiokafka.errors import KafkaTimeoutError, UnknownTopicOrPartitionError
 from aiokafka.partitioner import DefaultPartitioner
 
+from pipeline.errors import TopicError
 from pipeline.kafka import ProducerHandle
 from pipeline.metrics import PRODUCE_ACK
 
@@ -38,7 +39,13 @@ class BatchSender:
     async def _partitions_for(self, producer: AIOKafkaProducer, topic: str) -> list[int]:
         partitions = self._partitions.get(topic)
         if partitions is None:
-            partitions = sorted(await producer.partitions_for(topic))
+            try:
+                partitions = sorted(await producer.partitions_for(topic))
+            except UnknownTopicOrPartitionError as exc:
+                # The brokers do not create topics on first use (auto.create.topics.enable is
+                # off in the local stack and in most production clusters).
+                raise TopicError(f"topic {topic} does not exist: create it first "
+                                 f"(`inferlane topics create`)") from exc
             self._partitions[topic] = partitions
         return partitions
 

@@ -294,8 +294,13 @@ _JVM_FLAGS = ["-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-XX:InitiatingHeapOccu
 
 
 def _kafka_uuid() -> str:
-    """A cluster id as ``kafka-storage random-uuid`` makes it: 16 random bytes, URL-safe base64."""
-    return urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A cluster id as ``kafka-storage random-uuid`` makes it: 16 random bytes, URL-safe base64,
+    never starting with ``-`` (Kafka's ``Uuid.randomUuid`` rule too: the storage tool would read
+    such an id as an option and fail; 1 in 64 ids)."""
+    while True:
+        text = urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not text.startswith("-"):
+            return text
 
 
 class LocalStack:

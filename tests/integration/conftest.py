@@ -72,6 +72,15 @@ def settings_from(env: dict[str, str]) -> Settings:
                             if k.startswith("INFERLANE_")})
 
 
+async def ready_settings(env: dict[str, str]) -> Settings:
+    """The settings of ``env`` with every topic created: the brokers do not create topics on
+    first use, and a test's load generator also writes topics of lanes it does not run
+    (``fraud.labels`` is the history lane's)."""
+    settings = settings_from(env)
+    await ensure_topics(settings)
+    return settings
+
+
 @pytest.fixture
 def settings(test_env: EnvFactory) -> Settings:
     s = settings_from(test_env())

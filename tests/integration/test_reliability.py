@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from pipeline.loadgen import produce_transactions
 from pipeline.worker import WorkerProcess
-from tests.integration.conftest import EnvFactory, settings_from
+from tests.integration.conftest import EnvFactory, ready_settings
 from tests.integration.test_fraud_lane import _readers
 
 WorkerFactory = Callable[[dict[str, str]], WorkerProcess]
@@ -19,7 +19,7 @@ WorkerFactory = Callable[[dict[str, str]], WorkerProcess]
 async def test_three_sigkills_at_2000_per_second_lose_nothing(
         test_env: EnvFactory, worker_factory: WorkerFactory) -> None:
     env = test_env(lanes="fraud")
-    settings = settings_from(env)
+    settings = await ready_settings(env)
     worker = worker_factory(env)
     scores, dlq = await _readers(settings)
     async with scores, dlq:
@@ -44,7 +44,7 @@ async def test_three_sigkills_at_2000_per_second_lose_nothing(
 async def test_sigterm_flushes_commits_and_exits_fast_and_restart_redoes_nothing(
         test_env: EnvFactory, worker_factory: WorkerFactory) -> None:
     env = test_env(lanes="fraud")
-    settings = settings_from(env)
+    settings = await ready_settings(env)
     worker = worker_factory(env)
     scores, dlq = await _readers(settings)
     async with scores, dlq:

@@ -1,11 +1,11 @@
 """Security on the real local stack: a worker whose every Kafka client (lanes, readers, admin,
-faust) authenticates with SASL/PLAIN, S3 keys that never reach a log or an error, and the
-maximum message size dead-lettering an oversized record.
+faust) authenticates with SASL/PLAIN against the broker's SASL_PLAINTEXT listener, a wrong
+password and an unsupported mechanism refused with clear errors that hold no secret, S3 keys that
+never reach a log or an error, and the maximum message size dead-lettering an oversized record.
 
-The local broker speaks the SASL handshake with PLAIN only and accepts any user name and
-password (it does not authenticate), and it has no TLS listener: these tests prove that the SASL
-arguments reach the wire and that the pipeline works with them, not that a wrong password is
-refused (docs/security.md).
+The session broker (tests/integration/conftest.py) has a SASL_PLAINTEXT listener with one PLAIN
+user whose password is drawn per session; TLS and SCRAM users are covered by docs/security.md and
+the unit tests of the client arguments.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ from pipeline.kafka import make_consumer, make_producer, start_reader
 from pipeline.loadgen import ResultReader, produce_transactions, snapshot_end_offsets
 from pipeline.s3 import S3Store, retry
 from pipeline.settings import Settings
+from pipeline.stack import LocalStack
 from pipeline.synth import TransactionGenerator
 from pipeline.topics import ensure_topics
 from pipeline.worker import WorkerProcess
 from schemas import DeadLetter
-from tests.integration.conftest import EnvFactory, settings_from
+from tests.integration.conftest import SASL_USER, EnvFactory, settings_from
 from tests.integration.test_fraud_lane import _read_all, archived
 
 WorkerFactory = Callable[[dict[str, str]], WorkerProcess]
@@ -36,10 +37,25 @@ WorkerFactory = Callable[[dict[str, str]], WorkerProcess]
 CLEARTEXT_WARNING = "Sending username and password in the clear"
 
 
-def _secrets() -> dict[str, str]:
+@pytest.fixture
+def secrets(local_stack: LocalStack) -> dict[str, str]:
+    """The session broker's SASL password and S3 keys drawn for this test."""
     tag = uuid.uuid4().hex[:10]
-    return {"kafka_sasl_password": f"sasl-pw-{tag}", "s3_access_key_id": f"AKIAKEY{tag}",
-            "s3_secret_access_key": f"s3-secret-{tag}"}
+    return {"kafka_sasl_password": local_stack.sasl_users[SASL_USER],
+            "s3_access_key_id": f"AKIAKEY{tag}", "s3_secret_access_key": f"s3-secret-{tag}"}
+
+
+@pytest.fixture
+def sasl_env(test_env: EnvFactory, local_stack: LocalStack,
+             secrets: dict[str, str]) -> EnvFactory:
+    """test_env pointed at the SASL_PLAINTEXT listener, authenticating as the session user."""
+
+    def make(**overrides: str) -> dict[str, str]:
+        return test_env(**{"kafka_bootstrap": local_stack.sasl_bootstrap,
+                           "kafka_security_protocol": "SASL_PLAINTEXT",
+                           "kafka_sasl_mechanism": "PLAIN", "kafka_sasl_username": SASL_USER,
+                           **secrets, **overrides})
+    return make
 
 
 def _assert_no_secret(text: str, secrets: dict[str, str]) -> None:
@@ -48,11 +64,9 @@ def _assert_no_secret(text: str, secrets: dict[str, str]) -> None:
 
 
 async def test_a_sasl_worker_with_s3_keys_scores_archives_and_logs_no_secret(
-    test_env: EnvFactory, worker_factory: WorkerFactory
+    sasl_env: EnvFactory, secrets: dict[str, str], worker_factory: WorkerFactory
 ) -> None:
-    secrets = _secrets()
-    env = test_env(lanes="fraud,archive", kafka_security_protocol="SASL_PLAINTEXT",
-                   kafka_sasl_mechanism="PLAIN", kafka_sasl_username="inferlane-it", **secrets)
+    env = sasl_env(lanes="fraud,archive")
     settings = settings_from(env)
     assert settings.kafka_security_protocol == "SASL_PLAINTEXT"
     await ensure_topics(settings)  # the admin client over SASL
@@ -79,12 +93,10 @@ async def test_a_sasl_worker_with_s3_keys_scores_archives_and_logs_no_secret(
 
 
 async def test_every_client_factory_authenticates_with_sasl(
-    test_env: EnvFactory, caplog: pytest.LogCaptureFixture
+    sasl_env: EnvFactory, secrets: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     """Each kind of client the pipeline builds does a SASL/PLAIN handshake on a real broker."""
-    secrets = _secrets()
-    settings = settings_from(test_env(kafka_security_protocol="SASL_PLAINTEXT",
-                                      kafka_sasl_username="inferlane-it", **secrets))
+    settings = settings_from(sasl_env())
     caplog.set_level(logging.INFO)
 
     def sasl_handshakes() -> int:
@@ -117,26 +129,38 @@ async def test_every_client_factory_authenticates_with_sasl(
     _assert_no_secret(caplog.text, secrets)
 
 
-async def test_scram_reaches_the_broker_and_its_refusal_holds_no_password(
-    test_env: EnvFactory, caplog: pytest.LogCaptureFixture
+async def test_a_wrong_password_is_refused_with_a_clear_error_and_no_secret(
+    sasl_env: EnvFactory, secrets: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    secrets = _secrets()
-    settings = settings_from(test_env(kafka_security_protocol="SASL_PLAINTEXT",
-                                      kafka_sasl_mechanism="SCRAM-SHA-512",
-                                      kafka_sasl_username="inferlane-it", **secrets))
+    wrong = f"wrong-{uuid.uuid4().hex[:10]}"
+    settings = settings_from(sasl_env(kafka_sasl_password=wrong))
     caplog.set_level(logging.DEBUG)
     with pytest.raises(TopicError) as info:
         await ensure_topics(settings, timeout_s=5)
-    # The local broker enables PLAIN only: its refusal names the mechanism the client asked for.
-    assert "does not support SCRAM-SHA-512" in caplog.text
+    # Kafka's own refusal reaches the user: the user name is in it, no password is.
+    assert "Invalid username or password" in caplog.text + str(info.value)
+    for text in (caplog.text, "".join(traceback.format_exception(info.value))):
+        _assert_no_secret(text, {**secrets, "wrong password": wrong})
+
+
+async def test_scram_reaches_the_broker_and_its_refusal_holds_no_password(
+    sasl_env: EnvFactory, secrets: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = settings_from(sasl_env(kafka_sasl_mechanism="SCRAM-SHA-512"))
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(TopicError) as info:
+        await ensure_topics(settings, timeout_s=5)
+    # The listener enables PLAIN only: Kafka refuses the handshake and says what it enables.
+    assert "SaslHandShakeRequest_v1(mechanism='SCRAM-SHA-512')" in caplog.text
+    assert "UnsupportedSaslMechanismError" in caplog.text
+    assert "enabled_mechanisms=['PLAIN']" in caplog.text
     _assert_no_secret(caplog.text, secrets)
     _assert_no_secret("".join(traceback.format_exception(info.value)), secrets)
 
 
 async def test_s3_errors_and_retry_logs_hold_no_key(
-    test_env: EnvFactory, caplog: pytest.LogCaptureFixture
+    test_env: EnvFactory, secrets: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    secrets = _secrets()
     caplog.set_level(logging.INFO)
     settings = settings_from(test_env(**{k: v for k, v in secrets.items() if k.startswith("s3")}))
     failures: list[SinkError] = []

@@ -70,3 +70,11 @@ def test_cli_reports_errors_with_exit_code_2(tmp_path: Path, monkeypatch: pytest
     monkeypatch.delenv("INFERLANE_KAFKA_LIBS", raising=False)
     assert kafkadist.main(["where"]) == 2
     assert "make install" in capsys.readouterr().err
+
+
+def test_cluster_ids_never_look_like_an_option() -> None:
+    from pipeline.stack import _kafka_uuid
+
+    ids = [_kafka_uuid() for _ in range(2000)]  # a leading "-" is 1 in 64 without the rule
+    assert all(len(i) == 22 and not i.startswith("-") for i in ids)
+    assert len(set(ids)) == len(ids)
