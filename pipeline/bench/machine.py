@@ -87,4 +87,17 @@ def machine_info() -> dict[str, Any]:
         "packages": {name: _version(name) for name in PACKAGES},
         "git_commit": git_commit(),
         "loadavg_at_start": list(os.getloadavg()),
+        **_broker_info(),
     }
+
+
+def _broker_info() -> dict[str, Any]:
+    """The local stack's broker: Apache Kafka's version and the Java that runs it."""
+    from pipeline.kafkadist import KAFKA_VERSION, PrerequisiteError, find_kafka, java_major
+
+    try:
+        dist = find_kafka()
+    except PrerequisiteError as exc:
+        return {"kafka_broker": None, "java": None, "broker_error": str(exc)}
+    return {"kafka_broker": f"Apache Kafka {KAFKA_VERSION} (KRaft)",
+            "java": f"{java_major(dist.java)} ({dist.java})"}

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from pipeline.kafkadist import KAFKA_VERSION
 from pipeline.settings import Settings, load_settings
 from pipeline.stack import LocalStack, StackEndpoints, _pid_alive
 from pipeline.topics import ensure_topics
@@ -25,15 +27,30 @@ SASL_USER = "inferlane-it"
 """The user of the session broker's SASL_PLAINTEXT listener (PLAIN; password per session)."""
 
 
+_STACK_TIMES: dict[str, float] = {}
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say what the session's stack cost: Kafka's JVM starts once per session, not per test."""
+    if "start" in _STACK_TIMES:
+        terminalreporter.write_line(
+            f"session stack (Apache Kafka {KAFKA_VERSION}, one node + S3 server): started in "
+            f"{_STACK_TIMES['start']:.1f}s, stopped in {_STACK_TIMES.get('stop', 0.0):.1f}s")
+
+
 @pytest.fixture(scope="session")
 def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     stack = LocalStack(tmp_path_factory.mktemp("stack"), fresh=True,
                        sasl_users={SASL_USER: f"it-{secrets.token_hex(8)}"})
+    started = time.monotonic()
     stack.start()
+    _STACK_TIMES["start"] = time.monotonic() - started
     pids = [p.pid for p in (*stack.brokers.values(), stack.s3)
             if p is not None and p.pid is not None]
     yield stack
+    stopped = time.monotonic()
     stack.stop()
+    _STACK_TIMES["stop"] = time.monotonic() - stopped
     leftover = [pid for pid in pids if _pid_alive(pid)]
     assert not leftover, f"stack processes left behind: {leftover}"
 
