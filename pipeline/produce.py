@@ -109,7 +109,8 @@ class BatchSender:
 
 #: How long a batch may wait for its partition's slot in the producer (one batch in flight per
 #: partition) before the send fails: the producer's request timeout.
-ENQUEUE_TIMEOUT_S = 30.0
+ENQUEUE_TIMEOUT_S = 60.0
+"""Long enough for a broker restarted after a crash under load (tens of seconds on 2 cores)."""
 
 
 async def _enqueue(producer: AIOKafkaProducer, batch: Any, topic: str,

@@ -254,6 +254,10 @@ def server_properties(node: KafkaNode, nodes: list[KafkaNode], *,
         "share.coordinator.state.topic.replication.factor": str(rf),
         "share.coordinator.state.topic.min.isr": str(min(rf, 2)),
         "group.initial.rebalance.delay.ms": "0",
+        # A node restarted after a crash is unfenced once its old session expires: 3 s instead
+        # of 9 s (measured: SIGKILL + restart 13.0 s -> 6.1 s on one node).
+        "broker.session.timeout.ms": "3000",
+        "broker.heartbeat.interval.ms": "1000",
         "num.network.threads": "2",
         "num.io.threads": "4",
         "log.retention.hours": "24",
@@ -293,6 +297,16 @@ _JVM_FLAGS = ["-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-XX:InitiatingHeapOccu
               "-XX:+ExplicitGCInvokesConcurrent", "-Djava.awt.headless=true"]
 
 
+def _heap_from_env() -> int:
+    """The local brokers' JVM heap: ``INFERLANE_STACK_KAFKA_HEAP_MB``, else the default."""
+    raw = os.environ.get("INFERLANE_STACK_KAFKA_HEAP_MB", "")
+    if not raw:
+        return KAFKA_HEAP_MB
+    if not raw.isdigit() or int(raw) < 128:
+        raise StackError(f"INFERLANE_STACK_KAFKA_HEAP_MB={raw!r}: give a heap in MiB, >= 128")
+    return int(raw)
+
+
 def _kafka_uuid() -> str:
     """A cluster id as ``kafka-storage random-uuid`` makes it: 16 random bytes, URL-safe base64,
     never starting with ``-`` (Kafka's ``Uuid.randomUuid`` rule too: the storage tool would read
@@ -322,7 +336,7 @@ class LocalStack:
         fresh: bool = False,
         ready_timeout_s: float = 60.0,
         brokers: int = 1,
-        kafka_heap_mb: int = KAFKA_HEAP_MB,
+        kafka_heap_mb: int | None = None,
         kafka_config: dict[str, str] | None = None,
         sasl_users: dict[str, str] | None = None,
     ) -> None:
@@ -332,7 +346,7 @@ class LocalStack:
         self.bucket = bucket
         self.ready_timeout_s = ready_timeout_s
         self.broker_count = brokers
-        self.kafka_heap_mb = kafka_heap_mb
+        self.kafka_heap_mb = kafka_heap_mb or _heap_from_env()
         self.kafka_config = dict(kafka_config or {})
         self.sasl_users = dict(sasl_users or {})
         self._fresh = fresh

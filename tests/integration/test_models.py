@@ -23,7 +23,7 @@ from pipeline.s3 import S3Store
 from pipeline.settings import Settings
 from pipeline.stack import free_port
 from pipeline.worker import WorkerProcess
-from tests.integration.conftest import EnvFactory, settings_from
+from tests.integration.conftest import EnvFactory, ready_settings
 
 WorkerFactory = Callable[..., WorkerProcess]
 MODELS = Path(__file__).resolve().parents[2] / "models"
@@ -87,7 +87,7 @@ async def test_new_version_swapped_under_load_and_corrupt_version_refused(
     port = free_port()
     env = test_env(lanes="fraud", model_registry=str(registry), model_poll_interval_s="0.3",
                    drift_sample="0.5", web_port=str(port))
-    settings = settings_from(env)
+    settings = await ready_settings(env)
     worker = worker_factory(env, web=True)
     assert _metric(_metrics(port), "inferlane_model_info", version="v2") == 1.0
     scores, requests = await _readers(settings, "fraud.scores", "fraud.requests")
@@ -139,7 +139,7 @@ async def test_s3_registry_shadow_and_drift(
 ) -> None:
     env = test_env(lanes="fraud,history", drift_sample="1.0", fraud_shadow_version="v1",
                    fraud_shadow_sample="0.5")
-    settings = settings_from(env)
+    settings = await ready_settings(env)
     prefix = f"registry-{settings.app_id}/"
     async with S3Store(settings) as store:
         for folder in ("fraud", "fraud-v2"):
