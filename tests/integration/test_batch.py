@@ -32,7 +32,7 @@ from pipeline.settings import Settings
 from pipeline.synth import TransactionGenerator
 from pipeline.worker import WorkerProcess
 from schemas import BatchJob
-from tests.integration.conftest import EnvFactory, settings_from
+from tests.integration.conftest import EnvFactory, ready_settings
 
 WorkerFactory = Callable[..., WorkerProcess]
 
@@ -105,7 +105,7 @@ async def test_job_is_shared_by_two_workers_and_scores_every_row(
     test_env: EnvFactory, worker_factory: WorkerFactory, tmp_path: Path
 ) -> None:
     env = test_env(lanes="batch", batch_chunk_bytes="150000", batch_rows_per_call="2000")
-    settings = settings_from(env)
+    settings = await ready_settings(env)
     first = worker_factory(env, name="first")
     second = worker_factory({**env, "INFERLANE_WORKER_ID": "w2",
                              "INFERLANE_STATE_DIR": str(tmp_path / "w2")}, name="second")
@@ -127,7 +127,7 @@ async def test_job_survives_a_killed_worker_without_duplicate_rows(
     test_env: EnvFactory, worker_factory: WorkerFactory
 ) -> None:
     env = test_env(lanes="batch", batch_chunk_bytes="100000", batch_rows_per_call="1000")
-    settings = settings_from(env)
+    settings = await ready_settings(env)
     worker = worker_factory(env)
     ids, _ = await _upload_job_input(settings, "in/job2.jsonl", 30_000, invalid_every=10**9)
     start = await snapshot_end_offsets(settings, settings.topic("batch.results"))
@@ -150,7 +150,7 @@ async def test_batch_requests_are_scored_in_windows_per_job(
     test_env: EnvFactory, worker_factory: WorkerFactory
 ) -> None:
     env = test_env(lanes="batch", batch_window_bytes="100000", batch_window_ms="500")
-    settings = settings_from(env)
+    settings = await ready_settings(env)
     worker_factory(env)
     generator = TransactionGenerator(seed=41)
     expected: dict[str, set[str]] = {"jobA": set(), "jobB": set()}

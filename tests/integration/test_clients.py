@@ -13,7 +13,7 @@ from pipeline.clients import FraudClient, RecoClient, Rejected, TimedOut
 from pipeline.synth import TransactionGenerator
 from pipeline.worker import WorkerProcess
 from schemas import FraudScore, RecoResult
-from tests.integration.conftest import EnvFactory, settings_from
+from tests.integration.conftest import EnvFactory, ready_settings
 
 WorkerFactory = Callable[[dict[str, str]], WorkerProcess]
 
@@ -26,7 +26,7 @@ def _live_futures() -> int:
 async def test_concurrent_calls_rejections_and_no_leak_after_10000_timeouts(
         test_env: EnvFactory, worker_factory: WorkerFactory) -> None:
     env = test_env(lanes="fraud,reco")
-    settings = settings_from(env)
+    settings = await ready_settings(env)
     worker = worker_factory(env)
     generator = TransactionGenerator(seed=61)
     async with FraudClient(settings) as fraud, RecoClient(settings) as reco:

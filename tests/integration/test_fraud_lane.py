@@ -23,7 +23,7 @@ from pipeline.settings import Settings
 from pipeline.synth import INVALID_KINDS, TransactionGenerator, invalid_reason_field, make_invalid
 from pipeline.worker import WorkerProcess
 from schemas import DeadLetter, FraudScore
-from tests.integration.conftest import EnvFactory, settings_from
+from tests.integration.conftest import EnvFactory, ready_settings
 
 WorkerFactory = Callable[[dict[str, str]], WorkerProcess]
 
@@ -151,7 +151,7 @@ async def test_archive_holds_exactly_the_scores(
     test_env: EnvFactory, worker_factory: WorkerFactory
 ) -> None:
     env = test_env(archive_max_bytes="20000")
-    settings = settings_from(env)
+    settings = await ready_settings(env)
     worker = worker_factory(env)
     scores, dlq = await _readers(settings)
     async with scores, dlq:

@@ -54,7 +54,7 @@ from pipeline.loadgen import HistoryTransactionSource
 from pipeline.settings import Settings
 from pipeline.worker import WorkerProcess
 from schemas import DeadLetter, FraudScore, Transaction, validate_record
-from tests.integration.conftest import EnvFactory, settings_from
+from tests.integration.conftest import EnvFactory, ready_settings
 from tests.integration.test_fraud_lane import _read_all, _readers
 
 WorkerFactory = Callable[..., WorkerProcess]
@@ -401,7 +401,7 @@ async def test_malformed_records_are_dead_lettered_and_valid_ones_scored(
     started = time.monotonic()
     bad_records = corpus()
     env = test_env(lanes="fraud,history", max_message_bytes=str(MAX_MESSAGE_BYTES))
-    settings = settings_from(env)
+    settings = await ready_settings(env)
     worker = worker_factory(env)
     traffic, valid_ids, duplicated = _traffic(bad_records)
     scores, dlq = await _readers(settings)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pipeline.loadgen import produce_transactions
 from pipeline.stack import free_port
 from pipeline.worker import WorkerProcess
-from tests.integration.conftest import EnvFactory, settings_from
+from tests.integration.conftest import EnvFactory, ready_settings
 from tests.integration.test_fraud_lane import _readers
 from tests.integration.test_models import _metric, _metrics
 
@@ -31,7 +31,7 @@ async def test_lane_metrics_account_for_every_event(
         test_env: EnvFactory, worker_factory: WorkerFactory) -> None:
     port = free_port()
     env = test_env(lanes="fraud", web_port=str(port), drift_sample="0")
-    settings = settings_from(env)
+    settings = await ready_settings(env)
     worker_factory(env, web=True)
     scores, dlq = await _readers(settings)
     async with scores, dlq:

@@ -21,7 +21,7 @@ from pipeline.serving import model_path
 from pipeline.settings import Settings
 from pipeline.worker import WorkerProcess
 from schemas import DeadLetter, RecoResult
-from tests.integration.conftest import EnvFactory, settings_from
+from tests.integration.conftest import EnvFactory, ready_settings
 from tests.integration.test_fraud_lane import _read_all, archived
 
 WorkerFactory = Callable[[dict[str, str]], WorkerProcess]
@@ -70,7 +70,7 @@ async def test_results_are_the_scorers_top_k_exactly_once_and_archived(
     test_env: EnvFactory, worker_factory: WorkerFactory
 ) -> None:
     env = test_env(lanes="reco,archive")
-    settings = settings_from(env)
+    settings = await ready_settings(env)
     worker = worker_factory(env)
     source = RecoRequestSource.for_model(await model_path(settings, "reco"), seed=21,
                                          candidate_fraction=0.3, candidates=(1, 150))
@@ -143,7 +143,7 @@ async def test_each_invalid_kind_is_dead_lettered_and_nothing_is_lost(
     test_env: EnvFactory, worker_factory: WorkerFactory
 ) -> None:
     env = test_env(lanes="reco")
-    settings = settings_from(env)
+    settings = await ready_settings(env)
     worker_factory(env)
     source = RecoRequestSource.for_model(await model_path(settings, "reco"), seed=8,
                                          candidate_fraction=0.3)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from pipeline.loadgen import produce_transactions
 from pipeline.worker import WorkerProcess
-from tests.integration.conftest import EnvFactory, settings_from
+from tests.integration.conftest import EnvFactory, ready_settings
 from tests.integration.test_fraud_lane import (
     _read_all,
     _readers,
@@ -29,7 +29,7 @@ async def test_sigkill_and_restart_with_same_worker_id_loses_nothing(
     # Static membership: the restarted worker takes its own place in the groups back without
     # waiting for the dead member's session to expire (the dynamic case: test_group_membership).
     env = test_env(archive_max_bytes="30000", archive_max_age_ms="500", static_membership="true")
-    settings = settings_from(env)
+    settings = await ready_settings(env)
     worker = worker_factory(env)
     scores, dlq = await _readers(settings)
     async with scores, dlq:

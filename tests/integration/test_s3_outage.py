@@ -16,7 +16,7 @@ from pipeline.batchclient import read_job_output, submit_job, wait_for_job, writ
 from pipeline.loadgen import produce_transactions, snapshot_end_offsets
 from pipeline.worker import WorkerProcess
 from schemas import BatchJob
-from tests.integration.conftest import EnvFactory, settings_from
+from tests.integration.conftest import EnvFactory, ready_settings, settings_from
 from tests.integration.faultproxy import FaultProxy
 from tests.integration.test_fraud_lane import _read_all, _readers, archived
 
@@ -33,7 +33,7 @@ async def test_s3_outage_blocks_neither_realtime_nor_loses_anything(
     await proxy.start()
     env = test_env(s3_endpoint_url=f"http://127.0.0.1:{proxy.port}",
                    archive_max_age_ms="500", batch_chunk_bytes="200000")
-    settings = settings_from(env)
+    settings = await ready_settings(env)
     worker = worker_factory(env)
     ids, _ = await write_transactions_jsonl(direct, "in/outage.jsonl", 20_000)
     results_from = await snapshot_end_offsets(settings, settings.topic("batch.results"))

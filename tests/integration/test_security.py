@@ -29,7 +29,7 @@ from pipeline.synth import TransactionGenerator
 from pipeline.topics import ensure_topics
 from pipeline.worker import WorkerProcess
 from schemas import DeadLetter
-from tests.integration.conftest import SASL_USER, EnvFactory, settings_from
+from tests.integration.conftest import SASL_USER, EnvFactory, ready_settings, settings_from
 from tests.integration.test_fraud_lane import _read_all, archived
 
 WorkerFactory = Callable[[dict[str, str]], WorkerProcess]
@@ -67,7 +67,7 @@ async def test_a_sasl_worker_with_s3_keys_scores_archives_and_logs_no_secret(
     sasl_env: EnvFactory, secrets: dict[str, str], worker_factory: WorkerFactory
 ) -> None:
     env = sasl_env(lanes="fraud,archive")
-    settings = settings_from(env)
+    settings = await ready_settings(env)
     assert settings.kafka_security_protocol == "SASL_PLAINTEXT"
     await ensure_topics(settings)  # the admin client over SASL
     worker = worker_factory(env)
