@@ -50,6 +50,7 @@ class KafkaDist:
     """A usable broker: the ``java`` to run it with and the directory of its jars."""
 
     java: str
+    java_major: int
     libs: Path
     version: str
 
@@ -93,44 +94,48 @@ def java_major(java: str) -> int:
     return int(match.group(2) or 0) if major == 1 else major
 
 
-def _checked_java() -> str:
+def _checked_java() -> tuple[str, int]:
     java = _java()
     major = java_major(java)
     if major < MIN_JAVA:
         raise PrerequisiteError(f"{java} is Java {major}; Kafka {KAFKA_VERSION} needs Java "
                                 f"{MIN_JAVA}+: {_INSTALL_HINT}")
-    return java
+    return java, major
 
 
 def _jars_in(libs: Path) -> bool:
     return libs.is_dir() and any(libs.glob("kafka_2.13-*.jar"))
 
 
-def find_kafka(version: str = KAFKA_VERSION) -> KafkaDist:
-    """The broker ready to run; raise :class:`PrerequisiteError` saying how to get it."""
-    java = _checked_java()
+def _present_libs(version: str) -> Path | None:
+    """The jar directory to use: ``INFERLANE_KAFKA_LIBS`` (checked) or the complete cache;
+    None when the cache is not (completely) fetched."""
     given = os.environ.get("INFERLANE_KAFKA_LIBS")
     if given:
-        libs = Path(given)
-        if not _jars_in(libs):
+        if not _jars_in(Path(given)):
             raise PrerequisiteError(f"INFERLANE_KAFKA_LIBS={given} holds no kafka_2.13-*.jar")
-        return KafkaDist(java, libs, version)
+        return Path(given)
     libs = _libs_dir(version)
-    if not (libs / _MARKER).exists():
+    return libs if (libs / _MARKER).exists() else None
+
+
+def find_kafka(version: str = KAFKA_VERSION) -> KafkaDist:
+    """The broker ready to run; raise :class:`PrerequisiteError` saying how to get it."""
+    java, major = _checked_java()
+    libs = _present_libs(version)
+    if libs is None:
         raise PrerequisiteError(
-            f"the Kafka {version} broker is not fetched yet ({libs}): run `make install` or "
-            f"`python -m pipeline.kafkadist fetch`")
-    return KafkaDist(java, libs, version)
+            f"the Kafka {version} broker is not fetched yet ({_libs_dir(version)}): run "
+            f"`make install` or `python -m pipeline.kafkadist fetch`")
+    return KafkaDist(java, major, libs, version)
 
 
-def ensure_kafka(version: str = KAFKA_VERSION, *, quiet: bool = True) -> KafkaDist:
+def ensure_kafka(version: str = KAFKA_VERSION) -> KafkaDist:
     """Fetch the broker's jars with Maven unless cached; return the broker."""
-    try:
-        return find_kafka(version)
-    except PrerequisiteError:
-        if os.environ.get("INFERLANE_KAFKA_LIBS"):
-            raise
-    java = _checked_java()
+    java, major = _checked_java()
+    present = _present_libs(version)
+    if present is not None:
+        return KafkaDist(java, major, present, version)
     mvn = shutil.which("mvn")
     if mvn is None:
         raise PrerequisiteError(f"mvn is not installed (it fetches the Kafka broker from Maven "
@@ -138,23 +143,22 @@ def ensure_kafka(version: str = KAFKA_VERSION, *, quiet: bool = True) -> KafkaDi
     libs = _libs_dir(version)
     libs.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="libs-", dir=libs.parent))
-    argv = [mvn, "-B", "-f", str(_POM), f"-Dkafka.version={version}",
+    argv = [mvn, "-B", "-q", "-f", str(_POM), f"-Dkafka.version={version}",
             "dependency:copy-dependencies", "-DincludeScope=runtime",
             f"-DoutputDirectory={tmp}"]
-    if quiet:
-        argv.insert(2, "-q")
+    print(f"fetching Kafka {version} with Maven into {libs} ...", file=sys.stderr, flush=True)
     started = time.monotonic()
-    done = subprocess.run(argv, capture_output=quiet, text=True, check=False)  # noqa: S603
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)  # noqa: S603
     if done.returncode != 0 or not _jars_in(tmp):
         shutil.rmtree(tmp, ignore_errors=True)
-        tail = ((done.stdout or "") + (done.stderr or "")).strip()[-2000:] if quiet else ""
+        tail = (done.stdout + done.stderr).strip()[-2000:]
         raise PrerequisiteError(f"Maven could not fetch Kafka {version} (rc {done.returncode}); "
                                 f"is Maven Central reachable?\n{tail}")
     (tmp / _MARKER).write_text(f"kafka {version} fetched in {time.monotonic() - started:.1f}s\n")
     if libs.exists():
         shutil.rmtree(libs)
     tmp.rename(libs)
-    return KafkaDist(java, libs, version)
+    return KafkaDist(java, major, libs, version)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -93,11 +93,11 @@ def machine_info() -> dict[str, Any]:
 
 def _broker_info() -> dict[str, Any]:
     """The local stack's broker: Apache Kafka's version and the Java that runs it."""
-    from pipeline.kafkadist import KAFKA_VERSION, PrerequisiteError, find_kafka, java_major
+    from pipeline.kafkadist import KAFKA_VERSION, PrerequisiteError, find_kafka
 
     try:
         dist = find_kafka()
     except PrerequisiteError as exc:
         return {"kafka_broker": None, "java": None, "broker_error": str(exc)}
     return {"kafka_broker": f"Apache Kafka {KAFKA_VERSION} (KRaft)",
-            "java": f"{java_major(dist.java)} ({dist.java})"}
+            "java": f"{dist.java_major} ({dist.java})"}
