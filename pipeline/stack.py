@@ -44,6 +44,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from pipeline.errors import PortInUseError, PrerequisiteMissingError, StackError
 from pipeline.kafkadist import KafkaDist, PrerequisiteError, find_kafka
+from pipeline.topics import without_leaders
 
 __all__ = ["DUMMY_S3_KEY", "KafkaNode", "LocalStack", "ManagedProcess", "StackEndpoints",
            "free_port", "server_properties"]
@@ -420,6 +421,8 @@ class LocalStack:
         self.s3_port = _claim_port(self._s3_port_wanted, "S3")
         try:
             cluster_id = _kafka_uuid()
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            (self.data_dir / "log4j2.properties").write_text(_LOG4J2)
             for node in self.nodes:
                 self._prepare_node(node, cluster_id)
             for node in self.nodes:
@@ -444,13 +447,12 @@ class LocalStack:
         assert self._dist is not None  # noqa: S101 - set by start()/attach()
         return [self._dist.java, f"-Xms{min(256, self.kafka_heap_mb)}m",
                 f"-Xmx{self.kafka_heap_mb}m", *_JVM_FLAGS,
-                f"-Dlog4j2.configurationFile={self.root / 'kafka' / 'log4j2.properties'}",
+                f"-Dlog4j2.configurationFile={self.data_dir / 'log4j2.properties'}",
                 "-cp", self._dist.classpath, *main]
 
     def _prepare_node(self, node: KafkaNode, cluster_id: str) -> None:
         """Write the node's config and format its storage (skipped when already formatted)."""
         node.home.mkdir(parents=True, exist_ok=True)
-        (self.root / "kafka" / "log4j2.properties").write_text(_LOG4J2)
         props = server_properties(node, self.nodes, overrides=self.kafka_config,
                                   sasl_users=self.sasl_users)
         node.properties_path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
@@ -465,6 +467,7 @@ class LocalStack:
                              f"({done.returncode}): {(done.stderr or done.stdout)[-1500:]}")
 
     def _node(self, node_id: int) -> KafkaNode:
+        """The node ``node_id``; a :class:`StackError` naming the nodes when there is none."""
         for node in self.nodes:
             if node.node_id == node_id:
                 return node
@@ -649,10 +652,7 @@ def kafka_probe(bootstrap: str, timeout_s: float = 3.0, *, brokers: int = 0,
                 with contextlib.suppress(TopicAlreadyExistsError):
                     await asyncio.wait_for(admin.create_topics(
                         [NewTopic(_READY_TOPIC, 1, rf)]), timeout_s)
-                described = await asyncio.wait_for(admin.describe_topics([_READY_TOPIC]),
-                                                   timeout_s)
-                parts = described[0].get("partitions", []) if described else []
-                if not parts or any(p.get("leader", -1) < 0 for p in parts):
+                if await asyncio.wait_for(without_leaders(admin, [_READY_TOPIC]), timeout_s):
                     return "kafka: no partition leader yet"
             return ""
         finally:

@@ -17,6 +17,7 @@ from pipeline.kafka import client_kwargs
 from pipeline.settings import Settings
 
 __all__ = ["TOPICS", "TopicSpec", "archived_topics", "ensure_topics", "spec", "topic_configs",
+           "without_leaders",
            "topic_specs"]
 
 log = logging.getLogger(__name__)
@@ -152,14 +153,20 @@ async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str], timeou
     deadline = asyncio.get_running_loop().time() + timeout_s
     waiting = set(names)
     while waiting:
-        for topic in await admin.describe_topics(sorted(waiting)):
-            parts = topic.get("partitions") or []
-            if not topic.get("error_code") and parts and all(
-                    p.get("leader", -1) >= 0 for p in parts):
-                waiting.discard(topic["topic"])
+        waiting = await without_leaders(admin, waiting)
         if not waiting:
             return
         if asyncio.get_running_loop().time() > deadline:
             raise TopicError(f"topics without partition leaders after {timeout_s:.0f}s: "
                              f"{sorted(waiting)}")
         await asyncio.sleep(0.1)
+
+
+async def without_leaders(admin: AIOKafkaAdminClient, names: Iterable[str]) -> set[str]:
+    """The topics of ``names`` that are unknown or have a partition without a leader."""
+    waiting = set(names)
+    for topic in await admin.describe_topics(sorted(waiting)):
+        parts = topic.get("partitions") or []
+        if not topic.get("error_code") and parts and all(p.get("leader", -1) >= 0 for p in parts):
+            waiting.discard(topic["topic"])
+    return waiting
