@@ -89,6 +89,12 @@ def settings_from(env: dict[str, str]) -> Settings:
                             if k.startswith("INFERLANE_")})
 
 
+def peer_env(env: dict[str, str], tmp_path: Path, worker_id: str = "w2") -> dict[str, str]:
+    """``env`` for another worker of the same app and groups: its own id and state dir."""
+    return {**env, "INFERLANE_WORKER_ID": worker_id,
+            "INFERLANE_STATE_DIR": str(tmp_path / worker_id)}
+
+
 async def ready_settings(env: dict[str, str]) -> Settings:
     """The settings of ``env`` with every topic created: the brokers do not create topics on
     first use, and a test's load generator also writes topics of lanes it does not run

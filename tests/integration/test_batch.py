@@ -32,7 +32,7 @@ from pipeline.settings import Settings
 from pipeline.synth import TransactionGenerator
 from pipeline.worker import WorkerProcess
 from schemas import BatchJob
-from tests.integration.conftest import EnvFactory, ready_settings
+from tests.integration.conftest import EnvFactory, peer_env, ready_settings
 
 WorkerFactory = Callable[..., WorkerProcess]
 
@@ -107,8 +107,7 @@ async def test_job_is_shared_by_two_workers_and_scores_every_row(
     env = test_env(lanes="batch", batch_chunk_bytes="150000", batch_rows_per_call="2000")
     settings = await ready_settings(env)
     first = worker_factory(env, name="first")
-    second = worker_factory({**env, "INFERLANE_WORKER_ID": "w2",
-                             "INFERLANE_STATE_DIR": str(tmp_path / "w2")}, name="second")
+    second = worker_factory(peer_env(env, tmp_path), name="second")
     ids, invalid = await _upload_job_input(settings, "in/job1.jsonl", 20_000, invalid_every=50)
     start = await snapshot_end_offsets(settings, settings.topic("batch.results"))
     await _submit(settings, {"job_id": "job1", "model": "fraud",

@@ -1,6 +1,7 @@
-"""Delivery under failure: a poisoned batch still scores its good records, and a second worker
-joining (a revoke) takes over from what the first one committed on revoke, and a worker stopped
-with SIGTERM hands its partitions over without any event scored twice.
+"""Delivery under failure: a poisoned batch still scores its good records.
+
+Scale-out (a revoke) and scale-in (a SIGTERM hand-over) without any event scored twice are in
+test_group_membership.py.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from onnx import TensorProto, helper
 
 from pipeline.features import FAST_FEATURE_NAMES
 from pipeline.kafka import make_producer
-from pipeline.loadgen import produce_transactions
 from pipeline.model import load_card
 from pipeline.synth import TransactionGenerator
 from pipeline.worker import WorkerProcess
@@ -102,58 +102,3 @@ async def test_poisoned_batch_scores_its_good_records(
     assert {orjson.loads(letter["raw"])["event_id"] for letter in letters} == poison
     assert all(letter["error"] == "inference" for letter in letters)
     assert all("model failed on this record" in letter["reason"] for letter in letters)
-
-
-async def test_second_worker_joining_loses_nothing(
-    test_env: EnvFactory, worker_factory: WorkerFactory, tmp_path: Path
-) -> None:
-    """Scale out under load: every event is scored across the rebalance.
-
-    The first worker commits its finished work when its partitions are revoked (Kafka accepts
-    the commit of the generation being rebalanced), so the newcomer redoes nothing.
-    """
-    rate = 500
-    env = test_env(lanes="fraud")
-    settings = await ready_settings(env)
-    first = worker_factory(env, name="first")
-    scores, dlq = await _readers(settings)
-    async with scores, dlq:
-        traffic = asyncio.create_task(produce_transactions(
-            settings, rate_per_s=rate, duration_s=8.0, seed=4))
-        await asyncio.sleep(3.0)
-        second_env = {**env, "INFERLANE_WORKER_ID": "w2",
-                      "INFERLANE_STATE_DIR": str(tmp_path / "state-w2")}
-        await asyncio.to_thread(worker_factory, second_env, name="second")
-        report = await traffic
-        missing = await scores.wait_for(set(report.valid_ids), timeout_s=30)
-        assert not missing, f"{len(missing)} events without a score across the rebalance"
-    assert "Lane[fraud]: revoked" in first.log_path.read_text()
-    print(f"\nscale-out: {scores.duplicates} events redone by the new owner")
-    assert scores.duplicates == 0, f"{scores.duplicates} events redone after the revoke commit"
-
-
-async def test_graceful_stop_hands_over_without_redoing_work(
-    test_env: EnvFactory, worker_factory: WorkerFactory, tmp_path: Path
-) -> None:
-    """Scale in: a worker stopped with SIGTERM finishes and commits its in-flight work, so the
-    worker that takes its partitions over scores nothing twice and misses nothing."""
-    env = test_env(lanes="fraud")
-    settings = await ready_settings(env)
-    staying = worker_factory(env, name="staying")
-    leaving_env = {**env, "INFERLANE_WORKER_ID": "w2",
-                   "INFERLANE_STATE_DIR": str(tmp_path / "state-w2")}
-    leaving = worker_factory(leaving_env, name="leaving")
-    scores, dlq = await _readers(settings)
-    async with scores, dlq:
-        traffic = asyncio.create_task(produce_transactions(
-            settings, rate_per_s=500, duration_s=10.0, seed=8))
-        await asyncio.sleep(3.0)
-        assert await asyncio.to_thread(leaving.terminate) == 0, leaving.log_tail()
-        report = await traffic
-        missing = await scores.wait_for(set(report.valid_ids), timeout_s=30)
-        assert not missing, f"{len(missing)} events without a score after the hand-over"
-    assert staying.log_path.read_text().count("fraud: assigned") >= 3, "took partitions over"
-    stopped = leaving.log_path.read_text()
-    assert "Lane[fraud]: stopped" in stopped
-    assert "LeaveGroup request succeeded" in stopped
-    assert scores.duplicates == 0, f"{scores.duplicates} events scored twice after a clean stop"

@@ -1,8 +1,9 @@
 """Consumer-group membership on Apache Kafka, with the default dynamic members.
 
 * Scale out and back in under 2,000 ev/s: a second worker joins (its partitions are revoked
-  from the first, which commits its finished work on revoke) and later stops with SIGTERM
-  (commits, leaves the group): every event is scored, and none twice.
+  from the first, which commits its finished work on revoke: Kafka accepts the commit of the
+  generation being rebalanced) and later stops with SIGTERM (finishes and commits its in-flight
+  work, leaves the group): every event is scored, and none twice.
 * A dynamic member SIGKILLed: nothing tells the group, the broker expires the member after the
   session timeout (6 s in these tests) and the survivor takes its partitions over from their
   last commit. Every event is scored (at-least-once: what the dead worker had scored but not
@@ -18,15 +19,11 @@ from pathlib import Path
 
 from pipeline.loadgen import produce_transactions
 from pipeline.worker import WorkerProcess
-from tests.integration.conftest import EnvFactory, ready_settings
+from tests.integration.conftest import EnvFactory, peer_env, ready_settings
 from tests.integration.test_fraud_lane import _readers
 
 WorkerFactory = Callable[..., WorkerProcess]
 ASSIGNED = "fraud: assigned"
-
-
-def _second(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
-    return {**env, "INFERLANE_WORKER_ID": "w2", "INFERLANE_STATE_DIR": str(tmp_path / "w2")}
 
 
 async def test_scale_out_and_in_at_2000_per_second_redoes_nothing(
@@ -40,7 +37,7 @@ async def test_scale_out_and_in_at_2000_per_second_redoes_nothing(
         traffic = asyncio.create_task(produce_transactions(
             settings, rate_per_s=2000, duration_s=14.0, seed=51))
         await asyncio.sleep(3.0)
-        second = await asyncio.to_thread(worker_factory, _second(env, tmp_path), name="second")
+        second = await asyncio.to_thread(worker_factory, peer_env(env, tmp_path), name="second")
         await asyncio.sleep(4.0)
         assert ASSIGNED in second.log_text(), "the second worker got partitions"
         assert await asyncio.to_thread(second.terminate) == 0, second.log_tail()
@@ -48,7 +45,11 @@ async def test_scale_out_and_in_at_2000_per_second_redoes_nothing(
         missing = await scores.wait_for(set(report.valid_ids), timeout_s=60)
         assert not missing, f"{len(missing)} of {len(report.valid_ids)} events without a score"
     log = first.log_text()
+    assert "Lane[fraud]: revoked" in log, "the newcomer's join revoked partitions from the first"
     assert log.count(ASSIGNED) >= 3, "joined, shrank for the newcomer, grew back"
+    stopped = second.log_text()
+    assert "Lane[fraud]: stopped" in stopped
+    assert "LeaveGroup request succeeded" in stopped
     print(f"\nscale out+in @2000 ev/s: {len(report.valid_ids):,} events, "
           f"{scores.duplicates} scored twice")
     assert scores.duplicates == 0, f"{scores.duplicates} events redone across two rebalances"
@@ -61,7 +62,7 @@ async def test_a_sigkilled_dynamic_member_is_expired_and_its_partitions_move_on(
     settings = await ready_settings(env)
     session_s = settings.session_timeout_ms / 1000
     survivor = worker_factory(env, name="survivor")
-    victim = worker_factory(_second(env, tmp_path), name="victim")
+    victim = worker_factory(peer_env(env, tmp_path), name="victim")
     scores, dlq = await _readers(settings)
     async with scores, dlq:
         traffic = asyncio.create_task(produce_transactions(
