@@ -106,9 +106,7 @@ async def ready_settings(env: dict[str, str]) -> Settings:
 
 @pytest.fixture
 def settings(test_env: EnvFactory) -> Settings:
-    s = settings_from(test_env())
-    asyncio.run(ensure_topics(s))
-    return s
+    return asyncio.run(ready_settings(test_env()))
 
 
 @pytest.fixture

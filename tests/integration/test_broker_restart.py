@@ -22,9 +22,8 @@ from pipeline.kafka import client_kwargs
 from pipeline.loadgen import produce_transactions, snapshot_end_offsets
 from pipeline.settings import Settings
 from pipeline.stack import LocalStack
-from pipeline.topics import ensure_topics
 from pipeline.worker import WorkerProcess
-from tests.integration.conftest import EnvFactory, settings_from
+from tests.integration.conftest import EnvFactory, ready_settings
 from tests.integration.test_fraud_lane import _readers
 
 WorkerFactory = Callable[[dict[str, str]], WorkerProcess]
@@ -37,8 +36,7 @@ async def test_broker_restart_under_load_loses_no_acknowledged_event(
     endpoints = await asyncio.to_thread(stack.start)
     try:
         env = {**test_env(lanes="fraud"), **endpoints.env()}
-        settings = settings_from(env)
-        await ensure_topics(settings)
+        settings = await ready_settings(env)
         worker = worker_factory(env)
         scores, dlq = await _readers(settings)
         async with scores, dlq:
