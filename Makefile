@@ -12,7 +12,7 @@ RATE ?= 500
 install: $(STAMP)
 	@# The local stack's Apache Kafka broker: jars from Maven Central into ~/.cache/inferlane
 	@# (needs Java 17+ and Maven); every run checks the cache, which is kept across clones.
-	@$(BIN)/python -m pipeline.kafkadist fetch
+	@$(BIN)/python -m pipeline.dev.kafkadist fetch
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,7 @@ demo: install
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 typecheck: install
 	$(BIN)/mypy
@@ -39,8 +40,9 @@ integration: install
 
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/mypy
 	$(BIN)/python -m pytest tests -q -rs
 
 clean:
-	rm -rf .inferlane .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .inferlane .pytest_cache .mypy_cache .ruff_cache .grimp_cache

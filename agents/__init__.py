@@ -1,24 +1,26 @@
-"""The faust app of inferlane: ``faust -A agents worker -l info``.
+"""The lanes of inferlane, one module per lane: what it reads, what it does to a batch, what it
+writes, and ``register``, which attaches it to the worker's faust app.
 
-Settings come from the environment (``INFERLANE_*``, see README). The worker serves the lanes
-named in ``INFERLANE_LANES`` (default: all); each lane module here only wires library pieces.
+* :mod:`agents.fraud` - ``fraud.requests`` -> INT8 fraud model -> ``fraud.scores`` (+ DLQ)
+* :mod:`agents.reco` - ``reco.requests`` -> INT8 top-k graph -> ``reco.results`` (+ DLQ)
+* :mod:`agents.history` - ``fraud.requests`` + ``fraud.labels`` -> per-card history table
+* :mod:`agents.archive` - result topics -> S3 (windowed gzip JSONL)
+* :mod:`agents.batch` - batch jobs and ``batch.requests`` scored S3 -> S3
+
+The worker is ``faust -A agents worker -l info``: faust reads ``app`` from this package, which
+builds it on first access (:mod:`agents.worker`), so importing one lane module never starts a
+worker.
 """
 
 from __future__ import annotations
 
-from agents import archive, batch, fraud, history, reco
-from pipeline.app import create_app
-from pipeline.runtime import tune_process
-from pipeline.settings import load_settings
+import importlib
+from typing import Any
 
 __all__ = ["app", "settings"]
 
-settings = load_settings()
-app = create_app(settings)
 
-fraud.register(app, settings)
-reco.register(app, settings)
-history.register(app, settings)
-archive.register(app, settings)
-batch.register(app, settings)
-tune_process(settings)
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        return getattr(importlib.import_module("agents.worker"), name)
+    raise AttributeError(f"module 'agents' has no attribute {name!r}")

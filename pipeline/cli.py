@@ -65,7 +65,7 @@ def stack_up(
     The broker's jars come from `make install` (Maven, cached in ~/.cache/inferlane); Java 17+
     runs them. Logs: <root>/logs; data: <root>/kafka.
     """
-    from pipeline.stack import LocalStack
+    from pipeline.dev.stack import LocalStack
 
     if (existing := LocalStack.attach(root)) is not None:
         raise InferlaneError(f"a stack already runs from {root}: `inferlane stack down` first")
@@ -81,7 +81,7 @@ def stack_up(
 @stack_app.command("down")
 def stack_down(root: StackDir = _DEFAULT_STACK_DIR) -> None:
     """Stop the processes that `stack up` started (and only those)."""
-    from pipeline.stack import LocalStack
+    from pipeline.dev.stack import LocalStack
 
     stack = LocalStack.attach(root)
     if stack is None:
@@ -94,7 +94,7 @@ def stack_down(root: StackDir = _DEFAULT_STACK_DIR) -> None:
 @stack_app.command("status")
 def stack_status(root: StackDir = _DEFAULT_STACK_DIR) -> None:
     """Show whether the Kafka node(s) and S3 server run and answer; exit 1 if not."""
-    from pipeline.stack import LocalStack
+    from pipeline.dev.stack import LocalStack
 
     stack = LocalStack.attach(root)
     if stack is None:
@@ -111,8 +111,8 @@ def stack_status(root: StackDir = _DEFAULT_STACK_DIR) -> None:
 
 @topics_app.command("create")
 def topics_create() -> None:
-    """Create every missing topic (partitions and configs from pipeline/topics.py)."""
-    from pipeline.topics import ensure_topics
+    """Create every missing topic (partitions and configs from pipeline/kafka/topics.py)."""
+    from pipeline.kafka.topics import ensure_topics
 
     settings = load_settings()
     created = asyncio.run(ensure_topics(settings))
@@ -122,7 +122,7 @@ def topics_create() -> None:
 @topics_app.command("list")
 def topics_list() -> None:
     """Print the declared topics with the current prefix and partition counts."""
-    from pipeline.topics import TOPICS
+    from pipeline.kafka.topics import TOPICS
 
     settings = load_settings()
     for spec in TOPICS:
@@ -157,7 +157,7 @@ def models_list(
         help="Registry folder or s3://bucket/prefix (default INFERLANE_MODEL_REGISTRY).")] = None,
 ) -> None:
     """Every model version in the registry, and which one ``latest`` selects."""
-    from pipeline.registry import ModelRegistry, RegistryEntry, version_key
+    from pipeline.inference.registry import ModelRegistry, RegistryEntry, version_key
 
     settings = load_settings()
     entries = asyncio.run(ModelRegistry(settings, registry).entries())
@@ -183,7 +183,7 @@ def models_publish(
 ) -> None:
     """Check a model folder's sha256s and copy it into the registry, card last: running
     workers that follow ``latest`` pick it up, verify it, warm it and swap it in."""
-    from pipeline.registry import publish
+    from pipeline.inference.registry import publish
 
     where = asyncio.run(publish(load_settings(), source, registry, folder, version))
     console.print(f"[green]published[/] {source} -> {where}")
@@ -214,8 +214,8 @@ def batch_submit(
     """Submit a job to batch.jobs (and by default follow it to its end)."""
     import msgspec
 
-    from pipeline.batchclient import submit_job, wait_for_job
-    from pipeline.loadgen import snapshot_end_offsets
+    from pipeline.clients.batchclient import submit_job, wait_for_job
+    from pipeline.dev.loadgen import snapshot_end_offsets
     from schemas import BatchJob
 
     settings = load_settings()
@@ -266,7 +266,7 @@ def demo(
         ".inferlane/demo"),
 ) -> None:
     """Run the fraud and reco lanes end to end on the local stack and print a summary."""
-    from pipeline.demo import render_summary, run_demo
+    from pipeline.dev.demo import render_summary, run_demo
 
     # SIGTERM unwinds like Ctrl-C, so the demo always stops the stack and worker it started.
     signal.signal(signal.SIGTERM, _interrupt)

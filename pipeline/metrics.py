@@ -1,9 +1,9 @@
 """Prometheus metrics of a worker process (prometheus-client), served at ``/metrics`` by the
-worker's web server (``agents/__init__.py``); what each means and what to alert on:
+worker's web server (:mod:`pipeline.kafka.faustapp`); what each means and what to alert on:
 docs/operations.md.
 
 One registry per process. Handlers observe into the module-level metrics below; the counters a
-lane already keeps (:class:`pipeline.lane.LaneStats`) and its consumer lag are read at scrape
+lane already keeps (:class:`pipeline.kafka.lane.LaneStats`) and its consumer lag are read at scrape
 time by :class:`LaneCollector`, so the hot path pays nothing for them. Label values are lane,
 batcher, model and version names and DLQ error classes, never free text.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -25,9 +25,6 @@ from prometheus_client import (
 from prometheus_client import generate_latest as _generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-
-if TYPE_CHECKING:
-    from pipeline.lane import Lane
 
 __all__ = [
     "BATCH_QUEUE_WAIT",
@@ -131,17 +128,37 @@ CPU_PER_1K_EVENTS = Gauge(
     "interval (10 s)", registry=REGISTRY)
 
 
+class _InFlight(Protocol):
+    @property
+    def total_in_flight(self) -> int: ...
+
+
+class CollectedLane(Protocol):
+    """What the collector reads of a lane (:class:`pipeline.kafka.lane.Lane` has it)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def stats(self) -> Any: ...
+
+    @property
+    def tracker(self) -> _InFlight: ...
+
+    def consumer_lag(self) -> dict[tuple[str, int], int]: ...
+
+
 class LaneCollector(Collector):  # type: ignore[misc]
     """Reads every registered lane's counters and consumer lag at scrape time."""
 
     def __init__(self) -> None:
-        self._lanes: dict[str, Lane] = {}
+        self._lanes: dict[str, CollectedLane] = {}
         self._cpu_mark: tuple[float, int] | None = None
 
-    def register(self, lane: Lane) -> None:
+    def register(self, lane: CollectedLane) -> None:
         self._lanes[lane.name] = lane
 
-    def unregister(self, lane: Lane) -> None:
+    def unregister(self, lane: CollectedLane) -> None:
         if self._lanes.get(lane.name) is lane:
             del self._lanes[lane.name]
 

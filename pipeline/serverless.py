@@ -4,11 +4,11 @@
 source mapping (``eventSource: "aws:kafka"``, records grouped under ``"<topic>-<partition>"``
 with base64 keys and values) or an **SQS** one (``Records[]`` with ``messageId`` and ``body``),
 and does what the fraud lane does with a fetched batch, through the same functions:
-:func:`schemas.validate_record`, :func:`pipeline.fraud.score_default_history` (there is no
-slow-path history table in a function, so every score uses default history and carries
+:func:`schemas.validate_record`, :func:`pipeline.inference.fraudscore.score_default_history` (there
+is no slow-path history table in a function, so every score uses default history and carries
 ``degraded: true`` for a history model, exactly as the lane does without a history view),
-:func:`pipeline.deadletter.dead_letter`, and :class:`pipeline.produce.BatchSender` to produce the
-FraudScores to ``fraud.scores`` and the dead letters to ``fraud.requests.dlq``.
+:func:`pipeline.kafka.deadletter.dead_letter`, and :class:`pipeline.kafka.producer.BatchSender` to
+produce the FraudScores to ``fraud.scores`` and the dead letters to ``fraud.requests.dlq``.
 
 Semantics of the answer (the partial batch response, ``ReportBatchItemFailures``):
 
@@ -39,13 +39,13 @@ from typing import Any, Protocol
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from pipeline.deadletter import dead_letter
-from pipeline.fraud import Thresholds, score_default_history
-from pipeline.kafka import make_producer
+from pipeline.inference.fraudscore import Thresholds, score_default_history
+from pipeline.inference.model import ORT_ERRORS, OnnxScorer
+from pipeline.inference.serving import model_path_now
+from pipeline.kafka.connection import make_producer
+from pipeline.kafka.deadletter import dead_letter
+from pipeline.kafka.producer import BatchSender
 from pipeline.metrics import MODEL_COLD_START
-from pipeline.model import ORT_ERRORS, OnnxScorer
-from pipeline.produce import BatchSender
-from pipeline.serving import model_path_now
 from pipeline.settings import Settings, load_settings
 from schemas import Rejection, Transaction, validate_record
 
@@ -131,7 +131,7 @@ def parse_event(event: Mapping[str, Any]) -> tuple[str, list[EventRecord]]:
 
 
 class Sender(Protocol):
-    """Where results go (a :class:`~pipeline.produce.BatchSender` in production)."""
+    """Where results go (a :class:`~pipeline.kafka.producer.BatchSender` in production)."""
 
     async def send(self, topic: str, records: Sequence[tuple[bytes | None, bytes]]) -> None: ...
 

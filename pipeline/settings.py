@@ -130,7 +130,7 @@ class Settings(BaseSettings):
     """End-to-end latency budget from ``sent_at``; results past it are counted as late."""
     model_registry: str = str(_REPO_ROOT / "models")
     """Model registry: a local folder or ``s3://bucket/prefix``; each sub-folder with a
-    ``card.json`` is one model version (see pipeline/registry.py)."""
+    ``card.json`` is one model version (see pipeline/inference/registry.py)."""
     model_poll_interval_s: float = Field(default=10.0, ge=0.0)
     """How often workers look for a new model version in the registry (0 = never)."""
     fraud_model_version: str = "latest"

@@ -3,11 +3,11 @@ hardware, broker and model allow without any framework. Run: ``python -m pipelin
 with the same ``INFERLANE_*`` environment as the lane.
 
 One consumer (group ``<app_id>-bare``, static member id, manual commits, the lane's fetch
-settings from :func:`pipeline.kafka.make_consumer`), one loop: ``getmany`` -> validate ->
-:func:`pipeline.features.fast_features` -> one ``predict`` over the whole fetch (on the loop) ->
-:meth:`pipeline.produce.BatchSender.send` of the results (and dead letters) -> commit. No
-micro-batcher, no concurrency, no faust. On the local broker the idle-fetch backoff is applied.
-SIGTERM/SIGINT finish the current fetch, commit and leave.
+settings from :func:`pipeline.kafka.connection.make_consumer`), one loop: ``getmany`` -> validate ->
+:func:`pipeline.features.fastfeatures.fast_features` -> one ``predict`` over the whole fetch (on
+the loop) -> :meth:`pipeline.kafka.producer.BatchSender.send` of the results (and dead letters) ->
+commit. No micro-batcher, no concurrency, no faust. On the local broker the idle-fetch backoff is
+applied. SIGTERM/SIGINT finish the current fetch, commit and leave.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 
 from pipeline.bench.sut import BARE_READY_MARK
-from pipeline.deadletter import dead_letter
-from pipeline.features import fast_features
-from pipeline.fraud import Thresholds, decide
-from pipeline.kafka import make_consumer, make_producer
-from pipeline.model import OnnxScorer
-from pipeline.produce import BatchSender
-from pipeline.serving import fraud_model_path
+from pipeline.features.fastfeatures import fast_features
+from pipeline.inference.fraudscore import Thresholds, decide
+from pipeline.inference.model import OnnxScorer
+from pipeline.inference.serving import fraud_model_path
+from pipeline.kafka.connection import make_consumer, make_producer
+from pipeline.kafka.deadletter import dead_letter
+from pipeline.kafka.producer import BatchSender
 from pipeline.settings import Settings, load_settings
 from schemas import Transaction, validate_record
 

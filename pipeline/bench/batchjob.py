@@ -26,17 +26,17 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.batchclient import read_job_output, submit_job, wait_for_job, write_transactions_jsonl
 from pipeline.bench.procstat import peak_rss_mb
 from pipeline.bench.reader import ReaderProcess
 from pipeline.bench.stats import match_results, rate_result
 from pipeline.bench.sut import settings_for
 from pipeline.bench.traffic import Arrivals, produce_open_loop
-from pipeline.loadgen import snapshot_end_offsets
+from pipeline.clients.batchclient import read_job_output, submit_job, wait_for_job
+from pipeline.dev.loadgen import snapshot_end_offsets, write_transactions_jsonl
+from pipeline.dev.processes import WorkerProcess
+from pipeline.dev.stack import LocalStack
+from pipeline.kafka.topics import ensure_topics
 from pipeline.settings import Settings
-from pipeline.stack import LocalStack
-from pipeline.topics import ensure_topics
-from pipeline.worker import WorkerProcess
 from schemas import BatchJob
 
 __all__ = ["BatchBenchResult", "run_batch_bench"]

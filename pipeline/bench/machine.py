@@ -93,7 +93,7 @@ def machine_info() -> dict[str, Any]:
 
 def _broker_info() -> dict[str, Any]:
     """The local stack's broker: Apache Kafka's version and the Java that runs it."""
-    from pipeline.kafkadist import KAFKA_VERSION, PrerequisiteError, find_kafka
+    from pipeline.dev.kafkadist import KAFKA_VERSION, PrerequisiteError, find_kafka
 
     try:
         dist = find_kafka()

@@ -7,11 +7,12 @@ Run: ``faust -A pipeline.bench.naive_faust worker -l info --without-web`` with t
 One agent over ``fraud.requests``: ``stream.take_events(256, within=0.1)`` (faust's ``take`` that
 yields the events, so a dead letter can name partition and offset; same buffering code), each
 value validated with :func:`schemas.validate_record` (bad ones to the DLQ via
-:func:`pipeline.deadletter.dead_letter`), :func:`pipeline.features.fast_features` and one
-``predict`` per batch on the event loop, decisions by :func:`pipeline.fraud.decide`, and one
-``await topic.send(...)`` per result (the lane's FraudScore JSON). faust defaults everywhere
-except the broker URL, app id, a static member id and a 10 s session timeout (this broker needs
-them) and a data dir under ``INFERLANE_STATE_DIR``.
+:func:`pipeline.kafka.deadletter.dead_letter`),
+:func:`pipeline.features.fastfeatures.fast_features` and one ``predict`` per batch on the event
+loop, decisions by :func:`pipeline.inference.fraudscore.decide`, and one ``await topic.send(...)``
+per result (the lane's FraudScore JSON). faust defaults everywhere except the broker URL, app id, a
+static member id and a 10 s session timeout (this broker needs them) and a data dir under
+``INFERLANE_STATE_DIR``.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from typing import Any, cast
 import faust
 import orjson
 
-from pipeline.deadletter import dead_letter
-from pipeline.features import fast_features
-from pipeline.fraud import Thresholds, decide
-from pipeline.model import OnnxScorer
-from pipeline.serving import fraud_model_path
+from pipeline.features.fastfeatures import fast_features
+from pipeline.inference.fraudscore import Thresholds, decide
+from pipeline.inference.model import OnnxScorer
+from pipeline.inference.serving import fraud_model_path
+from pipeline.kafka.deadletter import dead_letter
 from pipeline.settings import load_settings
 from schemas import Transaction, validate_record
 

@@ -33,7 +33,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from pipeline.bench.stats import ResultRow
-from pipeline.kafka import start_reader, topic_partitions
+from pipeline.kafka.connection import start_reader, topic_partitions
 from pipeline.settings import load_settings
 
 __all__ = ["ReaderOutput", "ReaderProcess", "main"]

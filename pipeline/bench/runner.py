@@ -43,13 +43,13 @@ from pipeline.bench.sut import (
     settings_for,
 )
 from pipeline.bench.traffic import Arrivals, SentLog, preload, produce_open_loop
+from pipeline.dev.loadgen import RECO, RequestSource, TransactionSource
+from pipeline.dev.recogen import RecoRequestSource
+from pipeline.dev.stack import LocalStack
 from pipeline.errors import InferlaneError
-from pipeline.loadgen import RECO, RequestSource, TransactionSource
-from pipeline.recogen import RecoRequestSource
-from pipeline.serving import model_path_now
+from pipeline.inference.serving import model_path_now
+from pipeline.kafka.topics import ensure_topics
 from pipeline.settings import Settings
-from pipeline.stack import LocalStack
-from pipeline.topics import ensure_topics
 
 __all__ = ["new_run", "run_bench"]
 

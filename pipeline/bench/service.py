@@ -31,10 +31,10 @@ from rich.table import Table
 from pipeline.bench.procstat import ForeignCpuSampler, tree_cpu_seconds
 from pipeline.bench.stats import latency_summary
 from pipeline.bench.sut import IMPLS, SutProcess, impl_env, settings_for
-from pipeline.loadgen import HistoryTransactionSource
-from pipeline.stack import LocalStack
-from pipeline.topics import ensure_topics
-from pipeline.worker import ServiceProcess
+from pipeline.dev.loadgen import HistoryTransactionSource
+from pipeline.dev.processes import ServiceProcess
+from pipeline.dev.stack import LocalStack
+from pipeline.kafka.topics import ensure_topics
 
 __all__ = ["ServiceBenchResult", "render", "run_service_bench"]
 

@@ -26,8 +26,8 @@ from pipeline.bench.reader import ReaderProcess
 from pipeline.bench.stats import ResultRow
 from pipeline.bench.sut import IMPLS, SutProcess, impl_env, settings_for
 from pipeline.bench.traffic import Arrivals, produce_open_loop
-from pipeline.stack import LocalStack
-from pipeline.topics import ensure_topics
+from pipeline.dev.stack import LocalStack
+from pipeline.kafka.topics import ensure_topics
 
 __all__ = ["SoakMinute", "SoakResult", "render", "run_soak"]
 

@@ -62,7 +62,8 @@ class BatchSummary:
     p90: float
     max: int
     histogram: dict[int, int]
-    """Batches per power-of-two size bucket (same bucketing as ``pipeline.batcher.BatchStats``)."""
+    """Batches per power-of-two size bucket (same bucketing as
+    ``pipeline.batching.batcher.BatchStats``)."""
 
 
 @dataclass(frozen=True)

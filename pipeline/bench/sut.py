@@ -18,9 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.loadgen import FRAUD, RECO, Workload
+from pipeline.dev.loadgen import FRAUD, RECO, Workload
+from pipeline.dev.processes import (
+    FAUST_READY_MARK,
+    WorkerProcess,
+    faust_worker_argv,
+    wait_all_ready,
+)
 from pipeline.settings import Settings, load_settings
-from pipeline.worker import FAUST_READY_MARK, WorkerProcess, faust_worker_argv, wait_all_ready
 
 __all__ = ["BARE_READY_MARK", "IMPLS", "FAUST_READY_MARK", "ImplSpec", "SutProcess",
            "impl_env", "parse_batcher_stats", "parse_logged_stats", "settings_for"]
@@ -122,7 +127,7 @@ def parse_batcher_stats(log: str) -> dict[str, Any] | None:
 
 
 class SutProcess(WorkerProcess):
-    """One system-under-test process (see :class:`pipeline.worker.WorkerProcess`)."""
+    """One system-under-test process (see :class:`pipeline.dev.processes.WorkerProcess`)."""
 
     def __init__(self, spec: ImplSpec, env: dict[str, str], log_path: Path, cwd: Path,
                  *, workers: int = 1) -> None:

@@ -1,5 +1,5 @@
 """Open-loop traffic for the benchmark: constant or Poisson arrivals, and a backlog preload,
-of any lane's requests (a :class:`~pipeline.loadgen.RequestSource`; transactions by default).
+of any lane's requests (a :class:`~pipeline.dev.loadgen.RequestSource`; transactions by default).
 
 Open loop: the arrival schedule is fixed before the first send and every tick sends what is due,
 without waiting for earlier sends or for results, so a slow system under test cannot slow the
@@ -19,9 +19,9 @@ import numpy as np
 import orjson
 from numpy.typing import NDArray
 
-from pipeline.kafka import make_producer
-from pipeline.loadgen import RequestSource, TransactionSource
-from pipeline.produce import BatchSender
+from pipeline.dev.loadgen import RequestSource, TransactionSource
+from pipeline.kafka.connection import make_producer
+from pipeline.kafka.producer import BatchSender
 from pipeline.settings import Settings
 
 __all__ = ["Arrivals", "SentLog", "preload", "produce_open_loop"]

@@ -25,7 +25,7 @@ from aiohttp import web
 from aiokafka.errors import KafkaError
 from prometheus_client import Counter, Gauge, Histogram
 
-from pipeline.clients import FraudClient, Rejected, TimedOut
+from pipeline.clients.laneclients import FraudClient, Rejected, TimedOut
 from pipeline.services.http import (
     ANSWER_MARGIN_MS,
     ApiError,

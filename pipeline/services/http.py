@@ -18,8 +18,7 @@ import logging
 import signal
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -34,49 +33,28 @@ from prometheus_client import (
     generate_latest,
 )
 
-from pipeline.clients import ReplyClient
+from pipeline.clients.laneclients import ReplyClient
 from pipeline.errors import TopicError
-from pipeline.lane import Lane
+from pipeline.kafka.lane import Lane
+from pipeline.kafka.topics import ensure_topics, topic_specs
 from pipeline.metrics import render as process_metrics
+from pipeline.services.openapi import Handler, Reply, Route, openapi_document
 from pipeline.services.stream import follow_results
 from pipeline.settings import Settings
-from pipeline.topics import ensure_topics, topic_specs
-from pipeline.worker import SERVICE_READY_MARK
 from schemas.http import ErrorBody, Health
 from schemas.validation import validate_record
 
-__all__ = ["ANSWER_MARGIN_MS", "ApiError", "HttpService", "KafkaLink", "Reply", "Route",
-           "json_response", "read_json", "serve"]
+__all__ = ["ANSWER_MARGIN_MS", "SERVICE_READY_MARK", "ApiError", "HttpService", "KafkaLink",
+           "Reply", "Route", "json_response", "read_json", "serve"]
+
+SERVICE_READY_MARK = "Kafka clients connected"
+"""Logged by a consumer service (``inferlane serve ...``) once its Kafka clients are up."""
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 ANSWER_MARGIN_MS = 1.0
 """Kept from a budget or deadline for building and writing the answer."""
-
-
-@dataclass(frozen=True)
-class Reply:
-    """One documented answer of a route."""
-
-    description: str
-    shape: type[msgspec.Struct] | None = None
-    media_type: str = "application/json"
-
-
-@dataclass(frozen=True)
-class Route:
-    """One HTTP route: what registers the handler and what the OpenAPI document says."""
-
-    method: str
-    path: str
-    handler: Handler
-    summary: str
-    replies: Mapping[int, Reply]
-    body: type[msgspec.Struct] | None = None
-    """Shape of the JSON request body, if any."""
-    tags: Sequence[str] = field(default_factory=tuple)
 
 
 def json_response(value: msgspec.Struct | Mapping[str, Any], status: int = 200) -> web.Response:
@@ -292,8 +270,6 @@ class HttpService(ABC):
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _openapi(self, request: web.Request) -> web.Response:
-        from pipeline.services.openapi import openapi_document
-
         return json_response(openapi_document(self))
 
     # --- the app ----------------------------------------------------------------------------

@@ -9,17 +9,53 @@ service serves it at ``GET /openapi.json``.
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import msgspec
+from aiohttp import web
 
 from schemas.http import ErrorBody
 
-if TYPE_CHECKING:
-    from pipeline.services.http import HttpService, Route
+__all__ = ["Documented", "Handler", "Reply", "Route", "openapi_document"]
 
-__all__ = ["openapi_document"]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One documented answer of a route."""
+
+    description: str
+    shape: type[msgspec.Struct] | None = None
+    media_type: str = "application/json"
+
+
+@dataclass(frozen=True)
+class Route:
+    """One HTTP route: what registers the handler and what the OpenAPI document says."""
+
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    replies: Mapping[int, Reply]
+    body: type[msgspec.Struct] | None = None
+    """Shape of the JSON request body, if any."""
+    tags: Sequence[str] = field(default_factory=tuple)
+
+
+
+class Documented(Protocol):
+    """What a document is made of: a service's title, description and routes."""
+
+    title: str
+    description: str
+
+    def routes(self) -> list[Route]: ...
+
 
 _REF = "#/components/schemas/{name}"
 _PATH_PARAM = re.compile(r"\{(\w+)\}")
@@ -80,7 +116,7 @@ def _operation(route: Route) -> dict[str, Any]:
     return operation
 
 
-def openapi_document(service: HttpService) -> dict[str, Any]:
+def openapi_document(service: Documented) -> dict[str, Any]:
     """The OpenAPI 3.1 document of ``service``'s routes."""
     routes = service.routes()
     _, components = msgspec.json.schema_components(_shapes(routes), ref_template=_REF)

@@ -45,7 +45,8 @@ from aiohttp import web
 from aiokafka.errors import KafkaError
 from prometheus_client import Counter, Gauge, Histogram
 
-from pipeline.clients import RecoClient, Rejected, TimedOut
+from pipeline.clients.laneclients import RecoClient, Rejected, TimedOut
+from pipeline.inference.serving import follower_for
 from pipeline.services.http import (
     ANSWER_MARGIN_MS,
     ApiError,
@@ -56,7 +57,6 @@ from pipeline.services.http import (
     read_json,
 )
 from pipeline.services.recostore import LatestResults, PopularItems, read_popular, top_k
-from pipeline.serving import follower_for
 from pipeline.settings import Settings
 from schemas import RECO_DEFAULT_K, RecoResult
 from schemas.http import (

@@ -7,7 +7,8 @@ per user read from ``reco.results``, and the served model's popular items.
   0.5 KB per user at k = 10 with its key, against 3.4 KB as parsed JSON), decoded when read.
 * :class:`PopularItems` / :func:`read_popular` - the ``popular_items`` of a reco model folder's
   card, with the ``model_version`` string the lane reports for it; the service reads the folder
-  of the version the workers serve (same selection, :func:`pipeline.serving.follower_for`).
+  of the version the workers serve (same selection,
+  :func:`pipeline.inference.serving.follower_for`).
 * :func:`top_k` - the first ``k`` of a ranked list, keeping only candidates when given.
 """
 
@@ -22,8 +23,8 @@ from typing import Any
 import msgspec
 
 from pipeline.errors import ModelLoadError
-from pipeline.model import Precision, verified_bytes
-from pipeline.reco import RecoCard, load_reco_card
+from pipeline.inference.model import Precision, verified_bytes
+from pipeline.inference.recomodel import RecoCard, load_reco_card
 from pipeline.services.stream import BoundedStore
 from schemas import RecoItem, RecoResult
 

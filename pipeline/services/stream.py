@@ -1,4 +1,4 @@
-"""A service's view of a result topic: a :class:`~pipeline.lane.Lane` in the service's own
+"""A service's view of a result topic: a :class:`~pipeline.kafka.lane.Lane` in the service's own
 consumer group feeding each result to a callback, and a bounded store for what it keeps.
 
 The lane gives the services what it gives the workers: static membership, idle-fetch backoff on
@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar
 import orjson
 from aiokafka import TopicPartition
 
-from pipeline.lane import Lane, LaneContext, PartitionRecords
+from pipeline.kafka.lane import Lane, LaneContext, PartitionRecords
 from pipeline.settings import Settings
 
 __all__ = ["BoundedStore", "ResultFollower", "follow_results"]

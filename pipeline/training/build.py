@@ -34,7 +34,7 @@ class ModelBuild:
 
 
 def _fraud(out: Path, seed: int, say: Progress_) -> dict[str, Any]:
-    from pipeline.training.fraud import build_fraud_model
+    from pipeline.training.fraud_model import build_fraud_model
 
     return build_fraud_model(out, seed=seed, progress=say)
 
@@ -46,7 +46,7 @@ def _fraud_v2(out: Path, seed: int, say: Progress_) -> dict[str, Any]:
 
 
 def _reco(out: Path, seed: int, say: Progress_) -> dict[str, Any]:
-    from pipeline.training.reco import build_reco_model
+    from pipeline.training.reco_model import build_reco_model
 
     return build_reco_model(out, seed=seed, progress=say)
 

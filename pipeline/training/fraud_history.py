@@ -32,11 +32,11 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pipeline.history import FRAUD_V2_FEATURE_NAMES, HISTORY_VERSION, TAUS_S
-from pipeline.model import CARD_FILE
+from pipeline.features.cardhistory import FRAUD_V2_FEATURE_NAMES, HISTORY_VERSION, TAUS_S
+from pipeline.inference.model import CARD_FILE
 
 # The v1 build's helpers (private there) are reused so v1 and v2 cards follow the same rules.
-from pipeline.training import fraud as v1
+from pipeline.training import fraud_model as v1
 from pipeline.training import model_card as v1_md
 from pipeline.training import onnx_export
 from pipeline.training.history_data import HistoryStreamGenerator, TrainTestData, train_test_data
@@ -267,13 +267,14 @@ def _card(targets: dict[str, Any], **parts: Any) -> dict[str, Any]:
         "version": VERSION,
         "description": (
             "Binary classifier scoring card transactions with P(fraud) from per-event (fast) "
-            "features plus per-card history features kept by the slow path (pipeline.history)."
+            "features plus per-card history features kept by the slow path "
+            "(pipeline.features.cardhistory)."
         ),
         "feature_set": "fast+history",
         "feature_names": list(FRAUD_V2_FEATURE_NAMES),
         "targets": targets,
         "history": {
-            "module": "pipeline.history",
+            "module": "pipeline.features.cardhistory",
             "state_version": HISTORY_VERSION,
             "time_constants_s": list(TAUS_S),
             "defaults": "every history feature 0.0 (h_has_history = 0) when degraded",
@@ -291,10 +292,11 @@ def _data_md(card: dict[str, Any]) -> str:
     return (
         f"Synthetic stream from `pipeline.training.history_data.HistoryStreamGenerator` (seed "
         f"{t['seed']}, {t['n_cards']:,} cards, {t['days']} simulated days, {t['labels']:,} "
-        f"delayed labels), replayed through `pipeline.history` so every transaction sees its "
-        f"card's state just before it. The first {t['n_warmup']:,} transactions only fill the "
-        f"history; the next {t['n_train']:,} train (plus {t['defaults_rows_added']:,} copies "
-        f"with history blanked); the last {t['n_test']:,} (from day {t['test_starts_day']}) "
+        f"delayed labels), replayed through `pipeline.features.cardhistory` so every transaction "
+        f"sees its card's state just before it. The first {t['n_warmup']:,} transactions only "
+        f"fill the history; the next {t['n_train']:,} train (plus "
+        f"{t['defaults_rows_added']:,} copies with history blanked); the last {t['n_test']:,} "
+        f"(from day {t['test_starts_day']}) "
         f"are the held-out test set (fraud share {m['test_fraud_rate']:.4f}; "
         f"{m['test_rows_without_history']:.2%} of its rows have no earlier card history)."
     )

@@ -4,7 +4,7 @@ Lives here:
 
 * :class:`HistoryStreamGenerator` - a seeded, time-ordered stream of transactions and delayed
   fraud labels (:class:`LabelledStream`).  Legitimate traffic comes from
-  :class:`pipeline.synth.TransactionGenerator` (``fraud_rate=0``) with three kinds of noise
+  :class:`pipeline.training.synth.TransactionGenerator` (``fraud_rate=0``) with three kinds of noise
   added: per-card spending levels, trips abroad, habitual foreign web shops, short legitimate
   bursts and occasional big purchases.  Fraud comes in *episodes* on compromised cards (card
   testing then cash-out, cash-out, quiet domestic takeover), bursts minutes apart; half the
@@ -12,8 +12,9 @@ Lives here:
   only mildly unusual (night, ecom, foreign, risky category), so fast features separate it
   poorly; velocity, amount vs. the card's own scale, new country and prior labels do well.
 * :func:`replay` - applies the stream in event-time order to
-  :func:`pipeline.history.update_with_transaction` / :func:`~pipeline.history.update_with_label`
-  and returns each transaction's card snapshot *before* it, exactly what the slow path holds.
+  :func:`pipeline.features.cardhistory.update_with_transaction` /
+  :func:`~pipeline.features.cardhistory.update_with_label` and returns each transaction's card
+  snapshot *before* it, exactly what the slow path holds.
 * :func:`feature_matrices` - fast + history features, with history and "defaults only".
 * :func:`train_test_data` - all of the above, split in time into warm-up, train and test.
 """
@@ -30,15 +31,15 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from pipeline.features import fast_features
-from pipeline.history import (
+from pipeline.features.cardhistory import (
     FRAUD_V2_FEATURE_NAMES,
     CardHistory,
     history_features,
     update_with_label,
     update_with_transaction,
 )
-from pipeline.synth import COUNTRY_CURRENCY, CardProfile, TransactionGenerator
+from pipeline.features.fastfeatures import fast_features
+from pipeline.training.synth import COUNTRY_CURRENCY, CardProfile, TransactionGenerator
 
 __all__ = [
     "HistoryStreamGenerator",

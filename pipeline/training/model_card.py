@@ -84,7 +84,7 @@ def render_card_md(card: Mapping[str, Any]) -> str:
         "",
         "## Data",
         "",
-        f"Synthetic card transactions from `pipeline.synth.TransactionGenerator` (seed "
+        f"Synthetic card transactions from `pipeline.training.synth.TransactionGenerator` (seed "
         f"{t['seed']}, {t['n_cards']:,} cards, day-averaged fraud rate {t['fraud_rate']}). "
         f"The first {t['n_train']:,} events train the model, the next {t['n_test']:,} events "
         f"(later in time) are the held-out test set (fraud share "

@@ -41,7 +41,7 @@ from skl2onnx.common.data_types import FloatTensorType
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
 
-from pipeline.model import session_options
+from pipeline.inference.model import session_options
 
 __all__ = [
     "OPSET",

@@ -30,8 +30,8 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from pipeline.model import session_options
-from pipeline.reco import CANDIDATES_INPUT, ITEM_IDS, ITEMS_OUTPUT, USER_INPUT
+from pipeline.inference.model import session_options
+from pipeline.inference.recomodel import CANDIDATES_INPUT, ITEM_IDS, ITEMS_OUTPUT, USER_INPUT
 
 __all__ = [
     "PROTOCOL",

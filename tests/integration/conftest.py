@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.kafkadist import KAFKA_VERSION
+from pipeline.dev.kafkadist import KAFKA_VERSION
+from pipeline.dev.processes import SERVICE_READY_MARK, ServiceProcess, WorkerProcess
+from pipeline.dev.stack import LocalStack, StackEndpoints, _pid_alive
+from pipeline.kafka.topics import ensure_topics
 from pipeline.settings import Settings, load_settings
-from pipeline.stack import LocalStack, StackEndpoints, _pid_alive
-from pipeline.topics import ensure_topics
-from pipeline.worker import SERVICE_READY_MARK, ServiceProcess, WorkerProcess
 
 REPO = Path(__file__).resolve().parents[2]
 SASL_USER = "inferlane-it"

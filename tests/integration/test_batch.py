@@ -17,20 +17,15 @@ import msgspec
 import orjson
 import pytest
 
-from pipeline.batchclient import (
-    read_job_output,
-    submit_job,
-    wait_for_job,
-    write_transactions_jsonl,
-)
-from pipeline.kafka import make_producer
-from pipeline.loadgen import snapshot_end_offsets
-from pipeline.produce import BatchSender
-from pipeline.s3 import S3Store
-from pipeline.s3lines import iter_line_batches, split_ranges
+from pipeline.clients.batchclient import read_job_output, submit_job, wait_for_job
+from pipeline.dev.loadgen import snapshot_end_offsets, write_transactions_jsonl
+from pipeline.dev.processes import WorkerProcess
+from pipeline.kafka.connection import make_producer
+from pipeline.kafka.producer import BatchSender
+from pipeline.s3.s3lines import iter_line_batches, split_ranges
+from pipeline.s3.s3store import S3Store
 from pipeline.settings import Settings
-from pipeline.synth import TransactionGenerator
-from pipeline.worker import WorkerProcess
+from pipeline.training.synth import TransactionGenerator
 from schemas import BatchJob
 from tests.integration.conftest import EnvFactory, peer_env, ready_settings
 
@@ -195,7 +190,7 @@ async def test_batch_requests_are_scored_in_windows_per_job(
 async def _results_since(settings: Settings, start: dict[Any, int]) -> list[dict[str, Any]]:
     from aiokafka import AIOKafkaConsumer
 
-    from pipeline.kafka import client_kwargs
+    from pipeline.kafka.connection import client_kwargs
 
     consumer = AIOKafkaConsumer(**client_kwargs(settings, client_id="test-results"),
                                 enable_auto_commit=False)

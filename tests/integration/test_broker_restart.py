@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from pipeline.kafka import client_kwargs
-from pipeline.loadgen import produce_transactions, snapshot_end_offsets
+from pipeline.dev.loadgen import produce_transactions, snapshot_end_offsets
+from pipeline.dev.processes import WorkerProcess
+from pipeline.dev.stack import LocalStack
+from pipeline.kafka.connection import client_kwargs
 from pipeline.settings import Settings
-from pipeline.stack import LocalStack
-from pipeline.worker import WorkerProcess
 from tests.integration.conftest import EnvFactory, ready_settings
 from tests.integration.test_fraud_lane import _readers
 

@@ -9,9 +9,9 @@ import gc
 import time
 from collections.abc import Callable
 
-from pipeline.clients import FraudClient, RecoClient, Rejected, TimedOut
-from pipeline.synth import TransactionGenerator
-from pipeline.worker import WorkerProcess
+from pipeline.clients.laneclients import FraudClient, RecoClient, Rejected, TimedOut
+from pipeline.dev.processes import WorkerProcess
+from pipeline.training.synth import TransactionGenerator
 from schemas import FraudScore, RecoResult
 from tests.integration.conftest import EnvFactory, ready_settings
 

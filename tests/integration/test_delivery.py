@@ -17,11 +17,11 @@ import onnx
 import orjson
 from onnx import TensorProto, helper
 
-from pipeline.features import FAST_FEATURE_NAMES
-from pipeline.kafka import make_producer
-from pipeline.model import load_card
-from pipeline.synth import TransactionGenerator
-from pipeline.worker import WorkerProcess
+from pipeline.dev.processes import WorkerProcess
+from pipeline.features.fastfeatures import FAST_FEATURE_NAMES
+from pipeline.inference.model import load_card
+from pipeline.kafka.connection import make_producer
+from pipeline.training.synth import TransactionGenerator
 from tests.integration.conftest import REPO, EnvFactory, ready_settings
 from tests.integration.test_fraud_lane import _read_all, _readers
 

@@ -11,8 +11,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
-from pipeline.app import _ConsumerThread, create_app, put_back
-from pipeline.kafka import make_producer, start_reader
+from pipeline.kafka.connection import make_producer, start_reader
+from pipeline.kafka.faustapp import _ConsumerThread, create_app, put_back
 from pipeline.settings import Settings
 
 Fetched = dict[TopicPartition, list[ConsumerRecord[Any, Any]]]

@@ -16,8 +16,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from pipeline.synth import TransactionGenerator
-from pipeline.worker import WorkerProcess
+from pipeline.dev.processes import WorkerProcess
+from pipeline.training.synth import TransactionGenerator
 from tests.integration.conftest import EnvFactory, ServiceFactory
 from tests.openapi_check import assert_matches_openapi
 

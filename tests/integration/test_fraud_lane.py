@@ -14,14 +14,19 @@ import numpy as np
 import orjson
 from aiokafka import TopicPartition
 
-from pipeline.kafka import make_producer, topic_partitions
-from pipeline.loadgen import ResultReader, produce_transactions, snapshot_end_offsets
-from pipeline.model import load_card
-from pipeline.s3 import S3Store
-from pipeline.serving import fraud_model_path
+from pipeline.dev.loadgen import ResultReader, produce_transactions, snapshot_end_offsets
+from pipeline.dev.processes import WorkerProcess
+from pipeline.inference.model import load_card
+from pipeline.inference.serving import fraud_model_path
+from pipeline.kafka.connection import make_producer, topic_partitions
+from pipeline.s3.s3store import S3Store
 from pipeline.settings import Settings
-from pipeline.synth import INVALID_KINDS, TransactionGenerator, invalid_reason_field, make_invalid
-from pipeline.worker import WorkerProcess
+from pipeline.training.synth import (
+    INVALID_KINDS,
+    TransactionGenerator,
+    invalid_reason_field,
+    make_invalid,
+)
 from schemas import DeadLetter, FraudScore
 from tests.integration.conftest import EnvFactory, ready_settings
 
@@ -108,7 +113,7 @@ async def _read_all(settings: Settings, topic: str) -> list[tuple[bytes, bytes]]
     """Every record of ``topic`` from the beginning: (key, value)."""
     from aiokafka import AIOKafkaConsumer
 
-    from pipeline.kafka import client_kwargs
+    from pipeline.kafka.connection import client_kwargs
 
     consumer = AIOKafkaConsumer(**client_kwargs(settings, client_id="test-read"),
                                 enable_auto_commit=False)

@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.loadgen import produce_transactions
-from pipeline.worker import WorkerProcess
+from pipeline.dev.loadgen import produce_transactions
+from pipeline.dev.processes import WorkerProcess
 from tests.integration.conftest import EnvFactory, peer_env, ready_settings
 from tests.integration.test_fraud_lane import _readers
 

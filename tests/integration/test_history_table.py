@@ -18,16 +18,21 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from pipeline.features import fast_features
-from pipeline.history import DEFAULT_HISTORY_FEATURES, CardHistory, from_bytes, history_features
-from pipeline.historyview import CHANGELOG
-from pipeline.kafka import client_kwargs, make_producer, topic_partitions
-from pipeline.loadgen import ResultReader, snapshot_end_offsets
-from pipeline.model import OnnxScorer
-from pipeline.serving import fraud_model_path
+from pipeline.dev.loadgen import ResultReader, snapshot_end_offsets
+from pipeline.dev.processes import WorkerProcess
+from pipeline.features.cardhistory import (
+    DEFAULT_HISTORY_FEATURES,
+    CardHistory,
+    from_bytes,
+    history_features,
+)
+from pipeline.features.fastfeatures import fast_features
+from pipeline.features.historyview import CHANGELOG
+from pipeline.inference.model import OnnxScorer
+from pipeline.inference.serving import fraud_model_path
+from pipeline.kafka.connection import client_kwargs, make_producer, topic_partitions
 from pipeline.settings import Settings
-from pipeline.synth import TransactionGenerator
-from pipeline.worker import WorkerProcess
+from pipeline.training.synth import TransactionGenerator
 from tests.integration.conftest import EnvFactory
 
 WorkerFactory = Callable[..., WorkerProcess]

@@ -22,7 +22,7 @@ tombstone) repeats them.
 
 Duplicate ``event_id`` policy (at-least-once: producers retry): not malformed. The lane scores
 every copy (``fraud.scores`` is keyed by ``event_id``, readers keep one); the history agent
-counts a copy of the card's newest transaction once (``pipeline.historyagent.is_retry``).
+counts a copy of the card's newest transaction once (``agents.history.is_retry``).
 """
 
 from __future__ import annotations
@@ -46,13 +46,13 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
-from pipeline.deadletter import RAW_MAX_BYTES
-from pipeline.history import CardHistory, from_bytes
-from pipeline.historyview import CHANGELOG
-from pipeline.kafka import client_kwargs, make_producer, topic_partitions
-from pipeline.loadgen import HistoryTransactionSource
+from pipeline.dev.loadgen import HistoryTransactionSource
+from pipeline.dev.processes import WorkerProcess
+from pipeline.features.cardhistory import CardHistory, from_bytes
+from pipeline.features.historyview import CHANGELOG
+from pipeline.kafka.connection import client_kwargs, make_producer, topic_partitions
+from pipeline.kafka.deadletter import RAW_MAX_BYTES
 from pipeline.settings import Settings
-from pipeline.worker import WorkerProcess
 from schemas import DeadLetter, FraudScore, Transaction, validate_record
 from tests.integration.conftest import EnvFactory, ready_settings
 from tests.integration.test_fraud_lane import _read_all, _readers

@@ -8,9 +8,9 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from pipeline.loadgen import produce_transactions
-from pipeline.stack import free_port
-from pipeline.worker import WorkerProcess
+from pipeline.dev.loadgen import produce_transactions
+from pipeline.dev.processes import WorkerProcess
+from pipeline.dev.stack import free_port
 from tests.integration.conftest import EnvFactory, ready_settings
 from tests.integration.test_fraud_lane import _readers
 from tests.integration.test_models import _metric, _metrics

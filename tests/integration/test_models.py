@@ -16,13 +16,18 @@ from typing import Any
 
 import pytest
 
-from pipeline.features import fast_features
-from pipeline.loadgen import ProduceReport, ResultReader, produce_transactions, snapshot_end_offsets
-from pipeline.model import OnnxScorer
-from pipeline.s3 import S3Store
+from pipeline.dev.loadgen import (
+    ProduceReport,
+    ResultReader,
+    produce_transactions,
+    snapshot_end_offsets,
+)
+from pipeline.dev.processes import WorkerProcess
+from pipeline.dev.stack import free_port
+from pipeline.features.fastfeatures import fast_features
+from pipeline.inference.model import OnnxScorer
+from pipeline.s3.s3store import S3Store
 from pipeline.settings import Settings
-from pipeline.stack import free_port
-from pipeline.worker import WorkerProcess
 from tests.integration.conftest import EnvFactory, ready_settings
 
 WorkerFactory = Callable[..., WorkerProcess]

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.worker import WorkerProcess
+from pipeline.dev.processes import WorkerProcess
 from tests.integration.conftest import EnvFactory, ServiceFactory
 
 README = Path(__file__).resolve().parents[2] / "README.md"

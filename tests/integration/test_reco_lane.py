@@ -13,13 +13,13 @@ import msgspec
 import numpy as np
 import orjson
 
-from pipeline.kafka import make_producer
-from pipeline.loadgen import RECO, ResultReader, produce_requests, snapshot_end_offsets
-from pipeline.reco import RecoScorer
-from pipeline.recogen import RECO_INVALID_KINDS, RecoRequestSource, reco_reason_field
-from pipeline.serving import model_path
+from pipeline.dev.loadgen import RECO, ResultReader, produce_requests, snapshot_end_offsets
+from pipeline.dev.processes import WorkerProcess
+from pipeline.dev.recogen import RECO_INVALID_KINDS, RecoRequestSource, reco_reason_field
+from pipeline.inference.recomodel import RecoScorer
+from pipeline.inference.serving import model_path
+from pipeline.kafka.connection import make_producer
 from pipeline.settings import Settings
-from pipeline.worker import WorkerProcess
 from schemas import DeadLetter, RecoResult
 from tests.integration.conftest import EnvFactory, ready_settings
 from tests.integration.test_fraud_lane import _read_all, archived

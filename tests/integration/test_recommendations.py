@@ -17,10 +17,10 @@ import aiohttp
 import numpy as np
 from openapi_spec_validator import validate
 
-from pipeline.reco import RecoScorer, load_reco_card
-from pipeline.serving import model_path
+from pipeline.dev.processes import WorkerProcess
+from pipeline.inference.recomodel import RecoScorer, load_reco_card
+from pipeline.inference.serving import model_path
 from pipeline.settings import Settings
-from pipeline.worker import WorkerProcess
 from tests.integration.conftest import EnvFactory, ServiceFactory, settings_from
 from tests.openapi_check import assert_matches_openapi
 

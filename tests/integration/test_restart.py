@@ -10,8 +10,8 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from pipeline.loadgen import produce_transactions
-from pipeline.worker import WorkerProcess
+from pipeline.dev.loadgen import produce_transactions
+from pipeline.dev.processes import WorkerProcess
 from tests.integration.conftest import EnvFactory, ready_settings
 from tests.integration.test_fraud_lane import (
     _read_all,

@@ -12,9 +12,13 @@ from collections.abc import Callable
 import msgspec
 import orjson
 
-from pipeline.batchclient import read_job_output, submit_job, wait_for_job, write_transactions_jsonl
-from pipeline.loadgen import produce_transactions, snapshot_end_offsets
-from pipeline.worker import WorkerProcess
+from pipeline.clients.batchclient import read_job_output, submit_job, wait_for_job
+from pipeline.dev.loadgen import (
+    produce_transactions,
+    snapshot_end_offsets,
+    write_transactions_jsonl,
+)
+from pipeline.dev.processes import WorkerProcess
 from schemas import BatchJob
 from tests.integration.conftest import EnvFactory, ready_settings, settings_from
 from tests.integration.faultproxy import FaultProxy

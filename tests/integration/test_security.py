@@ -19,15 +19,15 @@ from collections.abc import Callable
 import orjson
 import pytest
 
+from pipeline.dev.loadgen import ResultReader, produce_transactions, snapshot_end_offsets
+from pipeline.dev.processes import WorkerProcess
+from pipeline.dev.stack import LocalStack
 from pipeline.errors import SinkError, TopicError
-from pipeline.kafka import make_consumer, make_producer, start_reader
-from pipeline.loadgen import ResultReader, produce_transactions, snapshot_end_offsets
-from pipeline.s3 import S3Store, retry
+from pipeline.kafka.connection import make_consumer, make_producer, start_reader
+from pipeline.kafka.topics import ensure_topics
+from pipeline.s3.s3store import S3Store, retry
 from pipeline.settings import Settings
-from pipeline.stack import LocalStack
-from pipeline.synth import TransactionGenerator
-from pipeline.topics import ensure_topics
-from pipeline.worker import WorkerProcess
+from pipeline.training.synth import TransactionGenerator
 from schemas import DeadLetter
 from tests.integration.conftest import SASL_USER, EnvFactory, ready_settings, settings_from
 from tests.integration.test_fraud_lane import _read_all, archived

@@ -19,14 +19,14 @@ import pytest
 from aiokafka import TopicPartition
 
 from pipeline import serverless
-from pipeline.features import fast_features
-from pipeline.fraud import Features, Thresholds, decide
-from pipeline.kafka import start_reader
-from pipeline.loadgen import snapshot_end_offsets
-from pipeline.model import OnnxScorer
-from pipeline.serving import model_path_now
+from pipeline.dev.loadgen import snapshot_end_offsets
+from pipeline.features.fastfeatures import fast_features
+from pipeline.inference.fraudscore import Features, Thresholds, decide
+from pipeline.inference.model import OnnxScorer
+from pipeline.inference.serving import model_path_now
+from pipeline.kafka.connection import start_reader
+from pipeline.kafka.topics import ensure_topics
 from pipeline.settings import Settings
-from pipeline.topics import ensure_topics
 from schemas import Transaction, validate_record
 from tests.integration.conftest import EnvFactory, settings_from
 

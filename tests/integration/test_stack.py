@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.dev.stack import LocalStack, _pid_alive, kafka_probe
 from pipeline.errors import PortInUseError, PrerequisiteMissingError
-from pipeline.stack import LocalStack, _pid_alive, kafka_probe
 
 CLI = [sys.executable, "-m", "pipeline.cli"]
 

@@ -16,10 +16,11 @@ import orjson
 import pytest
 
 import schemas
-from pipeline.batcher import MicroBatcher
-from pipeline.fraud import FraudHandler, FraudModel, Thresholds
-from pipeline.lane import LaneContext, LaneStats, Record
-from pipeline.model import OnnxScorer
+from agents.fraud import FraudHandler, FraudModel
+from pipeline.batching.batcher import MicroBatcher
+from pipeline.inference.fraudscore import Thresholds
+from pipeline.inference.model import OnnxScorer
+from pipeline.kafka.lane import LaneContext, LaneStats, Record
 from pipeline.settings import load_settings
 from schemas import (
     SHAPES,

@@ -17,9 +17,9 @@ import orjson
 import pytest
 
 from pipeline import serverless
-from pipeline.features import fast_features
-from pipeline.fraud import Features, Thresholds, decide
-from pipeline.model import OnnxScorer
+from pipeline.features.fastfeatures import fast_features
+from pipeline.inference.fraudscore import Features, Thresholds, decide
+from pipeline.inference.model import OnnxScorer
 from schemas import Transaction, validate_record
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,0 +1,24 @@
+"""Local and development tooling (not imported by the lanes).
+
+* :mod:`~pipeline.dev.kafkadist` - fetches the pinned Apache Kafka with Maven.
+* :mod:`~pipeline.dev.stack` - the local stack: KRaft Kafka node(s) and the S3 server.
+* :mod:`~pipeline.dev.processes` - workers and services as child processes.
+* :mod:`~pipeline.dev.loadgen`, :mod:`~pipeline.dev.recogen` - load generators.
+* :mod:`~pipeline.dev.demo` - ``make demo``.
+"""
+
+from pipeline import lazy_exports
+
+__all__, __getattr__ = lazy_exports(__name__, {
+    "demo": ["DemoSummary", "RecoSummary", "render_summary", "run_demo"],
+    "kafkadist": ["KAFKA_VERSION", "MIN_JAVA", "KafkaDist", "PrerequisiteError", "cache_dir",
+        "ensure_kafka", "find_kafka", "java_major"],
+    "loadgen": ["FRAUD", "RECO", "HistoryTransactionSource", "ProduceReport", "RequestSource",
+        "ResultReader", "SideRecord", "TransactionSource", "Workload", "produce_requests",
+        "produce_transactions", "snapshot_end_offsets", "write_transactions_jsonl"],
+    "processes": ["FAUST_READY_MARK", "SERVICE_READY_MARK", "ServiceProcess", "WorkerProcess",
+        "faust_worker_argv", "wait_all_ready"],
+    "recogen": ["RECO_INVALID_KINDS", "RecoRequestSource", "reco_reason_field"],
+    "stack": ["DUMMY_S3_KEY", "KafkaNode", "LocalStack", "ManagedProcess", "StackEndpoints",
+        "free_port", "server_properties"],
+})

@@ -1,0 +1,261 @@
+"""Kafka client construction in one place: every producer, consumer and admin client of the
+pipeline gets its connection settings (bootstrap, client id, TLS and SASL) from here, and
+faust's own connection gets the same security from :func:`security_kwargs` (see
+pipeline/kafka/faustapp.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import re
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    InvalidProducerIdMapping,
+    KafkaError,
+    OutOfOrderSequenceNumber,
+    UnknownProducerId,
+)
+from aiokafka.helpers import create_ssl_context
+
+from pipeline.settings import Settings
+
+T = TypeVar("T")
+
+__all__ = ["PRODUCER_STATE_LOST", "ProducerHandle", "ProducerRetired",
+           "client_kwargs", "make_consumer", "make_producer", "security_kwargs", "ssl_context",
+           "start_reader", "topic_partitions"]
+
+
+def client_kwargs(settings: Settings, *, client_id: str | None = None) -> dict[str, Any]:
+    """Connection arguments shared by every aiokafka client: bootstrap, client id, security."""
+    return {
+        "bootstrap_servers": settings.kafka_bootstrap,
+        "client_id": client_id or f"{settings.app_id}-{settings.worker_id}",
+        **security_kwargs(settings),
+    }
+
+
+def security_kwargs(settings: Settings) -> dict[str, Any]:
+    """aiokafka's security arguments for ``settings`` (only ``security_protocol`` when
+    PLAINTEXT). The password is read out of its SecretStr here and nowhere else."""
+    protocol = settings.kafka_security_protocol
+    kwargs: dict[str, Any] = {"security_protocol": protocol}
+    if protocol in ("SSL", "SASL_SSL"):
+        kwargs["ssl_context"] = ssl_context(settings)
+    if protocol.startswith("SASL_"):
+        assert settings.kafka_sasl_password is not None  # noqa: S101 - Settings validated it
+        kwargs["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        kwargs["sasl_plain_username"] = settings.kafka_sasl_username
+        kwargs["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
+    return kwargs
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext:
+    """The TLS context of the Kafka clients: the configured CA (else the system CAs), the
+    client certificate for mutual TLS if any; hostname checks always on. Built once per
+    distinct set of files, so every client of a process shares one context."""
+    password = settings.kafka_ssl_keyfile_password
+    return _ssl_context(settings.kafka_ssl_cafile, settings.kafka_ssl_certfile,
+                        settings.kafka_ssl_keyfile,
+                        None if password is None else password.get_secret_value())
+
+
+@functools.lru_cache(maxsize=4)
+def _ssl_context(cafile: Path | None, certfile: Path | None, keyfile: Path | None,
+                 password: str | None) -> ssl.SSLContext:
+    context: ssl.SSLContext = create_ssl_context(cafile=cafile, certfile=certfile,
+                                                 keyfile=keyfile, password=password)
+    return context
+
+
+def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
+    """A producer for results: ``acks=all`` and idempotence (no loss, no retry duplicates),
+    1 ms linger so concurrent sends share a request."""
+    kwargs: dict[str, Any] = {
+        **client_kwargs(settings),
+        "acks": "all",
+        "linger_ms": 1,
+        "max_batch_size": 256 * 1024,
+        "request_timeout_ms": 30_000,
+        "enable_idempotence": True,
+    }
+    kwargs.update(overrides)
+    return AIOKafkaProducer(**kwargs)
+
+
+log = logging.getLogger(__name__)
+
+_SASL_BYTES = re.compile(r"""sasl_auth_bytes=b(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
+
+
+class RedactSaslBytes(logging.Filter):
+    """Blank the SASL authentication bytes out of aiokafka's debug log of each request.
+
+    aiokafka logs every request at DEBUG, and a ``SaslAuthenticateRequest`` carries the
+    credentials: with SASL/PLAIN, ``user\\x00user\\x00password`` in clear (measured with
+    aiokafka 0.14.0 against Kafka 4.4.0). Installed on the ``aiokafka.conn`` logger when this
+    module is imported, so DEBUG logging never writes a password anywhere.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "sasl_auth_bytes=" in message:
+            record.msg, record.args = _SASL_BYTES.sub("sasl_auth_bytes=<redacted>", message), ()
+        return True
+
+
+logging.getLogger("aiokafka.conn").addFilter(RedactSaslBytes())
+
+#: Errors after which an idempotent producer cannot go on: the broker no longer knows its
+#: producer id or sequence numbers (producer state expired, or lost: the local broker forgets
+#: it on restart). Only a new producer (a new producer id) can send again.
+PRODUCER_STATE_LOST = (OutOfOrderSequenceNumber, UnknownProducerId, InvalidProducerEpoch,
+                       InvalidProducerIdMapping)
+
+
+class ProducerRetired(KafkaError):  # type: ignore[misc]
+    """The producer was replaced while this send waited for its acknowledgement: the send's
+    fate is unknown (a stopped producer's pending batches may never complete), so send again."""
+
+
+class ProducerHandle:
+    """A component's current producer, replaced by a new one when the broker lost its state.
+
+    Senders take :meth:`current` for every send, await acknowledgements through :meth:`acked`
+    (which gives up with :class:`ProducerRetired` once that producer is replaced) and call
+    :meth:`renew` with the producer that failed with one of :data:`PRODUCER_STATE_LOST`;
+    concurrent callers renew it only once. What was not acknowledged must be sent again by
+    the caller (at-least-once).
+    """
+
+    def __init__(self, factory: Callable[[], AIOKafkaProducer]) -> None:
+        self._factory = factory
+        self.producer = factory()
+        self._retired = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self.renewals = 0
+
+    def current(self) -> tuple[AIOKafkaProducer, asyncio.Event]:
+        """The producer to send with, and the event set when it is replaced."""
+        return self.producer, self._retired
+
+    async def start(self) -> None:
+        await self.producer.start()
+
+    async def stop(self) -> None:
+        await self.producer.stop()
+
+    async def renew(self, failed: AIOKafkaProducer, reason: BaseException) -> None:
+        async with self._lock:
+            if self.producer is not failed:
+                return  # another send renewed it meanwhile
+            log.warning("producer lost its broker state (%r): starting a new one", reason)
+            fresh = self._factory()
+            await fresh.start()
+            self.producer = fresh
+            retired, self._retired = self._retired, asyncio.Event()
+            retired.set()
+            self.renewals += 1
+        with contextlib.suppress(Exception):  # its pending batches are failing anyway
+            await asyncio.wait_for(failed.stop(), 5.0)
+
+    async def send_renewing(
+            self, attempt: Callable[[AIOKafkaProducer, asyncio.Event], Awaitable[T]]) -> T:
+        """Run ``attempt`` with the current producer; once more with a new one when it failed
+        because the broker lost this producer's state (the producer is renewed first) or
+        because the producer was replaced meanwhile (:class:`ProducerRetired`). Some records
+        may then be written twice (at-least-once); other failures are the caller's."""
+        producer, retired = self.current()
+        try:
+            return await attempt(producer, retired)
+        except KafkaError as exc:
+            if isinstance(exc, PRODUCER_STATE_LOST):
+                await self.renew(producer, exc)
+            elif self.producer is producer:
+                raise  # a failure of a producer still in use
+            # Renewed by this send or a concurrent one (whose old producer then failed this).
+            return await attempt(*self.current())
+
+    @staticmethod
+    async def acked(retired: asyncio.Event, ack: Awaitable[T]) -> T:
+        """``await ack``, unless the producer it was sent with is replaced first: then raise
+        :class:`ProducerRetired` (the old producer may never settle it)."""
+        pending = asyncio.ensure_future(ack)
+        if retired.is_set() and not pending.done():
+            pending.add_done_callback(_retrieve)
+            raise ProducerRetired("the producer was replaced before this send was acknowledged")
+        waiter = asyncio.ensure_future(retired.wait())
+        try:
+            await asyncio.wait({pending, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if pending.done():
+            return pending.result()
+        pending.add_done_callback(_retrieve)
+        raise ProducerRetired("the producer was replaced before this send was acknowledged")
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark an abandoned future's outcome as seen (no 'exception was never retrieved')."""
+    if not future.cancelled():
+        future.exception()
+
+
+def make_consumer(settings: Settings, lane: str, **overrides: Any) -> AIOKafkaConsumer:
+    """A group consumer for ``lane`` with manual commits.
+
+    Dynamic membership by default: a member that dies is expired after the session timeout and
+    its partitions move to the others. With ``static_membership`` the member id is
+    ``<worker_id>-<lane>`` (``group.instance.id``): a worker restarted within the session timeout
+    gets its partitions back without a rebalance.
+    """
+    kwargs: dict[str, Any] = {
+        **client_kwargs(settings),
+        "group_id": settings.group_id(lane),
+        "group_instance_id": (f"{settings.worker_id}-{lane}" if settings.static_membership
+                              else None),
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "session_timeout_ms": settings.session_timeout_ms,
+        "heartbeat_interval_ms": max(settings.session_timeout_ms // 5, 100),
+        "fetch_max_wait_ms": 50,
+        "max_partition_fetch_bytes": 4 * 1024 * 1024,
+        "isolation_level": "read_uncommitted",
+    }
+    kwargs.update(overrides)
+    return AIOKafkaConsumer(**kwargs)
+
+
+async def start_reader(settings: Settings, client_id: str, **overrides: Any) -> AIOKafkaConsumer:
+    """A started consumer without a group (the caller assigns and seeks), no auto-commit."""
+    kwargs: dict[str, Any] = {**client_kwargs(settings, client_id=client_id),
+                              "enable_auto_commit": False, "fetch_max_wait_ms": 50,
+                              "max_partition_fetch_bytes": 4 * 1024 * 1024}
+    kwargs.update(overrides)
+    consumer = AIOKafkaConsumer(**kwargs)
+    await consumer.start()
+    return consumer
+
+
+async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+    """The partition ids of ``topic`` (empty when it does not exist), fresh from the broker.
+
+    ``consumer.partitions_for_topic`` only reads the client's cached metadata, which holds the
+    topics the consumer subscribed to or was assigned; ``consumer.topics()`` fetches all topics
+    but returns them without filling that cache (aiokafka 0.14). So a reader that has not used
+    ``topic`` yet would see no partitions at all and read nothing.
+    """
+    known = consumer.partitions_for_topic(topic)
+    if known:
+        return set(known)
+    cluster = await consumer._client.fetch_all_metadata()
+    return set(cluster.partitions_for_topic(topic) or ())

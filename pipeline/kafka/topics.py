@@ -1,0 +1,172 @@
+"""Every topic of the pipeline, declared once with its partitions and configs, and the admin
+step that creates them (``inferlane topics create``; workers also ensure them at start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from pipeline.errors import TopicError
+from pipeline.kafka.connection import client_kwargs
+from pipeline.settings import Settings
+
+__all__ = ["TOPICS", "TopicSpec", "archived_topics", "ensure_topics", "spec", "topic_configs",
+           "without_leaders",
+           "topic_specs"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """A logical topic: ``name`` before the prefix, ``lane`` it belongs to, how it is laid out."""
+
+    name: str
+    lane: str
+    realtime: bool = True
+    partitions: int | None = None
+    """Fixed partition count; ``None`` = ``Settings.realtime_partitions``."""
+    configs: dict[str, str] = field(default_factory=dict)
+    compact: bool = False
+    """A table changelog: compacted on Apache Kafka (the local broker cannot compact; there it
+    keeps the bounded retention of every local topic, so history older than that is lost
+    when a table or view reloads)."""
+    results: bool = False
+    """A real-time lane's result topic: the archive lane copies it to S3."""
+
+
+TOPICS: tuple[TopicSpec, ...] = (
+    TopicSpec("fraud.requests", lane="fraud"),
+    TopicSpec("fraud.scores", lane="fraud", results=True),
+    TopicSpec("fraud.requests.dlq", lane="fraud", partitions=1),
+    TopicSpec("fraud.shadow", lane="fraud"),
+    # Keyed by card_id like fraud.requests and with as many partitions: the history agent
+    # reads both into one co-partitioned table.
+    TopicSpec("fraud.labels", lane="history"),
+    TopicSpec("fraud.labels.dlq", lane="history", partitions=1),
+    # The history table's changelog (faust Table, see agents/history.py); the fraud lane's
+    # history view tails it, so the fraud lane ensures it too.
+    TopicSpec("fraud.history.changelog", lane="fraud", compact=True),
+    TopicSpec("reco.requests", lane="reco"),
+    TopicSpec("reco.results", lane="reco", results=True),
+    TopicSpec("reco.requests.dlq", lane="reco", partitions=1),
+    TopicSpec("batch.requests", lane="batch"),
+    TopicSpec("batch.jobs", lane="batch", partitions=1),
+    TopicSpec("batch.jobs.dlq", lane="batch", partitions=1),
+    # Many partitions so that every worker of the batch group takes a share of each job.
+    TopicSpec("batch.chunks", lane="batch", partitions=8),
+    TopicSpec("batch.results", lane="batch", partitions=4),
+)
+
+
+def topic_specs(lanes: Iterable[str] | None = None) -> list[TopicSpec]:
+    """Specs of the topics the given lanes use (all when ``None``); the archive reads every
+    real-time result topic, the history agent reads ``fraud.requests``."""
+    if lanes is None:
+        return list(TOPICS)
+    wanted = set(lanes)
+    if "history" in wanted:
+        wanted.add("fraud")
+    archive = "archive" in wanted
+    return [spec for spec in TOPICS if spec.lane in wanted or (archive and spec.results)]
+
+
+def archived_topics() -> list[str]:
+    """Logical names of every real-time result topic: what the archive lane copies to S3.
+
+    All of them, whichever lanes the archiving worker itself serves: the results are usually
+    produced by other workers (``INFERLANE_LANES=archive`` is a complete archive worker).
+    """
+    return [spec.name for spec in TOPICS if spec.results]
+
+
+def spec(name: str) -> TopicSpec:
+    """The declared spec of logical topic ``name``."""
+    for candidate in TOPICS:
+        if candidate.name == name:
+            return candidate
+    raise KeyError(f"no topic {name!r} declared in pipeline.kafka.topics.TOPICS")
+
+
+def topic_configs(spec: TopicSpec, settings: Settings) -> dict[str, str]:
+    """Broker configs of a topic as created here (faust's own declarations reuse them)."""
+    configs = dict(spec.configs)
+    if spec.compact:
+        configs.setdefault("cleanup.policy", "compact")
+    return configs
+
+
+def _new_topic(spec: TopicSpec, settings: Settings) -> NewTopic:
+    return NewTopic(
+        name=settings.topic(spec.name),
+        num_partitions=spec.partitions or settings.realtime_partitions,
+        replication_factor=settings.replication_factor,
+        topic_configs=topic_configs(spec, settings),
+    )
+
+
+async def ensure_topics(
+    settings: Settings, specs: Iterable[TopicSpec] | None = None, *, timeout_s: float = 30.0
+) -> list[str]:
+    """Create the missing topics; return the names created. Existing topics are left as they are.
+
+    Raises :class:`TopicError` when the broker cannot be reached or refuses a creation.
+    """
+    wanted = [_new_topic(spec, settings) for spec in (specs if specs is not None else TOPICS)]
+    admin = AIOKafkaAdminClient(**client_kwargs(settings), request_timeout_ms=int(timeout_s * 1000))
+    try:
+        await asyncio.wait_for(admin.start(), timeout_s)
+        existing = set(await admin.list_topics())
+        missing = [topic for topic in wanted if topic.name not in existing]
+        if missing:
+            await _create(admin, missing)
+            await _wait_for_leaders(admin, [t.name for t in missing], timeout_s)
+        return [topic.name for topic in missing]
+    except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+        raise TopicError(f"cannot ensure topics on {settings.kafka_bootstrap}: {exc!r}") from exc
+    finally:
+        await admin.close()
+
+
+async def _create(admin: AIOKafkaAdminClient, topics: list[NewTopic]) -> None:
+    response = await admin.create_topics(topics)
+    for name, code, *rest in getattr(response, "topic_errors", ()):
+        if code and code != TopicAlreadyExistsError.errno:
+            raise TopicError(f"creating topic {name!r} failed: error {code} {rest}")
+    log.info("created topics %s", [t.name for t in topics])
+
+
+async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str], timeout_s: float) -> None:
+    """Wait until every partition of the new topics has a leader.
+
+    Kafka answers CreateTopics once the controller has recorded the topics; the brokers elect
+    the partition leaders a moment later. A producer or consumer started in between gets
+    UNKNOWN_TOPIC_OR_PARTITION / LEADER_NOT_AVAILABLE and retries, but a reader that snapshots
+    the partitions then would see none: callers may use the topics as soon as this returns.
+    """
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    waiting = set(names)
+    while waiting:
+        waiting = await without_leaders(admin, waiting)
+        if not waiting:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise TopicError(f"topics without partition leaders after {timeout_s:.0f}s: "
+                             f"{sorted(waiting)}")
+        await asyncio.sleep(0.1)
+
+
+async def without_leaders(admin: AIOKafkaAdminClient, names: Iterable[str]) -> set[str]:
+    """The topics of ``names`` that are unknown or have a partition without a leader."""
+    waiting = set(names)
+    for topic in await admin.describe_topics(sorted(waiting)):
+        parts = topic.get("partitions") or []
+        if not topic.get("error_code") and parts and all(p.get("leader", -1) >= 0 for p in parts):
+            waiting.discard(topic["topic"])
+    return waiting
