@@ -2,6 +2,7 @@
 
 * :mod:`~pipeline.dev.kafkadist` - fetches the pinned Apache Kafka with Maven.
 * :mod:`~pipeline.dev.stack` - the local stack: KRaft Kafka node(s) and the S3 server.
+* :mod:`~pipeline.dev.kafkanode` - one node's ``server.properties``, JVM settings, readiness probe.
 * :mod:`~pipeline.dev.processes` - workers and services as child processes.
 * :mod:`~pipeline.dev.loadgen`, :mod:`~pipeline.dev.recogen` - load generators.
 * :mod:`~pipeline.dev.demo` - ``make demo``.
@@ -11,6 +12,8 @@ from pipeline import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
     "demo": ["DemoSummary", "RecoSummary", "render_summary", "run_demo"],
+    "kafkanode": ["KAFKA_HEAP_MB", "LOG4J2", "JVM_FLAGS", "KafkaNode", "heap_from_env",
+        "kafka_probe", "kafka_uuid", "server_properties"],
     "kafkadist": ["KAFKA_VERSION", "MIN_JAVA", "KafkaDist", "PrerequisiteError", "cache_dir",
         "ensure_kafka", "find_kafka", "java_major"],
     "loadgen": ["FRAUD", "RECO", "HistoryTransactionSource", "ProduceReport", "RequestSource",
@@ -19,6 +22,6 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "processes": ["FAUST_READY_MARK", "SERVICE_READY_MARK", "ServiceProcess", "WorkerProcess",
         "faust_worker_argv", "wait_all_ready"],
     "recogen": ["RECO_INVALID_KINDS", "RecoRequestSource", "reco_reason_field"],
-    "stack": ["DUMMY_S3_KEY", "KafkaNode", "LocalStack", "ManagedProcess", "StackEndpoints",
-        "free_port", "server_properties"],
+    "stack": ["DUMMY_S3_KEY", "LocalStack", "ManagedProcess", "StackEndpoints", "free_port",
+        "s3_probe"],
 })

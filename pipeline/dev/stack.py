@@ -18,7 +18,6 @@ module started. Production does not use any of this: point ``INFERLANE_KAFKA_BOO
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import contextlib
 import json
@@ -29,32 +28,34 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
-from base64 import urlsafe_b64encode
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
 
 import boto3
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from pipeline.dev.kafkadist import KafkaDist, PrerequisiteError, find_kafka
+from pipeline.dev.kafkanode import (
+    JVM_FLAGS,
+    KAFKA_HEAP_MB,
+    LOG4J2,
+    KafkaNode,
+    heap_from_env,
+    kafka_probe,
+    kafka_uuid,
+    server_properties,
+)
 from pipeline.errors import PortInUseError, PrerequisiteMissingError, StackError
-from pipeline.kafka.topics import without_leaders
 
-__all__ = ["DUMMY_S3_KEY", "KafkaNode", "LocalStack", "ManagedProcess", "StackEndpoints",
-           "free_port", "server_properties"]
+__all__ = ["DUMMY_S3_KEY", "LocalStack", "ManagedProcess", "StackEndpoints", "free_port",
+           "s3_probe"]
 
 DUMMY_S3_KEY = "inferlane-local"
 _HOST = "127.0.0.1"
 _STATE_FILE = "stack.json"
-_READY_TOPIC = "__inferlane_stack_ready"
-KAFKA_HEAP_MB = 512
-"""Broker JVM heap: measured ~330 MB resident idle, ~450 MB under the 5k ev/s benchmark."""
 
 _S3_NICE = 10
 _PORT_ATTEMPTS = 3
@@ -197,127 +198,6 @@ class StackEndpoints:
         }
 
 
-@dataclass(frozen=True)
-class KafkaNode:
-    """One KRaft node of the local cluster (broker and controller in one JVM)."""
-
-    node_id: int
-    port: int
-    controller_port: int
-    home: Path
-    sasl_port: int = 0
-    """A SASL_PLAINTEXT (PLAIN) listener too when non-zero (the security tests use it)."""
-
-    @property
-    def bootstrap(self) -> str:
-        return f"{_HOST}:{self.port}"
-
-    @property
-    def data_dir(self) -> Path:
-        return self.home / "data"
-
-    @property
-    def properties_path(self) -> Path:
-        return self.home / "server.properties"
-
-
-def server_properties(node: KafkaNode, nodes: list[KafkaNode], *,
-                      overrides: dict[str, str] | None = None,
-                      sasl_users: dict[str, str] | None = None) -> dict[str, str]:
-    """The ``server.properties`` of ``node`` in the cluster ``nodes``.
-
-    Choices that differ from Kafka's defaults, and why: topics are never created by a produce or
-    a fetch (``auto.create.topics.enable=false``: :mod:`pipeline.kafka.topics` creates each one
-    with its partitions and configs, as in production); 8 consumer-offset partitions instead of 50
-    (less start-up work on 2 cores, same semantics); no initial rebalance delay (a test's group
-    forms at once); fewer network and I/O threads than Kafka's 3/8 (two cores here); internal topics
-    replicated as far as the cluster allows (3 on three nodes).
-    """
-    rf = min(len(nodes), 3)
-    listeners = [f"PLAINTEXT://{_HOST}:{node.port}", f"CONTROLLER://{_HOST}:{node.controller_port}"]
-    advertised = [f"PLAINTEXT://{_HOST}:{node.port}"]
-    protocols = ["PLAINTEXT:PLAINTEXT", "CONTROLLER:PLAINTEXT"]
-    props = {
-        "process.roles": "broker,controller",
-        "node.id": str(node.node_id),
-        "controller.quorum.voters": ",".join(
-            f"{n.node_id}@{_HOST}:{n.controller_port}" for n in nodes),
-        "controller.listener.names": "CONTROLLER",
-        "inter.broker.listener.name": "PLAINTEXT",
-        "log.dirs": str(node.data_dir),
-        "auto.create.topics.enable": "false",
-        "num.partitions": "1",
-        "default.replication.factor": str(rf),
-        "offsets.topic.num.partitions": "8",
-        "offsets.topic.replication.factor": str(rf),
-        "transaction.state.log.replication.factor": str(rf),
-        "transaction.state.log.min.isr": str(min(rf, 2)),
-        "share.coordinator.state.topic.replication.factor": str(rf),
-        "share.coordinator.state.topic.min.isr": str(min(rf, 2)),
-        "group.initial.rebalance.delay.ms": "0",
-        # A node restarted after a crash is unfenced once its old session expires: 3 s instead
-        # of 9 s (measured: SIGKILL + restart 13.0 s -> 6.1 s on one node).
-        "broker.session.timeout.ms": "3000",
-        "broker.heartbeat.interval.ms": "1000",
-        "num.network.threads": "2",
-        "num.io.threads": "4",
-        "log.retention.hours": "24",
-    }
-    if node.sasl_port:
-        listeners.append(f"SASL_PLAINTEXT://{_HOST}:{node.sasl_port}")
-        advertised.append(f"SASL_PLAINTEXT://{_HOST}:{node.sasl_port}")
-        protocols.append("SASL_PLAINTEXT:SASL_PLAINTEXT")
-        users = " ".join(f'user_{name}="{password}"'
-                         for name, password in sorted((sasl_users or {}).items()))
-        props["sasl.enabled.mechanisms"] = "PLAIN"
-        props["listener.name.sasl_plaintext.plain.sasl.jaas.config"] = (
-            f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};")
-    props["listeners"] = ",".join(listeners)
-    props["advertised.listeners"] = ",".join(advertised)
-    props["listener.security.protocol.map"] = ",".join(protocols)
-    props.update(overrides or {})
-    return props
-
-
-_LOG4J2 = """\
-status = warn
-appender.out.type = Console
-appender.out.name = STDOUT
-appender.out.layout.type = PatternLayout
-appender.out.layout.pattern = [%d] %p %m (%c)%n
-rootLogger.level = INFO
-rootLogger.appenderRef.out.ref = STDOUT
-logger.state.name = state.change.logger
-logger.state.level = WARN
-logger.request.name = kafka.request.logger
-logger.request.level = WARN
-"""
-
-# Kafka's own launch script (kafka-run-class.sh) uses these GC flags.
-_JVM_FLAGS = ["-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-XX:InitiatingHeapOccupancyPercent=35",
-              "-XX:+ExplicitGCInvokesConcurrent", "-Djava.awt.headless=true"]
-
-
-def _heap_from_env() -> int:
-    """The local brokers' JVM heap: ``INFERLANE_STACK_KAFKA_HEAP_MB``, else the default."""
-    raw = os.environ.get("INFERLANE_STACK_KAFKA_HEAP_MB", "")
-    if not raw:
-        return KAFKA_HEAP_MB
-    if not raw.isdigit() or int(raw) < 128:
-        raise StackError(f"INFERLANE_STACK_KAFKA_HEAP_MB={raw!r}: give a heap in MiB, >= 128")
-    return int(raw)
-
-
-def _kafka_uuid() -> str:
-    """A cluster id as ``kafka-storage random-uuid`` makes it: 16 random bytes, URL-safe base64,
-    never starting with ``-`` (Kafka's ``Uuid.randomUuid`` rule too: the storage tool would read
-    such an id as an option and fail; 1 in 64 ids)."""
-    while True:
-        text = urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        if not text.startswith("-"):
-            return text
-
-
 class LocalStack:
     """Start, check and stop the local Kafka node(s) and S3 server under ``root``.
 
@@ -347,7 +227,7 @@ class LocalStack:
         self.bucket = bucket
         self.ready_timeout_s = ready_timeout_s
         self.broker_count = brokers
-        self.kafka_heap_mb = kafka_heap_mb or _heap_from_env()
+        self.kafka_heap_mb = kafka_heap_mb or heap_from_env()
         self.kafka_config = dict(kafka_config or {})
         self.sasl_users = dict(sasl_users or {})
         self._fresh = fresh
@@ -420,9 +300,9 @@ class LocalStack:
         self.nodes = self._plan_nodes()
         self.s3_port = _claim_port(self._s3_port_wanted, "S3")
         try:
-            cluster_id = _kafka_uuid()
+            cluster_id = kafka_uuid()
             self.data_dir.mkdir(parents=True, exist_ok=True)
-            (self.data_dir / "log4j2.properties").write_text(_LOG4J2)
+            (self.data_dir / "log4j2.properties").write_text(LOG4J2)
             for node in self.nodes:
                 self._prepare_node(node, cluster_id)
             for node in self.nodes:
@@ -446,7 +326,7 @@ class LocalStack:
     def _java_argv(self, *main: str) -> list[str]:
         assert self._dist is not None  # noqa: S101 - set by start()/attach()
         return [self._dist.java, f"-Xms{min(256, self.kafka_heap_mb)}m",
-                f"-Xmx{self.kafka_heap_mb}m", *_JVM_FLAGS,
+                f"-Xmx{self.kafka_heap_mb}m", *JVM_FLAGS,
                 f"-Dlog4j2.configurationFile={self.data_dir / 'log4j2.properties'}",
                 "-cp", self._dist.classpath, *main]
 
@@ -616,54 +496,6 @@ def _cmdline_matches(pid: int, argv: list[str]) -> bool:
     except OSError:
         return False
     return raw.split(b"\0")[: len(argv)] == [a.encode() for a in argv]
-
-
-def kafka_probe(bootstrap: str, timeout_s: float = 3.0, *, brokers: int = 0,
-                create_topic: bool = False) -> str:
-    """Do real Kafka requests; return "" when they work, else the error text.
-
-    Metadata always; with ``brokers`` the cluster must list that many; with ``create_topic`` a
-    small topic is created (replicated over ``min(brokers, 3)`` nodes) and must have a leader,
-    so a broker that answers metadata but cannot yet serve writes is not "ready". A plain TCP
-    connect to the first bootstrap address comes first: while the broker is still starting,
-    aiokafka would log every refused connection as an error on the user's terminal.
-    """
-    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-    except (OSError, ValueError) as exc:
-        return f"kafka: {exc!r}"
-
-    async def probe() -> str:
-        admin = AIOKafkaAdminClient(
-            bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000)
-        )
-        try:
-            await asyncio.wait_for(admin.start(), timeout_s)
-            if brokers:
-                cluster = await asyncio.wait_for(admin.describe_cluster(), timeout_s)
-                seen = len(cluster.get("brokers", []))
-                if seen < brokers:
-                    return f"kafka: {seen} of {brokers} brokers registered"
-            else:
-                await asyncio.wait_for(admin.list_topics(), timeout_s)
-            if create_topic:
-                rf = min(max(brokers, 1), 3)
-                with contextlib.suppress(TopicAlreadyExistsError):
-                    await asyncio.wait_for(admin.create_topics(
-                        [NewTopic(_READY_TOPIC, 1, rf)]), timeout_s)
-                if await asyncio.wait_for(without_leaders(admin, [_READY_TOPIC]), timeout_s):
-                    return "kafka: no partition leader yet"
-            return ""
-        finally:
-            await admin.close()
-
-    # Run in a thread with its own loop: callers may or may not be inside a running loop.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        try:
-            return pool.submit(asyncio.run, probe()).result(timeout=timeout_s * 5)
-        except (KafkaError, OSError, asyncio.TimeoutError, concurrent.futures.TimeoutError) as exc:
-            return f"kafka: {exc!r}"
 
 
 def s3_probe(endpoints: StackEndpoints, *, create_bucket: bool) -> str:

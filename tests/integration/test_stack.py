@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.dev.stack import LocalStack, _pid_alive, kafka_probe
+from pipeline.dev.kafkanode import kafka_probe
+from pipeline.dev.stack import LocalStack, _pid_alive
 from pipeline.errors import PortInUseError, PrerequisiteMissingError
 
 CLI = [sys.executable, "-m", "pipeline.cli"]

@@ -73,7 +73,7 @@ def test_cli_reports_errors_with_exit_code_2(tmp_path: Path, monkeypatch: pytest
 
 
 def test_cluster_ids_never_look_like_an_option() -> None:
-    from pipeline.dev.stack import _kafka_uuid
+    from pipeline.dev.kafkanode import kafka_uuid as _kafka_uuid
 
     ids = [_kafka_uuid() for _ in range(2000)]  # a leading "-" is 1 in 64 without the rule
     assert all(len(i) == 22 and not i.startswith("-") for i in ids)

@@ -192,7 +192,7 @@ def test_broker_credentials_none_for_plaintext() -> None:
 
 # Each exception builds a client deliberately without client_kwargs; the reason is the value.
 _NOT_FROM_CLIENT_KWARGS = {
-    "pipeline/dev/stack.py": "kafka_probe checks the embedded local broker, plaintext by design",
+    "pipeline/dev/kafkanode.py": "kafka_probe checks the local broker, plaintext by design",
     "pipeline/bench/naive_faust.py": "benchmark baseline against the local stack only",
 }
 _CLIENT_CALL = re.compile(r"\b(AIOKafkaConsumer|AIOKafkaProducer|AIOKafkaAdminClient|"
