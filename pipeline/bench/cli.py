@@ -25,7 +25,8 @@ __all__ = ["bench_app"]
 
 bench_app = typer.Typer(
     help="Benchmarks on the local stack: the fraud lane against two yardsticks (naive faust "
-         "agent, bare aiokafka loop), the reco lane, the batch lane, the fraud-check service.",
+         "agent, bare aiokafka loop), the history slow path, the reco lane, the batch lane, "
+         "the fraud-check service.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 # Piped output gets a table wide enough to read instead of rich's 80-column fallback.
 console = Console(width=None if sys.stdout.isatty() else 132)
@@ -204,6 +205,25 @@ def batch(
     console.print(f"wrote {folder / 'results.json'}")
     raise typer.Exit(0 if result.exact else 1)
 
+
+
+@bench_app.command("history")
+def history(
+    events: Annotated[int, typer.Option(help="Transactions in the backlog.", min=1000)] = 100_000,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic transactions.")] = 1,
+    out: Annotated[Path | None, typer.Option(
+        help="Results folder (default bench-results/history-<UTC timestamp>).")] = None,
+) -> None:
+    """The history slow path alone: one worker drains a transaction backlog into the changelog."""
+    from pipeline.bench.history import render as render_history
+    from pipeline.bench.history import run_history_drain
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    folder = (out or Path("bench-results") / f"history-{stamp}").resolve()
+    result = run_history_drain(folder, events=events, seed=seed, console=console)
+    console.print(render_history(result))
+    console.print(f"wrote {folder / 'results.json'}")
 
 
 @bench_app.command("service")

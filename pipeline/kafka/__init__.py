@@ -19,7 +19,7 @@ __all__, __getattr__ = lazy_exports(__name__, {
         "topic_partitions"],
     "deadletter": ["RAW_MAX_BYTES", "dead_letter"],
     "faustapp": ["broker_credentials", "create_app", "put_back"],
-    "lane": ["Handler", "Lane", "LaneContext", "LaneStats", "PartitionRecords"],
+    "lane": ["Handler", "Lane", "LaneContext", "LaneStats", "PartitionRecords", "Record"],
     "offsets": ["Chunk", "OffsetTracker"],
     "process": ["tune_process"],
     "producer": ["BatchSender"],

@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 from aiokafka import (
     AIOKafkaConsumer,
@@ -48,7 +48,7 @@ from pipeline.kafka.topics import ensure_topics, topic_specs
 from pipeline.metrics import CONSUME_LAG, LANES
 from pipeline.settings import Settings
 
-__all__ = ["Handler", "Lane", "LaneContext", "LaneStats", "PartitionRecords"]
+__all__ = ["Handler", "Lane", "LaneContext", "LaneStats", "PartitionRecords", "Record"]
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +137,10 @@ class Lane(Service):  # type: ignore[misc]
 
     def __init__(self, settings: Settings, name: str, handler: Handler, *,
                  max_in_flight_records: int | None = None,
-                 max_records_per_fetch: int | None = None) -> None:
+                 max_records_per_fetch: int | None = None,
+                 consumer_overrides: dict[str, Any] | None = None) -> None:
         super().__init__()
+        self.consumer_overrides = consumer_overrides or {}
         if max_records_per_fetch is not None:
             self.max_records_per_fetch = max_records_per_fetch
         self.max_in_flight_records = max_in_flight_records or settings.max_in_flight_records
@@ -175,7 +177,8 @@ class Lane(Service):  # type: ignore[misc]
         ctx = LaneContext(self.settings, self.name, BatchSender(self._producer, lane=self.name),
                           self._chunk_done, self.stats)
         await self.handler.start(ctx)
-        self._consumer = make_consumer(self.settings, self.name)
+        self._consumer = make_consumer(self.settings, self.name,
+                                       **self.consumer_overrides)
         self._consumer.subscribe(list(self.handler.topics), listener=_Rebalance(self))
         await self._consumer.start()
         for coro in (self._consume_loop(), self._commit_loop(), self._stats_loop()):

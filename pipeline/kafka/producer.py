@@ -49,36 +49,49 @@ class BatchSender:
             self._partitions[topic] = partitions
         return partitions
 
-    async def send(self, topic: str, records: Sequence[tuple[bytes | None, bytes]]) -> None:
+    async def send(self, topic: str, records: Sequence[tuple[bytes | None, bytes]], *,
+                   partition: int | None = None,
+                   timestamps_ms: Sequence[int] | None = None) -> None:
         """Produce ``records`` to ``topic``; raise if any batch is not acknowledged.
+
+        ``partition`` sends them all to that partition instead of the key's (a table changelog
+        follows its source's partition); ``timestamps_ms`` gives each record its timestamp
+        instead of now.
 
         Given a :class:`ProducerHandle`, a producer whose broker state was lost is replaced and
         the records are sent once more (some may then be written twice: at-least-once); so are
         the records of every send still waiting on the replaced producer."""
         if self._handle is None:
             assert self._fixed is not None  # noqa: S101 - one of the two is set
-            await self._send(self._fixed, None, topic, records)
+            await self._send(self._fixed, None, topic, records, partition, timestamps_ms)
             return
         await self._handle.send_renewing(
-            lambda producer, retired: self._send(producer, retired, topic, records))
+            lambda producer, retired: self._send(producer, retired, topic, records, partition,
+                                                 timestamps_ms))
 
     async def _send(self, producer: AIOKafkaProducer, retired: asyncio.Event | None, topic: str,
-                    records: Sequence[tuple[bytes | None, bytes]]) -> None:
+                    records: Sequence[tuple[bytes | None, bytes]], partition: int | None = None,
+                    timestamps_ms: Sequence[int] | None = None) -> None:
         if not records:
             return
-        partitions = await self._partitions_for(producer, topic)
-        by_partition: dict[int, list[tuple[bytes | None, bytes]]] = {}
-        for key, value in records:
-            if key is None:
-                part = partitions[hash(value) % len(partitions)]
-            else:
-                part = _partitioner(key, partitions, partitions)
-            by_partition.setdefault(part, []).append((key, value))
+        now_ms = int(time.time() * 1000)
+        stamps = timestamps_ms if timestamps_ms is not None else [now_ms] * len(records)
+        by_partition: dict[int, list[tuple[bytes | None, bytes, int]]] = {}
+        if partition is not None:
+            by_partition[partition] = [(k, v, ts) for (k, v), ts in zip(records, stamps,
+                                                                        strict=True)]
+        else:
+            partitions = await self._partitions_for(producer, topic)
+            for (key, value), ts in zip(records, stamps, strict=True):
+                if key is None:
+                    part = partitions[hash(value) % len(partitions)]
+                else:
+                    part = _partitioner(key, partitions, partitions)
+                by_partition.setdefault(part, []).append((key, value, ts))
         acks = []
         started = time.monotonic()
-        timestamp_ms = int(time.time() * 1000)
         for part, items in by_partition.items():
-            acks.extend(await self._send_partition(producer, topic, part, items, timestamp_ms))
+            acks.extend(await self._send_partition(producer, topic, part, items))
         acked = asyncio.gather(*acks)
         if retired is None:
             await acked
@@ -90,11 +103,11 @@ class BatchSender:
     @staticmethod
     async def _send_partition(
         producer: AIOKafkaProducer, topic: str, partition: int,
-        items: list[tuple[bytes | None, bytes]], timestamp_ms: int,
+        items: list[tuple[bytes | None, bytes, int]],
     ) -> list[asyncio.Future[object]]:
         acks: list[asyncio.Future[object]] = []
         batch = producer.create_batch()
-        for key, value in items:
+        for key, value, timestamp_ms in items:
             if batch.append(key=key, value=value, timestamp=timestamp_ms) is None:
                 batch.close()
                 acks.append(await _enqueue(producer, batch, topic, partition))

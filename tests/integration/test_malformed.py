@@ -22,7 +22,8 @@ tombstone) repeats them.
 
 Duplicate ``event_id`` policy (at-least-once: producers retry): not malformed. The lane scores
 every copy (``fraud.scores`` is keyed by ``event_id``, readers keep one); the history agent
-counts a copy of the card's newest transaction once (``agents.history.is_retry``).
+counts a copy of the card's newest transaction once (``agents.history.is_retry``); its final
+state of every card equals the per-event replay of what was sent, whatever its batches.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
+from agents.history import apply_transaction
 from pipeline.dev.loadgen import HistoryTransactionSource
 from pipeline.dev.processes import WorkerProcess
 from pipeline.features.cardhistory import CardHistory, from_bytes
@@ -412,7 +414,7 @@ async def test_malformed_records_are_dead_lettered_and_valid_ones_scored(
         assert await scores.wait_for_count(n_scores, timeout_s=60) >= n_scores
         letters = await _read_all(settings, settings.topic("fraud.requests.dlq"))
         scored = await _read_all(settings, settings.topic("fraud.scores"))
-        retries = await _changelog_of_retries(settings, sent, duplicated)
+        final = await _changelog_final(settings, sent)
     assert worker.alive, worker.log_tail()
     assert await asyncio.to_thread(worker.terminate) == 0, worker.log_tail()  # a clean stop
     assert "Traceback" not in worker.log_text(), worker.log_text()[-5000:]
@@ -438,8 +440,14 @@ async def test_malformed_records_are_dead_lettered_and_valid_ones_scored(
         assert (letter.topic, letter.lane) == (settings.topic("fraud.requests"), "fraud")
         samples.setdefault(kind, letter)
 
-    # The history counted each producer retry once: only its offset moved.
-    for event_id, (original, copy) in retries.items():
+    # The slow path applies a fetch at a time and writes each card once per batch: its final
+    # state of every card is exactly the per-event replay of what was sent, in offset order...
+    replayed, after = _replay(traffic, sent)
+    assert final == replayed, sorted(k for k in replayed if final.get(k) != replayed[k])[:5]
+    # ... in which each producer retry counted once: only its offset moved.
+    for event_id in duplicated:
+        (p, first), (_, second) = sent[event_id]
+        original, copy = after[(p, first)], after[(p, second)]
         assert copy == msgspec.structs.replace(original, src_offset=copy.src_offset), event_id
 
     _print_table(bad_records, samples, len(valid_ids), len(duplicated),
@@ -502,35 +510,56 @@ async def _send(settings: Settings, traffic: Traffic) -> dict[str, list[tuple[in
     return where
 
 
-async def _changelog_of_retries(
-    settings: Settings, sent: dict[str, list[tuple[int, int]]], duplicated: set[str],
-) -> dict[str, tuple[CardHistory, CardHistory]]:
-    """Per duplicated event, the card's history after the original and after the copy, read
-    from the history table's changelog (waits until the slow path has applied every copy)."""
-    want = {event_id: sent[event_id] for event_id in duplicated}
+async def _changelog_final(settings: Settings, sent: dict[str, list[tuple[int, int]]]
+                           ) -> dict[bytes, CardHistory]:
+    """The latest history of every card in the changelog, once the slow path has applied the
+    newest valid transaction of every partition."""
+    newest: dict[int, int] = {}
+    for copies in sent.values():
+        for partition, offset in copies:
+            newest[partition] = max(newest.get(partition, -1), offset)
     topic = settings.topic(CHANGELOG)
     consumer = AIOKafkaConsumer(**client_kwargs(settings, client_id="it-changelog"),
                                 enable_auto_commit=False)
     await consumer.start()
-    found: dict[tuple[int, int], CardHistory] = {}
+    final: dict[bytes, CardHistory] = {}
+    applied: dict[int, int] = {}
     try:
         partitions = await topic_partitions(consumer, topic)
         consumer.assign([TopicPartition(topic, p) for p in partitions])
         await consumer.seek_to_beginning()
         deadline = time.monotonic() + 60
-        missing = {copy for copies in want.values() for copy in copies}
-        while missing and time.monotonic() < deadline:
+        while (any(applied.get(p, -1) < o for p, o in newest.items())
+               and time.monotonic() < deadline):
             for tp, records in (await consumer.getmany(timeout_ms=200)).items():
                 for record in records:
-                    if record.value is not None:
+                    if record.key is not None and record.value is not None:
                         h = from_bytes(record.value)
-                        found[(tp.partition, h.src_offset)] = h
-                        missing.discard((tp.partition, h.src_offset))
-        assert not missing, f"the history never applied {len(missing)} transactions"
+                        final[record.key] = h
+                        applied[tp.partition] = max(applied.get(tp.partition, -1), h.src_offset)
+        assert all(applied.get(p, -1) >= o for p, o in newest.items()), (applied, newest)
     finally:
         await consumer.stop()
-    return {event_id: (found[first], found[second])
-            for event_id, (first, second) in want.items()}
+    return final
+
+
+def _replay(traffic: Traffic, sent: dict[str, list[tuple[int, int]]]
+            ) -> tuple[dict[bytes, CardHistory], dict[tuple[int, int], CardHistory]]:
+    """Every valid transaction sent, applied one by one in (partition, offset) order with the
+    slow path's own transition: each card's final state, and the state after each record."""
+    values = {event_id: value for _, value, event_id in traffic if event_id is not None}
+    ordered = sorted((partition, offset, event_id) for event_id, copies in sent.items()
+                     for partition, offset in copies)
+    cards: dict[bytes, CardHistory] = {}
+    after: dict[tuple[int, int], CardHistory] = {}
+    for partition, offset, event_id in ordered:
+        txn = orjson.loads(values[event_id])
+        key = txn["card_id"].encode()
+        state = apply_transaction(cards.get(key), txn, offset)
+        if state is not None:
+            cards[key] = state
+        after[(partition, offset)] = cards[key]
+    return cards, after
 
 
 def _original(letter: DeadLetter) -> bytes:
