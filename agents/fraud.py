@@ -20,7 +20,7 @@ import asyncio
 import logging
 import math
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,7 +35,7 @@ from numpy.typing import NDArray
 
 from pipeline.batching.batcher import BatchStats, MicroBatcher
 from pipeline.batching.priority import REALTIME_GATE
-from pipeline.features.cardhistory import history_features
+from pipeline.features.cardhistory import CardHistory, history_features
 from pipeline.features.fastfeatures import FAST_FEATURE_NAMES, fast_features
 from pipeline.features.historyview import HistoryView, PartitionClock
 from pipeline.inference.fraudscore import Features, Thresholds, decide, encode_score
@@ -45,6 +45,7 @@ from pipeline.inference.serving import Slot, follower_for
 from pipeline.kafka.deadletter import dead_letter
 from pipeline.kafka.lane import Lane, LaneContext, PartitionRecords, Record
 from pipeline.metrics import (
+    DEGRADED,
     DRIFT_ABS_DELTA,
     DRIFT_FLIPS,
     DRIFT_ROWS,
@@ -261,6 +262,8 @@ class FraudHandler:
             dead_more = [self._dead(sources[i], "inference", reason) for i, reason in failed]
             await ctx.sender.send(self.scores_topic, self._results(
                 valid, sources, scores, degraded, failed, model))
+            if model.scorer.uses_history:
+                _count_degraded(features, failed)
             await ctx.sender.send(self.dlq_topic, dead_more)
             await self._side_scoring(valid, features, x, model, scores, failed)
         finally:
@@ -283,19 +286,26 @@ class FraudHandler:
                                                            dtype=np.float32)
         view = self.history
         if view is None or not valid:
-            return Features(fast, None, None)
+            return Features(fast, None, None, ["loading"] * len(valid))
         clocks = self._clocks
         for record in sources:
             clocks[record.partition].add(record.offset, record.timestamp / 1000.0)
         max_lag_s = self.settings.history_max_staleness_ms / 1000.0
-        snapshots = []
+        snapshots: list[CardHistory | None] = []
+        reasons = []
         for txn, record in zip(valid, sources, strict=True):
             p = record.partition
+            if view.loading(p):
+                snapshots.append(None)
+                reasons.append("loading")
+                continue
             lag_s = clocks[p].lag_s(record.offset, record.timestamp / 1000.0, view.applied(p))
             snapshots.append(view.get(p, txn["card_id"]) if lag_s <= max_lag_s else None)
+            reasons.append("no_history" if lag_s <= max_lag_s else "stale")
         history, degraded = history_features(snapshots, valid, now=math.inf,
                                              max_staleness_s=math.inf)
-        return Features(fast, history, degraded)
+        return Features(fast, history, degraded,
+                        [r if d else "" for r, d in zip(reasons, degraded.tolist(), strict=True)])
 
     async def _score(self, model: FraudModel, features: NDArray[np.float32],
                      ) -> tuple[NDArray[np.float32], list[tuple[int, str]]]:
@@ -429,6 +439,16 @@ class DriftStats:
         histogram = DRIFT_ABS_DELTA.labels(*labels)
         for value in delta.tolist():
             histogram.observe(value)
+
+
+def _count_degraded(features: Features, failed: list[tuple[int, str]]) -> None:
+    """Add the scored rows' degraded reasons to :data:`DEGRADED`."""
+    if features.reasons is None:
+        return
+    skip = {i for i, _ in failed}
+    counts = Counter(r for i, r in enumerate(features.reasons) if r and i not in skip)
+    for reason, n in counts.items():
+        DEGRADED.labels("fraud", reason).inc(n)
 
 
 def _served(model: FraudModel, on: int) -> None:

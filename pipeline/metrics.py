@@ -32,6 +32,8 @@ __all__ = [
     "CONSUME_LAG",
     "CONTENT_TYPE_LATEST",
     "CPU_PER_1K_EVENTS",
+    "DEGRADED",
+    "HISTORY_FRESHNESS",
     "E2E_LATENCY",
     "INFERENCE_SECONDS",
     "LANES",
@@ -103,6 +105,16 @@ BATCH_QUEUE_WAIT = Histogram(
 BATCH_ROWS = Histogram(
     "inferlane_batch_rows", "Rows per model call", ["batcher"], registry=REGISTRY,
     buckets=tuple(float(1 << i) for i in range(17)))
+HISTORY_FRESHNESS = Histogram(
+    "inferlane_history_freshness_seconds",
+    "From a transaction's sent_at until the fraud lane's history view holds the card state that "
+    "includes it, per fraud.requests partition", ["partition"], registry=REGISTRY,
+    buckets=_SECONDS)
+DEGRADED = Counter(
+    "inferlane_degraded_by_reason",
+    "Scores on default history, by reason: no_history (the card has no earlier transaction), "
+    "stale (the slow path lags more than the staleness bound), loading (the view's partition is "
+    "not loaded yet)", ["lane", "reason"], registry=REGISTRY)
 INFERENCE_SECONDS = Histogram(
     "inferlane_inference_seconds", "Time of one model call (a whole batch)", ["batcher"],
     registry=REGISTRY, buckets=_SECONDS)

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Iterable
 
@@ -32,6 +33,7 @@ from aiokafka.errors import KafkaError
 
 from pipeline.features.cardhistory import CardHistory, from_bytes
 from pipeline.kafka.connection import start_reader
+from pipeline.metrics import HISTORY_FRESHNESS
 from pipeline.settings import Settings
 
 __all__ = ["CHANGELOG", "TABLE_NAME", "HistoryView", "PartitionClock"]
@@ -111,6 +113,10 @@ class HistoryView:
             return None
         cards = self._cards.get(partition)
         return cards.get(card_id) if cards is not None else None
+
+    def loading(self, partition: int) -> bool:
+        """True until ``partition`` is followed and read up to its end offset at assignment."""
+        return partition in self._loading or partition not in self._cards
 
     def applied(self, partition: int) -> int:
         """Highest ``fraud.requests`` offset the slow path has applied in ``partition`` (-1)."""
@@ -208,6 +214,9 @@ class HistoryView:
     def _apply(self, partition: int, records: list) -> None:  # type: ignore[type-arg]
         cards = self._cards.setdefault(partition, {})
         applied = self._applied.get(partition, -1)
+        # Freshness of live updates only: a partition's load replays old records.
+        fresh = None if partition in self._loading else HISTORY_FRESHNESS.labels(str(partition))
+        now_ms = time.time() * 1000.0
         for record in records:
             self.records += 1
             key = record.key.decode("utf-8", "replace") if record.key is not None else ""
@@ -224,6 +233,8 @@ class HistoryView:
                 continue
             cards[key] = history
             applied = max(applied, history.src_offset)
+            if fresh is not None:
+                fresh.observe(max(now_ms - record.timestamp, 0.0) / 1000.0)
         self._applied[partition] = applied
         loading_until = self._loading.get(partition)
         if loading_until is not None and records and records[-1].offset + 1 >= loading_until:

@@ -96,6 +96,9 @@ class Features:
     history: NDArray[np.float32] | None
     degraded: NDArray[np.bool_] | None
     """Per row, True when the history part holds defaults."""
+    reasons: Sequence[str] | None = None
+    """Per row, why its history part holds defaults ("" when it does not): ``no_history``,
+    ``stale`` or ``loading``."""
 
     def for_model(self, scorer: OnnxScorer) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
         """The scorer's input matrix and per-row degraded flags."""

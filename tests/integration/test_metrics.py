@@ -30,7 +30,7 @@ def _sum(text: str, name: str, **labels: str) -> float:
 async def test_lane_metrics_account_for_every_event(
         test_env: EnvFactory, worker_factory: WorkerFactory) -> None:
     port = free_port()
-    env = test_env(lanes="fraud", web_port=str(port), drift_sample="0")
+    env = test_env(lanes="fraud,history", web_port=str(port), drift_sample="0")
     settings = await ready_settings(env)
     worker_factory(env, web=True)
     scores, dlq = await _readers(settings)
@@ -45,7 +45,8 @@ async def test_lane_metrics_account_for_every_event(
     while True:  # counters move when acks arrive; the lag gauge with the next fetch
         text = await asyncio.to_thread(_metrics, port)
         if (_metric(text, "inferlane_events_out_total", lane="fraud") == valid and
-                _sum(text, "inferlane_consumer_lag_records", lane="fraud") == 0) or \
+                _sum(text, "inferlane_consumer_lag_records", lane="fraud") == 0 and
+                _sum(text, "inferlane_history_freshness_seconds_count") > 0) or \
                 time.monotonic() > deadline:
             break
         await asyncio.sleep(0.2)
@@ -62,3 +63,8 @@ async def test_lane_metrics_account_for_every_event(
     assert _sum(text, "inferlane_consumer_lag_records", lane="fraud") == 0
     assert 'inferlane_consumer_lag_records{lane="fraud",partition="0"' in text
     assert _metric(text, "inferlane_in_flight_records", lane="fraud") == 0
+    # Every degraded score has one reason; the view saw the slow path's updates arrive.
+    degraded = _metric(text, "inferlane_degraded_total", lane="fraud")
+    assert degraded > 0  # at least the cards' first transactions
+    assert _sum(text, "inferlane_degraded_by_reason_total", lane="fraud") == degraded
+    assert _sum(text, "inferlane_history_freshness_seconds_count") > 0
