@@ -108,6 +108,7 @@ class FraudHandler:
         """Snapshots of the slow path's card history (once a served model reads history)."""
         self._assigned: set[int] = set()
         self._clocks: defaultdict[int, PartitionClock] = defaultdict(PartitionClock)
+        self._degraded: Counter[str] = Counter()
         self._rng = np.random.default_rng()
         self.drift = DriftStats()
 
@@ -201,6 +202,20 @@ class FraudHandler:
                  model.version)
 
     @property
+    def history_health(self) -> HistoryHealth | None:
+        """Degraded scores by reason and the view's recent freshness (logged with the stats)."""
+        view = self.history
+        if view is None and not self._degraded:
+            return None
+        ages = np.asarray(view.freshness_s if view is not None else ())
+        p50, p99 = (np.percentile(ages, (50, 99)) * 1000.0).round(1).tolist() if ages.size \
+            else (None, None)
+        return HistoryHealth(no_history=self._degraded["no_history"],
+                             stale=self._degraded["stale"], loading=self._degraded["loading"],
+                             freshness_p50_ms=p50, freshness_p99_ms=p99,
+                             freshness_samples=int(ages.size))
+
+    @property
     def stats(self) -> BatchStats | None:
         """The batcher's counters (batches, rows, batch-size histogram)."""
         return self._slot.value.batcher.stats if self._slot is not None else None
@@ -263,7 +278,7 @@ class FraudHandler:
             await ctx.sender.send(self.scores_topic, self._results(
                 valid, sources, scores, degraded, failed, model))
             if model.scorer.uses_history:
-                _count_degraded(features, failed)
+                self._degraded.update(_count_degraded(features, failed))
             await ctx.sender.send(self.dlq_topic, dead_more)
             await self._side_scoring(valid, features, x, model, scores, failed)
         finally:
@@ -441,14 +456,28 @@ class DriftStats:
             histogram.observe(value)
 
 
-def _count_degraded(features: Features, failed: list[tuple[int, str]]) -> None:
-    """Add the scored rows' degraded reasons to :data:`DEGRADED`."""
+def _count_degraded(features: Features, failed: list[tuple[int, str]]) -> Counter[str]:
+    """The scored rows' degraded reasons, also added to :data:`DEGRADED`."""
     if features.reasons is None:
-        return
+        return Counter()
     skip = {i for i, _ in failed}
     counts = Counter(r for i, r in enumerate(features.reasons) if r and i not in skip)
     for reason, n in counts.items():
         DEGRADED.labels("fraud", reason).inc(n)
+    return counts
+
+
+@dataclass(frozen=True)
+class HistoryHealth:
+    """How the fraud lane's history fared: degraded scores by reason since start, and the
+    freshness of the latest slow-path updates its view received."""
+
+    no_history: int
+    stale: int
+    loading: int
+    freshness_p50_ms: float | None
+    freshness_p99_ms: float | None
+    freshness_samples: int
 
 
 def _served(model: FraudModel, on: int) -> None:

@@ -61,6 +61,8 @@ class PhaseInfo:
     exit_code: int | None = None
     lane_stats: dict[str, Any] | None = None
     batcher_stats: dict[str, Any] | None = None
+    history_health: dict[str, Any] | None = None
+    """The fraud lane's last logged ``HistoryHealth``: degraded scores by reason, freshness."""
     error: str | None = None
 
 
@@ -134,6 +136,8 @@ def _phase_rows(phases: list[PhaseInfo]) -> list[list[str]]:
             stats = ", ".join(f"{k}={v}" for k, v in p.lane_stats.items())
         if p.batcher_stats is not None:
             stats += f"; batcher: {p.batcher_stats}"
+        if p.history_health is not None:
+            stats += f"; history: {p.history_health}"
         rows.append([p.impl, p.phase, _num(p.startup_s, 2), _num(p.idle_cpu_cores, 2),
                      _num(p.peak_rss_mb, 0),
                      _DASH if p.exit_code is None else str(p.exit_code), stats,

@@ -179,6 +179,7 @@ def _stop_sut(sut: SutProcess, info: PhaseInfo) -> None:
     text = sut.log_text()
     info.lane_stats = parse_logged_stats(text, "LaneStats")
     info.batcher_stats = parse_batcher_stats(text)
+    info.history_health = parse_logged_stats(text, "HistoryHealth")
 
 
 def _record(ctx: _Ctx, result: ScenarioResult, start: float | None) -> None:

@@ -105,6 +105,8 @@ class HistoryView:
         self._task: asyncio.Task[None] | None = None
         self.records = 0
         self.bad_records = 0
+        self.freshness_s: deque[float] = deque(maxlen=20_000)
+        """The latest live updates' freshness (what :data:`HISTORY_FRESHNESS` observes)."""
 
     # --- what the fast path reads ------------------------------------------------------------
     def get(self, partition: int, card_id: str) -> CardHistory | None:
@@ -234,7 +236,9 @@ class HistoryView:
             cards[key] = history
             applied = max(applied, history.src_offset)
             if fresh is not None:
-                fresh.observe(max(now_ms - record.timestamp, 0.0) / 1000.0)
+                age_s = max(now_ms - record.timestamp, 0.0) / 1000.0
+                fresh.observe(age_s)
+                self.freshness_s.append(age_s)
         self._applied[partition] = applied
         loading_until = self._loading.get(partition)
         if loading_until is not None and records and records[-1].offset + 1 >= loading_until:

@@ -354,10 +354,12 @@ class Lane(Service):  # type: ignore[misc]
             self.handler_stats()
 
     def handler_stats(self) -> None:
-        """Log what the handler keeps (e.g. the batcher's batch-size histogram), if anything."""
-        stats = getattr(self.handler, "stats", None)
-        if stats is not None:
-            log.info("%s: %s", self.label, stats)
+        """Log what the handler keeps (e.g. the batcher's batch-size histogram, the fraud
+        lane's history health), if anything."""
+        for name in ("stats", "history_health"):
+            value = getattr(self.handler, name, None)
+            if value is not None:
+                log.info("%s: %s", self.label, value)
 
 
 def _leave_on_close(consumer: AIOKafkaConsumer) -> None:
