@@ -134,6 +134,8 @@ class HistoryHandler:
         self.stats = HistoryStats()
         self._cards: dict[int, dict[bytes, CardHistory]] = {}
         self._lock = asyncio.Lock()
+        self._tails: dict[int, asyncio.Future[None]] = {}
+        """Per changelog partition, the latest write queued (see :meth:`_chain`)."""
         self._ctx: LaneContext | None = None
         self._reader: AIOKafkaConsumer | None = None
         self._last_log = time.monotonic()
@@ -212,17 +214,43 @@ class HistoryHandler:
         assert ctx is not None  # noqa: S101 - set in start()
         async with self._lock:  # applied in fetch order, never during a recovery
             changed, letters = self._apply(batch)
-        sends = [ctx.sender.send(self.changelog, [(key, to_bytes(h)) for key, h, _ in rows],
-                                 partition=partition, timestamps_ms=[ts for _, _, ts in rows])
-                 for partition, rows in changed.items()]
+            # Queued in apply order: a partition's writes go out one after the other.
+            sends = [self._chain(partition, rows) for partition, rows in changed.items()]
         if letters:
-            sends.append(ctx.sender.send(self.labels_dlq, letters))
+            sends.append(asyncio.ensure_future(ctx.sender.send(self.labels_dlq, letters)))
         await asyncio.gather(*sends)
         for part in batch:
             ctx.done(part.chunk)
         if time.monotonic() - self._last_log >= 10.0:
             self._last_log = time.monotonic()
             log.info("history agent: %s, table holds %d cards", self.stats, self.cards())
+
+    def _chain(self, partition: int, rows: list[tuple[bytes, CardHistory, int]]
+               ) -> asyncio.Future[None]:
+        """Send ``rows`` to the changelog once the partition's previous write is acknowledged.
+
+        Two sends in flight for one partition may reach the broker in either order (the
+        producer takes whichever batch gets the partition's slot first), and the older state
+        would then win: each write waits for the one before it.
+        """
+        previous = self._tails.get(partition)
+        task = asyncio.ensure_future(self._send_after(previous, partition, rows))
+        self._tails[partition] = task
+
+        def forget(done: asyncio.Future[None]) -> None:
+            if self._tails.get(partition) is done:
+                del self._tails[partition]
+
+        task.add_done_callback(forget)
+        return task
+
+    async def _send_after(self, previous: asyncio.Future[None] | None, partition: int,
+                          rows: list[tuple[bytes, CardHistory, int]]) -> None:
+        if previous is not None:
+            await asyncio.shield(previous)
+        assert self._ctx is not None  # noqa: S101 - set in start()
+        await self._ctx.sender.send(self.changelog, [(key, to_bytes(h)) for key, h, _ in rows],
+                                    partition=partition, timestamps_ms=[ts for _, _, ts in rows])
 
     def _apply(self, batch: Sequence[PartitionRecords]
                ) -> tuple[dict[int, list[tuple[bytes, CardHistory, int]]],
