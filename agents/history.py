@@ -138,7 +138,6 @@ class HistoryHandler:
         """Per changelog partition, the latest write queued (see :meth:`_chain`)."""
         self._ctx: LaneContext | None = None
         self._reader: AIOKafkaConsumer | None = None
-        self._last_log = time.monotonic()
 
     @property
     def topics(self) -> Sequence[str]:
@@ -221,9 +220,6 @@ class HistoryHandler:
         await asyncio.gather(*sends)
         for part in batch:
             ctx.done(part.chunk)
-        if time.monotonic() - self._last_log >= 10.0:
-            self._last_log = time.monotonic()
-            log.info("history agent: %s, table holds %d cards", self.stats, self.cards())
 
     def _chain(self, partition: int, rows: list[tuple[bytes, CardHistory, int]]
                ) -> asyncio.Future[None]:

@@ -25,12 +25,12 @@ from rich.table import Table
 from pipeline.bench.procstat import CpuSampler
 from pipeline.bench.sut import impl_env, settings_for
 from pipeline.bench.traffic import preload
-from pipeline.dev.loadgen import HistoryTransactionSource
+from pipeline.dev.loadgen import HistoryTransactionSource, snapshot_end_offsets
 from pipeline.dev.processes import WorkerProcess, faust_worker_argv
 from pipeline.dev.stack import LocalStack
 from pipeline.features.cardhistory import from_bytes
 from pipeline.features.historyview import CHANGELOG
-from pipeline.kafka.connection import start_reader, topic_partitions
+from pipeline.kafka.connection import start_reader
 from pipeline.kafka.topics import ensure_topics
 from pipeline.settings import Settings
 
@@ -69,7 +69,8 @@ def run_history_drain(out: Path, *, events: int, seed: int, console: Console) ->
         asyncio.run(ensure_topics(settings))
         source = HistoryTransactionSource(seed, start_ts=time.time() - 30 * 86_400.0)
         asyncio.run(preload(settings, events, seed=seed, source=source))
-        ends = asyncio.run(_request_ends(settings))
+        ends = {tp.partition: end for tp, end in asyncio.run(
+            snapshot_end_offsets(settings, settings.topic("fraud.requests"))).items()}
         console.print(f"history drain: {events:,} transactions preloaded; starting the worker")
         worker = WorkerProcess(env, out / "logs" / "history-worker.log", cwd=Path.cwd(),
                                argv=faust_worker_argv("agents"), label="history worker")
@@ -95,16 +96,6 @@ def run_history_drain(out: Path, *, events: int, seed: int, console: Console) ->
          "steady_events_per_s": round(result.steady_events_per_s)},
         option=orjson.OPT_INDENT_2))
     return result
-
-
-async def _request_ends(settings: Settings) -> dict[int, int]:
-    reader = await start_reader(settings, "bench-history-ends")
-    try:
-        topic = settings.topic("fraud.requests")
-        tps = [TopicPartition(topic, p) for p in sorted(await topic_partitions(reader, topic))]
-        return {tp.partition: end for tp, end in (await reader.end_offsets(tps)).items()}
-    finally:
-        await reader.stop()
 
 
 async def _follow(settings: Settings, ends: dict[int, int],
