@@ -123,7 +123,8 @@ def _finish(run: BenchRun) -> int:
 @bench_app.command("run")
 def run(
     impl: Annotated[str, typer.Option(help="Implementations: a=lane, b=naive faust, "
-                                           "c=bare aiokafka.")] = "a,b,c",
+                                           "c=bare aiokafka, w=default worker "
+                                           "(every lane in one process).")] = "a,b,c",
     rates: Annotated[str | None, typer.Option(help="Offered loads, events/s "
                                                    "(default 100,1000,5000).")] = None,
     duration: Annotated[float | None, typer.Option(help="Seconds per rate (default 20).")] = None,

@@ -4,7 +4,12 @@ process handle that starts one, tells when it reported ready, and always stops i
 * ``a`` - inferlane's fraud lane: the real ``faust -A agents worker``, ``INFERLANE_LANES=fraud``;
 * ``b`` - yardstick: a naive faust agent (:mod:`pipeline.bench.naive_faust`);
 * ``c`` - yardstick: a bare aiokafka loop (:mod:`pipeline.bench.bare_loop`);
-* ``r`` - inferlane's reco lane: the real worker, ``INFERLANE_LANES=reco``, reco requests.
+* ``r`` - inferlane's reco lane: the real worker, ``INFERLANE_LANES=reco``, reco requests;
+* ``w`` - the default worker a new user starts: every lane in one ``faust -A agents worker``
+  (fraud, reco, history, archive, batch), fraud traffic;
+* ``s`` - two processes: the real-time lanes (fraud, reco), and the lanes off the latency path
+  (history, archive, batch);
+* ``t`` - three processes: the real-time lanes, the history slow path, archive and batch.
 
 Every run of an implementation gets its own topic prefix, app id (so consumer groups) and log.
 """
@@ -25,7 +30,7 @@ from pipeline.dev.processes import (
     faust_worker_argv,
     wait_all_ready,
 )
-from pipeline.settings import Settings, load_settings
+from pipeline.settings import KNOWN_LANES, Settings, load_settings
 
 __all__ = ["BARE_READY_MARK", "IMPLS", "FAUST_READY_MARK", "ImplSpec", "SutProcess",
            "impl_env", "parse_batcher_stats", "parse_logged_stats", "settings_for"]
@@ -46,8 +51,9 @@ class ImplSpec:
     lanes: str = "fraud"
     workload: Workload = FRAUD
     companion_lanes: str | None = None
-    """Lanes of a second worker process started with this one (the fraud history slow path
-    runs in its own process, as deployed); its CPU is not in the SUT's CPU figures."""
+    """Lanes of more worker processes started with this one, ``;`` between processes (the fraud
+    history slow path runs in its own process, as deployed); their CPU is not in the SUT's CPU
+    figures."""
 
 
 def _faust(app_module: str) -> tuple[str, ...]:
@@ -63,6 +69,14 @@ IMPLS: dict[str, ImplSpec] = {
                   (sys.executable, "-m", "pipeline.bench.bare_loop"), BARE_READY_MARK, True),
     "r": ImplSpec("r", "inferlane reco lane", _faust("agents"), FAUST_READY_MARK, False,
                   lanes="reco", workload=RECO),
+    "w": ImplSpec("w", "default worker (every lane in one process)", _faust("agents"),
+                  FAUST_READY_MARK, False, lanes=",".join(KNOWN_LANES)),
+    "s": ImplSpec("s", "split worker (fraud,reco | history,archive,batch)", _faust("agents"),
+                  FAUST_READY_MARK, False, lanes="fraud,reco",
+                  companion_lanes="history,archive,batch"),
+    "t": ImplSpec("t", "three workers (fraud,reco | history | archive,batch)", _faust("agents"),
+                  FAUST_READY_MARK, False, lanes="fraud,reco",
+                  companion_lanes="history;archive,batch"),
 }
 
 
@@ -143,19 +157,20 @@ class SutProcess(WorkerProcess):
                           argv=spec.argv, ready_mark=spec.ready_mark,
                           label=f"{spec.label}: peer {index}")
             for index in range(1, workers)]
-        self.companion: WorkerProcess | None = None
-        if spec.companion_lanes is not None:
-            self.companion = WorkerProcess(
-                {**env, "INFERLANE_LANES": spec.companion_lanes,
-                 "INFERLANE_WORKER_ID": f"{env.get('INFERLANE_WORKER_ID', 'bench')}-companion"},
-                log_path.with_name(f"{log_path.stem}-{spec.companion_lanes}.log"), cwd=cwd,
-                label=f"{spec.label}: {spec.companion_lanes} worker")
+        self.companions = [
+            WorkerProcess(
+                {**env, "INFERLANE_LANES": lanes,
+                 "INFERLANE_WORKER_ID": f"{worker_id}-companion{index or ''}"},
+                log_path.with_name(f"{log_path.stem}-{lanes.replace(',', '-')}.log"), cwd=cwd,
+                label=f"{spec.label}: {lanes} worker")
+            for index, lanes in enumerate((spec.companion_lanes or "").split(";")) if lanes]
+        self.companion = self.companions[0] if self.companions else None
 
     def start(self, *, ready_timeout_s: float = 90.0) -> float:
         """Start the companion (and wait for it), then this process and its peers side by side;
         return the wall time the first of them was ready (work can start from then on)."""
-        if self.companion is not None:
-            self.companion.start(ready_timeout_s=ready_timeout_s)
+        for companion in self.companions:
+            companion.start(ready_timeout_s=ready_timeout_s)
         for process in (self, *self.peers):
             process.spawn()
         wait_all_ready([self, *self.peers], ready_timeout_s)
@@ -167,6 +182,6 @@ class SutProcess(WorkerProcess):
         code = self.terminate(timeout_s)
         for peer in self.peers:
             peer.terminate(timeout_s)
-        if self.companion is not None:
-            self.companion.terminate(timeout_s)
+        for companion in self.companions:
+            companion.terminate(timeout_s)
         return code
