@@ -6,6 +6,7 @@ writes, and ``register``, which attaches it to the worker's faust app.
 * :mod:`agents.history` - ``fraud.requests`` + ``fraud.labels`` -> per-card history table
 * :mod:`agents.archive` - result topics -> S3 (windowed gzip JSONL)
 * :mod:`agents.batch` - batch jobs and ``batch.requests`` scored S3 -> S3
+* :mod:`agents.startchecks` - what the worker checks before any lane consumes
 
 The worker is ``faust -A agents worker -l info``: faust reads ``app`` from this package, which
 builds it on first access (:mod:`agents.worker`), so importing one lane module never starts a

@@ -22,14 +22,15 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import cast
 
 import faust
 from aiokafka import TopicPartition
 
 from pipeline.errors import SinkError
+from pipeline.kafka.faustapp import attach_lane
 from pipeline.kafka.lane import Lane, LaneContext, PartitionRecords
 from pipeline.kafka.offsets import Chunk
+from pipeline.kafka.supervisor import LaneSupervisor
 from pipeline.kafka.topics import archived_topics
 from pipeline.s3.s3store import S3Store, retry
 from pipeline.settings import Settings
@@ -216,14 +217,20 @@ class ArchiveHandler:
         self._ctx.done(chunk)
 
     async def _age_loop(self) -> None:
-        while True:
-            await asyncio.sleep(min(self.max_age_s / 4, 1.0))
-            now = time.monotonic()
-            for tp, window in list(self._windows.items()):
-                if now - window.opened >= self.max_age_s:
-                    async with self._lock:
-                        if self._windows.get(tp) is window:
-                            await self._flush(tp)
+        try:
+            while True:
+                await asyncio.sleep(min(self.max_age_s / 4, 1.0))
+                now = time.monotonic()
+                for tp, window in list(self._windows.items()):
+                    if now - window.opened >= self.max_age_s:
+                        async with self._lock:
+                            if self._windows.get(tp) is window:
+                                await self._flush(tp)
+        except Exception as exc:
+            # e.g. the bucket deleted (not retriable): crash the lane, never stall unseen.
+            if self._ctx is not None and self._ctx.fail is not None:
+                self._ctx.fail(exc)
+            raise
 
 
 def _gzip_lines(lines: list[bytes]) -> bytes:
@@ -231,12 +238,12 @@ def _gzip_lines(lines: list[bytes]) -> bytes:
     return gzip.compress(b"\n".join(lines) + b"\n", compresslevel=6, mtime=0)
 
 
-def register(app: faust.App, settings: Settings) -> Lane | None:
-    """Attach the archive lane to ``app`` when ``INFERLANE_LANES`` includes it."""
+def register(app: faust.App, settings: Settings) -> LaneSupervisor | None:
+    """Attach the archive lane to ``app`` when ``INFERLANE_LANES`` includes it (off the latency
+    path: restarted in-process after a crash)."""
     if LANE not in settings.lanes:
         return None
     # Windows hold up to archive_max_bytes per partition until written: let that much be read.
-    lane = Lane(settings, LANE, ArchiveHandler(settings),
-                max_in_flight_records=max(settings.max_in_flight_records, 500_000))
-    app.service(cast(type[Lane], lane))  # faust also accepts a Service instance
-    return lane
+    return attach_lane(app, settings, LANE, lambda: Lane(
+        settings, LANE, ArchiveHandler(settings),
+        max_in_flight_records=max(settings.max_in_flight_records, 500_000)), realtime=False)

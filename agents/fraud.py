@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import faust
 import numpy as np
@@ -43,7 +43,10 @@ from pipeline.inference.model import OnnxScorer
 from pipeline.inference.registry import ModelRegistry
 from pipeline.inference.serving import Slot, follower_for
 from pipeline.kafka.deadletter import dead_letter
+from pipeline.kafka.faustapp import attach_lane
 from pipeline.kafka.lane import Lane, LaneContext, PartitionRecords, Record
+from pipeline.kafka.partitioner import PartitionerCheck
+from pipeline.kafka.supervisor import LaneSupervisor
 from pipeline.metrics import (
     DEGRADED,
     DRIFT_ABS_DELTA,
@@ -109,6 +112,7 @@ class FraudHandler:
         self._assigned: set[int] = set()
         self._clocks: defaultdict[int, PartitionClock] = defaultdict(PartitionClock)
         self._degraded: Counter[str] = Counter()
+        self._partitioner = PartitionerCheck(LANE, settings.partitioner)
         self._rng = np.random.default_rng()
         self.drift = DriftStats()
 
@@ -276,7 +280,7 @@ class FraudHandler:
             scores, failed = await self._score(model, x)
             dead_more = [self._dead(sources[i], "inference", reason) for i, reason in failed]
             await ctx.sender.send(self.scores_topic, self._results(
-                valid, sources, scores, degraded, failed, model))
+                valid, sources, scores, degraded, failed, model, features.reasons))
             if model.scorer.uses_history:
                 self._degraded.update(_count_degraded(features, failed))
             await ctx.sender.send(self.dlq_topic, dead_more)
@@ -308,6 +312,7 @@ class FraudHandler:
         max_lag_s = self.settings.history_max_staleness_ms / 1000.0
         snapshots: list[CardHistory | None] = []
         reasons = []
+        misrouted = self._partitioner.misrouted(sources, self.settings.realtime_partitions)
         for txn, record in zip(valid, sources, strict=True):
             p = record.partition
             if view.loading(p):
@@ -319,8 +324,13 @@ class FraudHandler:
             reasons.append("no_history" if lag_s <= max_lag_s else "stale")
         history, degraded = history_features(snapshots, valid, now=math.inf,
                                              max_staleness_s=math.inf)
-        return Features(fast, history, degraded,
-                        [r if d else "" for r, d in zip(reasons, degraded.tolist(), strict=True)])
+        final = [r if d else "" for r, d in zip(reasons, degraded.tolist(), strict=True)]
+        if any(misrouted):
+            # Scored on the history its partition holds (all of it for a producer that always
+            # used the other partitioner), but never as if that were the card's whole story.
+            degraded = degraded | np.asarray(misrouted, dtype=np.bool_)
+            final = ["misrouted" if m else r for r, m in zip(final, misrouted, strict=True)]
+        return Features(fast, history, degraded, final)
 
     async def _score(self, model: FraudModel, features: NDArray[np.float32],
                      ) -> tuple[NDArray[np.float32], list[tuple[int, str]]]:
@@ -349,7 +359,7 @@ class FraudHandler:
     def _results(self, valid: list[dict[str, Any]], sources: list[Record],
                  scores: NDArray[np.float32], degraded: NDArray[np.bool_],
                  failed: list[tuple[int, str]], model: FraudModel,
-                 ) -> list[tuple[bytes | None, bytes]]:
+                 reasons: Sequence[str] | None = None) -> list[tuple[bytes | None, bytes]]:
         assert self._ctx is not None  # noqa: S101
         now = time.time()
         budget_s = self.settings.fraud_budget_ms / 1000.0
@@ -371,7 +381,8 @@ class FraudHandler:
             if now - origin > budget_s:
                 late += 1
             out.append((txn["card_id"].encode(),
-                        encode_score(txn, score, decision, version, now, flags[i])))
+                        encode_score(txn, score, decision, version, now, flags[i],
+                                     reasons[i] if reasons is not None else "loading")))
         self._ctx.stats.late += late
         self._ctx.stats.degraded += sum(flags[i] for i in range(len(flags)) if i not in skip)
         return out
@@ -487,10 +498,10 @@ def _served(model: FraudModel, on: int) -> None:
         MODEL_COLD_START.labels("fraud", card.name, card.version).set(model.cold_start_s)
 
 
-def register(app: faust.App, settings: Settings) -> Lane | None:
-    """Attach the fraud lane to ``app`` when ``INFERLANE_LANES`` includes it."""
+def register(app: faust.App, settings: Settings) -> LaneSupervisor | None:
+    """Attach the fraud lane to ``app`` when ``INFERLANE_LANES`` includes it (real-time: its
+    crash ends the worker)."""
     if LANE not in settings.lanes:
         return None
-    lane = Lane(settings, LANE, FraudHandler(settings))
-    app.service(cast(type[Lane], lane))  # faust also accepts a Service instance
-    return lane
+    return attach_lane(app, settings, LANE, lambda: Lane(settings, LANE, FraudHandler(settings)),
+                       realtime=True)

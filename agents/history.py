@@ -47,7 +47,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import faust
 import msgspec
@@ -64,7 +64,10 @@ from pipeline.features.cardhistory import (
 from pipeline.features.historyview import CHANGELOG
 from pipeline.kafka.connection import start_reader
 from pipeline.kafka.deadletter import dead_letter
+from pipeline.kafka.faustapp import attach_lane
 from pipeline.kafka.lane import Lane, LaneContext, PartitionRecords, Record
+from pipeline.kafka.partitioner import PartitionerCheck
+from pipeline.kafka.supervisor import LaneSupervisor
 from pipeline.settings import Settings
 from schemas import FraudLabel, Transaction, validate_record
 
@@ -138,6 +141,8 @@ class HistoryHandler:
         """Per changelog partition, the latest write queued (see :meth:`_chain`)."""
         self._ctx: LaneContext | None = None
         self._reader: AIOKafkaConsumer | None = None
+        # Labels only: fraud.requests is checked by the fraud lane, which flags the scores.
+        self._partitioner = PartitionerCheck(LANE, settings.partitioner)
 
     @property
     def topics(self) -> Sequence[str]:
@@ -211,6 +216,9 @@ class HistoryHandler:
     async def handle(self, batch: Sequence[PartitionRecords]) -> None:
         ctx = self._ctx
         assert ctx is not None  # noqa: S101 - set in start()
+        for part in batch:  # counted and warned about; applied where they are (docs/producers.md)
+            if part.tp.topic == self.labels:
+                self._partitioner.misrouted(part.records, self.settings.realtime_partitions)
         async with self._lock:  # applied in fetch order, never during a recovery
             changed, letters = self._apply(batch)
             # Queued in apply order: a partition's writes go out one after the other.
@@ -319,11 +327,12 @@ class HistoryHandler:
         return None
 
 
-def register(app: faust.App, settings: Settings) -> Lane | None:
-    """Attach the history lane to ``app`` when ``INFERLANE_LANES`` includes it."""
+def register(app: faust.App, settings: Settings) -> LaneSupervisor | None:
+    """Attach the history lane to ``app`` when ``INFERLANE_LANES`` includes it (off the latency
+    path: restarted in-process after a crash; the fraud lane meanwhile counts stale history)."""
     if LANE not in settings.lanes:
         return None
-    lane = Lane(settings, LANE, HistoryHandler(settings),
-                consumer_overrides={"partition_assignment_strategy": (RangePartitionAssignor,)})
-    app.service(cast(type[Lane], lane))  # faust also accepts a Service instance
-    return lane
+    return attach_lane(app, settings, LANE, lambda: Lane(
+        settings, LANE, HistoryHandler(settings),
+        consumer_overrides={"partition_assignment_strategy": (RangePartitionAssignor,)}),
+        realtime=False)

@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import faust
 import numpy as np
@@ -50,7 +50,9 @@ from pipeline.batching.priority import REALTIME_GATE
 from pipeline.inference.recomodel import PAD_ID, RecoScorer
 from pipeline.inference.serving import Slot, follower_for
 from pipeline.kafka.deadletter import dead_letter
+from pipeline.kafka.faustapp import attach_lane
 from pipeline.kafka.lane import Lane, LaneContext, PartitionRecords, Record
+from pipeline.kafka.supervisor import LaneSupervisor
 from pipeline.metrics import E2E_LATENCY, MODEL_COLD_START, MODEL_INFO
 from pipeline.settings import Settings
 from schemas import RECO_DEFAULT_K, RECO_MAX_CANDIDATES, RecoRequest, Rejection, validate_record
@@ -392,10 +394,10 @@ def _served(scorer: RecoScorer, on: int, cold_start_s: float | None = None) -> N
         MODEL_COLD_START.labels("reco", "reco", card.version).set(cold_start_s)
 
 
-def register(app: faust.App, settings: Settings) -> Lane | None:
-    """Attach the reco lane to ``app`` when ``INFERLANE_LANES`` includes it."""
+def register(app: faust.App, settings: Settings) -> LaneSupervisor | None:
+    """Attach the reco lane to ``app`` when ``INFERLANE_LANES`` includes it (real-time: its
+    crash ends the worker)."""
     if LANE not in settings.lanes:
         return None
-    lane = Lane(settings, LANE, RecoHandler(settings))
-    app.service(cast(type[Lane], lane))  # faust also accepts a Service instance
-    return lane
+    return attach_lane(app, settings, LANE, lambda: Lane(settings, LANE, RecoHandler(settings)),
+                       realtime=True)

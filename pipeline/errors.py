@@ -18,6 +18,8 @@ Bad *input* is never an exception: it becomes a :class:`schemas.DeadLetter` reco
 from __future__ import annotations
 
 __all__ = [
+    "EXIT_CONFIG",
+    "EXIT_LANE_CRASHED",
     "ConfigError",
     "InferlaneError",
     "ModelLoadError",
@@ -25,6 +27,7 @@ __all__ = [
     "PrerequisiteMissingError",
     "SinkError",
     "StackError",
+    "StartCheckError",
     "TopicError",
 ]
 
@@ -57,6 +60,18 @@ class ModelLoadError(InferlaneError):
 
 class TopicError(InferlaneError):
     """Topics could not be created, or exist with an incompatible layout."""
+
+
+class StartCheckError(ConfigError):
+    """A worker's start check failed: the deployment does not match what the lanes need (a
+    topic's partition count, an unreachable bucket). The message names the cause and the fix;
+    the worker exits with :data:`EXIT_CONFIG` before consuming anything."""
+
+
+EXIT_CONFIG = 78
+"""Exit code of a worker whose start checks failed (``EX_CONFIG`` of sysexits.h)."""
+EXIT_LANE_CRASHED = 70
+"""Exit code of a worker ended by a lane crash it cannot recover from (``EX_SOFTWARE``)."""
 
 
 class SinkError(InferlaneError):

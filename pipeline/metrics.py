@@ -33,6 +33,9 @@ __all__ = [
     "CONTENT_TYPE_LATEST",
     "CPU_PER_1K_EVENTS",
     "DEGRADED",
+    "LANE_RESTARTS",
+    "LANE_UP",
+    "MISROUTED",
     "HISTORY_FRESHNESS",
     "E2E_LATENCY",
     "INFERENCE_SECONDS",
@@ -114,7 +117,22 @@ DEGRADED = Counter(
     "inferlane_degraded_by_reason",
     "Scores on default history, by reason: no_history (the card has no earlier transaction), "
     "stale (the slow path lags more than the staleness bound), loading (the view's partition is "
-    "not loaded yet)", ["lane", "reason"], registry=REGISTRY)
+    "not loaded yet), misrouted (the record is on a partition its key does not hash to: its "
+    "history may be split)", ["lane", "reason"], registry=REGISTRY)
+MISROUTED = Counter(
+    "inferlane_misrouted_records",
+    "Keyed records on a partition other than the expected partitioner (INFERLANE_PARTITIONER) "
+    "gives their key; likely = the partitioner that does give it (crc32: librdkafka's "
+    "default), or unknown", ["lane", "topic", "likely"], registry=REGISTRY)
+LANE_UP = Gauge(
+    "inferlane_lane_up",
+    "1 while the lane runs, 0 while it is restarting after a crash (lanes off the latency "
+    "path restart in-process; a real-time lane's crash ends the worker)", ["lane"],
+    registry=REGISTRY)
+LANE_RESTARTS = Counter(
+    "inferlane_lane_restarts",
+    "In-process restarts of a lane after a crash, by the crash's exception type",
+    ["lane", "error"], registry=REGISTRY)
 INFERENCE_SECONDS = Histogram(
     "inferlane_inference_seconds", "Time of one model call (a whole batch)", ["batcher"],
     registry=REGISTRY, buckets=_SECONDS)

@@ -64,7 +64,13 @@ class Settings(BaseSettings):
     service). Off by default: a dynamic member that dies is expired by the broker after the
     session timeout and its partitions move on, whatever its id (docs/design.md)."""
     realtime_partitions: int = Field(default=4, ge=1)
-    """Partition count for real-time topics created by ``inferlane topics create``."""
+    """Partition count for real-time topics created by ``inferlane topics create``; workers
+    refuse to start when an existing keyed topic has another count (docs/operations.md)."""
+    partitioner: Literal["murmur2", "crc32"] = "murmur2"
+    """How producers map a key to a partition: ``murmur2`` (the Java client's and aiokafka's
+    default; librdkafka: ``partitioner=murmur2_random``) or ``crc32`` (librdkafka's default).
+    The pipeline's own producers use it; the fraud and history lanes flag records that
+    disagree with it (docs/producers.md)."""
     replication_factor: int = Field(default=1, ge=1)
     session_timeout_ms: int = Field(default=10_000, ge=1000)
     commit_interval_ms: int = Field(default=200, ge=10)

@@ -25,6 +25,7 @@ __all__ = [
     "Channel",
     "DeadLetter",
     "Decision",
+    "DegradedReason",
     "FraudLabel",
     "FraudScore",
     "Label",
@@ -81,6 +82,9 @@ class Transaction(msgspec.Struct, frozen=True, kw_only=True):
     """When the event was produced, epoch seconds; end-to-end latency is counted from it."""
 
 
+DegradedReason = Literal["no_history", "stale", "loading", "misrouted"]
+
+
 class FraudScore(msgspec.Struct, frozen=True, kw_only=True):
     """The fraud lane's answer for one transaction, value of ``fraud.scores`` (key: ``card_id``)."""
 
@@ -92,10 +96,16 @@ class FraudScore(msgspec.Struct, frozen=True, kw_only=True):
     """``score`` mapped through the lane's review/decline thresholds."""
     model_version: str
     degraded: bool
-    """True when slow-path history was missing or stale and defaults were used."""
+    """True when the score could not use the card's full slow-path history."""
     scored_at: _EpochS
     sent_at: _EpochS | None = None
     """Copied from the request so readers can measure end-to-end latency."""
+    degraded_reason: DegradedReason | None = None
+    """Why ``degraded``: ``no_history`` (no earlier transaction of the card), ``stale`` (the
+    slow path lags more than its bound), ``loading`` (the history view is still loading),
+    ``misrouted`` (the record is on a partition its key does not hash to with the expected
+    partitioner, so the card's history may be split: a producer misconfiguration, see
+    docs/producers.md). ``None`` when not degraded."""
 
 
 class ShadowScore(msgspec.Struct, frozen=True, kw_only=True):

@@ -54,19 +54,21 @@ def decide(scores: NDArray[np.float32], thresholds: Thresholds) -> list[str]:
 
 
 def score_fields(txn: dict[str, Any], score: float, decision: str, version: str,
-                 now: float, degraded: bool) -> dict[str, Any]:
-    """The :class:`schemas.FraudScore` fields of one scored transaction (real-time and batch)."""
+                 now: float, degraded: bool, reason: str = "no_history") -> dict[str, Any]:
+    """The :class:`schemas.FraudScore` fields of one scored transaction (real-time and batch);
+    ``reason`` is the ``degraded_reason`` when ``degraded``."""
     return {
         "event_id": txn["event_id"], "card_id": txn["card_id"], "score": score,
         "decision": decision, "model_version": version, "degraded": degraded,
         "scored_at": now, "sent_at": txn.get("sent_at"),
+        "degraded_reason": (reason or "no_history") if degraded else None,
     }
 
 
 def encode_score(txn: dict[str, Any], score: float, decision: str, version: str,
-                 now: float, degraded: bool) -> bytes:
+                 now: float, degraded: bool, reason: str = "no_history") -> bytes:
     """The :class:`schemas.FraudScore` JSON of one scored transaction."""
-    return orjson.dumps(score_fields(txn, score, decision, version, now, degraded))
+    return orjson.dumps(score_fields(txn, score, decision, version, now, degraded, reason))
 
 
 def score_default_history(scorer: OnnxScorer, thresholds: Thresholds,
@@ -97,8 +99,9 @@ class Features:
     degraded: NDArray[np.bool_] | None
     """Per row, True when the history part holds defaults."""
     reasons: Sequence[str] | None = None
-    """Per row, why its history part holds defaults ("" when it does not): ``no_history``,
-    ``stale`` or ``loading``."""
+    """Per row, why its history part is degraded ("" when it is not): ``no_history``,
+    ``stale``, ``loading`` (defaults) or ``misrouted`` (the record's partition's history,
+    which may be a part of the card's)."""
 
     def for_model(self, scorer: OnnxScorer) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
         """The scorer's input matrix and per-row degraded flags."""

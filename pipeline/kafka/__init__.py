@@ -6,8 +6,11 @@
   done.
 * :mod:`~pipeline.kafka.producer` - batched sends with acknowledgement tracking.
 * :mod:`~pipeline.kafka.offsets` - which offsets are safe to commit.
-* :mod:`~pipeline.kafka.topics` - the topic declarations and their creation.
+* :mod:`~pipeline.kafka.topics` - the topic declarations, their creation and the partition-count
+  check.
+* :mod:`~pipeline.kafka.partitioner` - key -> partition (murmur2, crc32) and the misrouting check.
 * :mod:`~pipeline.kafka.deadletter` - the DLQ record shape.
+* :mod:`~pipeline.kafka.supervisor` - what a lane crash does: end the worker or restart the lane.
 * :mod:`~pipeline.kafka.process` - process tuning of a worker (GC, nice).
 """
 
@@ -18,11 +21,14 @@ __all__, __getattr__ = lazy_exports(__name__, {
         "make_consumer", "make_producer", "security_kwargs", "ssl_context", "start_reader",
         "topic_partitions"],
     "deadletter": ["RAW_MAX_BYTES", "dead_letter"],
-    "faustapp": ["broker_credentials", "create_app", "put_back"],
+    "faustapp": ["attach_lane", "broker_credentials", "create_app", "put_back"],
     "lane": ["Handler", "Lane", "LaneContext", "LaneStats", "PartitionRecords", "Record"],
     "offsets": ["Chunk", "OffsetTracker"],
+    "partitioner": ["PARTITIONERS", "Partitioner", "PartitionerCheck", "partition_for",
+        "producer_partitioner"],
     "process": ["tune_process"],
     "producer": ["BatchSender"],
-    "topics": ["TOPICS", "TopicSpec", "archived_topics", "ensure_topics", "spec", "topic_configs",
-        "without_leaders", "topic_specs"],
+    "supervisor": ["LaneState", "LaneSupervisor", "lane_states"],
+    "topics": ["TOPICS", "TopicSpec", "archived_topics", "check_partitions", "ensure_topics",
+        "spec", "topic_configs", "topic_specs", "without_leaders"],
 })

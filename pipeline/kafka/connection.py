@@ -26,6 +26,7 @@ from aiokafka.errors import (
 )
 from aiokafka.helpers import create_ssl_context
 
+from pipeline.kafka.partitioner import producer_partitioner
 from pipeline.settings import Settings
 
 T = TypeVar("T")
@@ -87,6 +88,9 @@ def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
         "max_batch_size": 256 * 1024,
         "request_timeout_ms": 30_000,
         "enable_idempotence": True,
+        # Keyed records go where every other producer of the pipeline puts them (the
+        # co-partitioned history depends on it): murmur2 unless INFERLANE_PARTITIONER says.
+        "partitioner": producer_partitioner(settings.partitioner),
     }
     kwargs.update(overrides)
     return AIOKafkaProducer(**kwargs)

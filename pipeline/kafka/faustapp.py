@@ -18,9 +18,10 @@ The real-time lanes do not use faust streams (see :mod:`pipeline.kafka.lane` and
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import faust
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -28,11 +29,14 @@ from aiokafka.errors import IllegalStateError
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaFaustConsumer
 
+from pipeline.errors import EXIT_LANE_CRASHED
 from pipeline.kafka.connection import ssl_context
+from pipeline.kafka.lane import Lane
+from pipeline.kafka.supervisor import LaneSupervisor, lane_states
 from pipeline.metrics import CONTENT_TYPE_LATEST, render
 from pipeline.settings import Settings
 
-__all__ = ["broker_credentials", "create_app", "put_back"]
+__all__ = ["attach_lane", "broker_credentials", "create_app", "put_back"]
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +70,26 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
     # created yet, so every consumer of this app is ours.
     app.transport.Consumer = _Consumer  # type: ignore[misc]  # an instance attribute on purpose
     app.page("/metrics")(_metrics)
+    app.page("/health")(_health)
     return app
+
+
+def attach_lane(app: faust.App, settings: Settings, name: str, factory: Callable[[], Lane], *,
+                realtime: bool) -> LaneSupervisor:
+    """Run the lane ``factory`` builds in ``app``'s worker under a :class:`LaneSupervisor`:
+    a real-time lane's crash ends the worker, another lane is restarted in-process."""
+
+    async def end_worker(lane: str, exc: BaseException) -> None:
+        log.critical("worker exits (code %d): real-time lane %s crashed: %s: %s; its "
+                     "unfinished work is not committed, a restarted worker redoes it",
+                     EXIT_LANE_CRASHED, lane, type(exc).__name__, exc)
+        # mode stops every service gracefully (lanes commit what they finished), then raises
+        # the crash reason: SystemExit gives the process its exit code.
+        await app.crash(SystemExit(EXIT_LANE_CRASHED))
+
+    supervisor = LaneSupervisor(name, factory, realtime=realtime, on_fatal=end_worker)
+    app.service(cast(type[LaneSupervisor], supervisor))  # faust also accepts an instance
+    return supervisor
 
 
 def broker_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
@@ -83,6 +106,15 @@ def broker_credentials(settings: Settings) -> faust.types.auth.CredentialsT | No
             password=settings.kafka_sasl_password.get_secret_value(),
             ssl_context=context, mechanism=settings.kafka_sasl_mechanism)
     return None
+
+
+async def _health(web: Any, request: Any) -> Any:
+    """``GET /health``: 200 when every lane of the worker runs, 503 naming the lanes that are
+    restarting (with their last error and next attempt)."""
+    states = lane_states()
+    ready = all(state.up for state in states)
+    body = {"ready": ready, "lanes": {s.lane: asdict(s) for s in states}}
+    return web.json(body, status=200 if ready else 503)
 
 
 async def _metrics(web: Any, request: Any) -> Any:

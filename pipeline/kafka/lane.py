@@ -15,7 +15,8 @@ commits offsets it has not finished (see docs/design.md). A lane keeps faust for
 * on stop: stop fetching, finish in-flight work, let the handler flush, commit, leave.
 
 A handler failure is not bad input (bad input is a dead letter); it is an infrastructure failure,
-so the lane crashes the worker instead of committing past lost work: at-least-once by design.
+so the lane crashes instead of committing past lost work: at-least-once by design. What a crash
+does to the worker is the supervisor's call (:mod:`pipeline.kafka.supervisor`).
 """
 
 from __future__ import annotations
@@ -87,6 +88,9 @@ class LaneContext:
     sender: BatchSender
     done: Callable[[Chunk], None]
     stats: LaneStats
+    fail: Callable[[BaseException], None] | None = None
+    """For a handler's own background task (a timer) that failed: crash the lane as a failed
+    ``handle`` would, instead of letting the task die unseen."""
 
 
 class Handler(Protocol):
@@ -159,6 +163,8 @@ class Lane(Service):  # type: ignore[misc]
         self._rebalancing = False
         self._handover: dict[TopicPartition, int] = {}
         """Finished positions of revoked partitions, in case the rebalance gives them back."""
+        self.on_crash: Callable[[Lane, BaseException], None] | None = None
+        """Called once per failure of a loop or a handler (set by a LaneSupervisor)."""
         self.ready = asyncio.Event()
         """Set once the consumer has joined its group and the loop runs (tests wait on it)."""
         self._next_offset: dict[TopicPartition, int] = {}
@@ -175,7 +181,7 @@ class Lane(Service):  # type: ignore[misc]
         self._producer = ProducerHandle(lambda: make_producer(self.settings))
         await self._producer.start()
         ctx = LaneContext(self.settings, self.name, BatchSender(self._producer, lane=self.name),
-                          self._chunk_done, self.stats)
+                          self._chunk_done, self.stats, fail=self._fail)
         await self.handler.start(ctx)
         self._consumer = make_consumer(self.settings, self.name,
                                        **self.consumer_overrides)
@@ -224,9 +230,19 @@ class Lane(Service):  # type: ignore[misc]
             log.error("%s: loop failed", self.label, exc_info=task.exception())
             self._crash(task.exception())
 
+    def _fail(self, exc: BaseException) -> None:
+        if not self._stopping:
+            log.error("%s: handler task failed", self.label, exc_info=exc)
+            self._crash(exc)
+
     def _crash(self, exc: BaseException | None) -> None:
-        # Crashing the service stops the worker: a supervisor restarts it from committed offsets.
-        if exc is not None:
+        """Stop taking work and tell the lane's supervisor (:mod:`pipeline.kafka.supervisor`
+        ends the worker or restarts the lane); without one, crash the mode service."""
+        if exc is None:
+            return
+        if self.on_crash is not None:
+            self.on_crash(self, exc)
+        else:
             asyncio.ensure_future(self.crash(exc))
 
     # --- consuming ------------------------------------------------------------------------

@@ -12,13 +12,12 @@ from dataclasses import dataclass, field
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from pipeline.errors import TopicError
+from pipeline.errors import StartCheckError, TopicError
 from pipeline.kafka.connection import client_kwargs
 from pipeline.settings import Settings
 
-__all__ = ["TOPICS", "TopicSpec", "archived_topics", "ensure_topics", "spec", "topic_configs",
-           "without_leaders",
-           "topic_specs"]
+__all__ = ["TOPICS", "TopicSpec", "archived_topics", "check_partitions", "ensure_topics", "spec",
+           "topic_configs", "topic_specs", "without_leaders"]
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +115,12 @@ async def ensure_topics(
 ) -> list[str]:
     """Create the missing topics; return the names created. Existing topics are left as they are.
 
-    Raises :class:`TopicError` when the broker cannot be reached or refuses a creation.
+    Then checks the partition counts of the existing ones (:func:`check_partitions`). Raises
+    :class:`TopicError` when the broker cannot be reached or refuses a creation, and
+    :class:`~pipeline.errors.StartCheckError` when a keyed topic has the wrong partition count.
     """
-    wanted = [_new_topic(spec, settings) for spec in (specs if specs is not None else TOPICS)]
+    specs = list(specs if specs is not None else TOPICS)
+    wanted = [_new_topic(spec, settings) for spec in specs]
     admin = AIOKafkaAdminClient(**client_kwargs(settings), request_timeout_ms=int(timeout_s * 1000))
     try:
         await asyncio.wait_for(admin.start(), timeout_s)
@@ -127,11 +129,58 @@ async def ensure_topics(
         if missing:
             await _create(admin, missing)
             await _wait_for_leaders(admin, [t.name for t in missing], timeout_s)
-        return [topic.name for topic in missing]
+        created = {topic.name for topic in missing}
+        await check_partitions(admin, [s for s in specs if settings.topic(s.name) not in created],
+                               settings)
+        return sorted(created)
     except (KafkaError, OSError, asyncio.TimeoutError) as exc:
         raise TopicError(f"cannot ensure topics on {settings.kafka_bootstrap}: {exc!r}") from exc
     finally:
         await admin.close()
+
+
+def _expected_partitions(spec: TopicSpec, settings: Settings) -> int:
+    return spec.partitions or settings.realtime_partitions
+
+
+async def check_partitions(admin: AIOKafkaAdminClient, specs: Iterable[TopicSpec],
+                           settings: Settings) -> None:
+    """Compare existing topics' partition counts with their declarations.
+
+    A keyed real-time topic (``partitions=None``: requests, results, labels, the history
+    changelog) must have ``INFERLANE_REALTIME_PARTITIONS`` partitions: the history slow path
+    and the fraud lane are co-partitioned by card, and a producer maps a key to
+    ``hash % count``. A mismatch raises :class:`StartCheckError` with one line per topic, the
+    two counts and the fix. A fixed-count topic (DLQs, batch jobs/chunks) with another count
+    only limits parallelism: a warning.
+    """
+    by_name = {settings.topic(spec.name): spec for spec in specs}
+    if not by_name:
+        return
+    problems = []
+    for topic in await admin.describe_topics(sorted(by_name)):
+        spec = by_name.get(topic.get("topic", ""))
+        parts = topic.get("partitions") or []
+        if spec is None or topic.get("error_code") or not parts:
+            continue  # unknown here: created meanwhile, or reported by whoever uses it
+        expected, actual = _expected_partitions(spec, settings), len(parts)
+        if actual == expected:
+            continue
+        name = settings.topic(spec.name)
+        if spec.partitions is not None:
+            log.warning("topic %s has %d partitions, declared with %d (pipeline/kafka/topics.py);"
+                        " it works, with other parallelism", name, actual, expected)
+            continue
+        problems.append(
+            f"topic {name} has {actual} partitions, the pipeline expects {expected} "
+            f"(INFERLANE_REALTIME_PARTITIONS={settings.realtime_partitions}; keyed topics are "
+            f"co-partitioned by key). Was it auto-created by a producer that started before "
+            f"`inferlane topics create`? Fix: on a new cluster delete it and run `inferlane "
+            f"topics create` before any producer (and set auto.create.topics.enable=false on "
+            f"the brokers); if {actual} partitions is meant, set "
+            f"INFERLANE_REALTIME_PARTITIONS={actual} and give every keyed topic {actual}")
+    if problems:
+        raise StartCheckError("; ".join(problems))
 
 
 async def _create(admin: AIOKafkaAdminClient, topics: list[NewTopic]) -> None:

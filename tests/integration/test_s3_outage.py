@@ -38,7 +38,9 @@ async def test_s3_outage_blocks_neither_realtime_nor_loses_anything(
     env = test_env(s3_endpoint_url=f"http://127.0.0.1:{proxy.port}",
                    archive_max_age_ms="500", batch_chunk_bytes="200000")
     settings = await ready_settings(env)
-    worker = worker_factory(env)
+    # In a thread: the proxy runs on this event loop, and the worker's start check reaches
+    # S3 through it while start-up is awaited.
+    worker = await asyncio.to_thread(worker_factory, env)
     ids, _ = await write_transactions_jsonl(direct, "in/outage.jsonl", 20_000)
     results_from = await snapshot_end_offsets(settings, settings.topic("batch.results"))
     scores, dlq = await _readers(settings)

@@ -173,7 +173,8 @@ def test_ports_and_health_checks_match_the_settings() -> None:
         port = _listen_port(path, settings)
         if path == ["worker"]:
             assert [str(p) for p in service["expose"]] == [str(port)], name
-            assert _healthcheck_url(service) == f"{port}/metrics", name
+            # /health: 503 while a lane restarts (docs/operations.md)
+            assert _healthcheck_url(service) == f"{port}/health", name
         else:
             assert settings.service_host == "0.0.0.0", name  # noqa: S104 - in a container
             assert service["ports"] == [f"{port}:{port}"], name
