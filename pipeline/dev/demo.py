@@ -36,7 +36,7 @@ from pipeline.dev.stack import LocalStack
 from pipeline.inference.serving import model_path
 from pipeline.kafka.topics import ensure_topics
 from pipeline.s3.s3store import S3Store
-from pipeline.settings import KNOWN_LANES, Settings, load_settings
+from pipeline.settings import Settings, load_settings
 
 __all__ = ["DemoSummary", "RecoSummary", "render_summary", "run_demo"]
 
@@ -99,10 +99,10 @@ def run_demo(root: Path, *, duration_s: float, rate_per_s: float, invalid_fracti
         settings = load_settings(**{k[len("INFERLANE_"):].lower(): v for k, v in env.items()})
         asyncio.run(ensure_topics(settings))
         console.print(f"  broker {endpoints.kafka_bootstrap}  S3 {endpoints.s3_endpoint_url}")
-        # The slow path runs in its own worker process: its faust agent never competes with
-        # the real-time lanes for their interpreter (GIL), as recommended in docs/design.md.
-        realtime = ",".join(lane for lane in KNOWN_LANES if lane != "history")
-        for name, lanes in (("worker", realtime), ("history", "history")):
+        # The deployed layout (docs/design.md, "Which lanes share a process"): the real-time
+        # lanes, the history slow path, and archive + batch each in a process of their own, so
+        # neither the slow path nor the archive competes for the real-time lanes' interpreter.
+        for name, lanes in WORKER_LAYOUT:
             worker = WorkerProcess({**env, "INFERLANE_WORKER_ID": f"demo-{name}",
                                     "INFERLANE_LANES": lanes}, root / "logs" / f"{name}.log",
                                    label=name)
@@ -118,6 +118,12 @@ def run_demo(root: Path, *, duration_s: float, rate_per_s: float, invalid_fracti
         for worker in workers:
             worker.terminate()
         stack.stop()
+
+
+WORKER_LAYOUT: tuple[tuple[str, str], ...] = (
+    ("worker", "fraud,reco"), ("history", "history"), ("offpath", "archive,batch"))
+"""The worker processes of the demo: (name, INFERLANE_LANES); every lane exactly once, as in
+docker-compose.yml (tests/unit/test_deploy.py checks both)."""
 
 
 class _RecoTraffic:

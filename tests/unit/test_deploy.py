@@ -20,6 +20,7 @@ import typer.main
 import yaml
 
 from pipeline.cli import app
+from pipeline.dev.demo import WORKER_LAYOUT
 from pipeline.metrics import REGISTRY
 from pipeline.settings import KNOWN_LANES, Settings, load_settings
 
@@ -153,9 +154,12 @@ def test_unknown_commands_and_options_are_refused() -> None:
 def test_workers_split_the_lanes_and_scale() -> None:
     services = _services()
     lanes = {name: _settings(_env(services[name])).lanes for name in WORKERS}
-    assert set(lanes["worker-realtime"]) == {"fraud", "reco", "archive"}
+    assert set(lanes["worker-realtime"]) == {"fraud", "reco"}
     assert lanes["worker-history"] == ("history",)
-    assert lanes["worker-batch"] == ("batch",)
+    assert lanes["worker-batch"] == ("archive", "batch")
+    # The demo runs the same layout.
+    assert [tuple(served.split(",")) for _, served in WORKER_LAYOUT] == [
+        lanes[name] for name in WORKERS]
     assert sorted(lane for served in lanes.values() for lane in served) == sorted(KNOWN_LANES)
     for name in WORKERS:
         service = services[name]
