@@ -273,7 +273,7 @@ def demo(
     summary = run_demo(root, duration_s=duration, rate_per_s=rate, invalid_fraction=invalid,
                        console=console,
                        reco_rate_per_s=rate / 5 if reco_rate is None else reco_rate)
-    console.print(render_summary(summary, duration, rate))
+    console.print(render_summary(summary, duration, rate, load_settings().fraud_budget_ms))
     if not summary.ok:
         console.print("[red]demo FAILED: not every event is accounted for[/]")
         raise typer.Exit(1)

@@ -11,7 +11,8 @@
 from pipeline import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
-    "demo": ["DemoSummary", "RecoSummary", "render_summary", "run_demo"],
+    "demo": ["WARMUP_S", "WORKER_LAYOUT", "DemoSummary", "RecoSummary", "render_summary",
+        "run_demo"],
     "kafkanode": ["KAFKA_HEAP_MB", "LOG4J2", "JVM_FLAGS", "KafkaNode", "heap_from_env",
         "kafka_probe", "kafka_uuid", "server_properties"],
     "kafkadist": ["KAFKA_VERSION", "MIN_JAVA", "KafkaDist", "PrerequisiteError", "cache_dir",
