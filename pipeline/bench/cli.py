@@ -70,11 +70,16 @@ def _rates(text: str) -> tuple[float, ...]:
     return rates
 
 
+def _results_folder(out: Path | None, kind: str = "") -> Path:
+    """``--out``, else ``bench-results/<kind>-<UTC timestamp>`` (no kind: the timestamp)."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return (out or Path("bench-results") / (f"{kind}-{stamp}" if kind else stamp)).resolve()
+
+
 def _config(impl: str, rates: str | None, duration: float | None, drain_events: int | None,
             out: Path | None, poisson: bool, quick: bool, warmup: float,
             result_timeout: float, seed: int, drain_workers: int = 1) -> BenchConfig:
     preset = _QUICK if quick else _FULL
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     impls = _impls(impl)
     if drain_workers > 1 and any(IMPLS[key].yardstick for key in impls):
         raise typer.BadParameter("--drain-workers > 1 runs inferlane's own workers: --impl a "
@@ -86,7 +91,7 @@ def _config(impl: str, rates: str | None, duration: float | None, drain_events: 
         duration_s=duration if duration is not None else preset.duration_s,
         drain_events=drain_events if drain_events is not None else preset.drain_events,
         warmup_s=warmup, poisson=poisson,
-        out=(out or Path("bench-results") / stamp).resolve(),
+        out=_results_folder(out),
         result_timeout_s=result_timeout, seed=seed, quick=quick)
 
 
@@ -123,8 +128,10 @@ def _finish(run: BenchRun) -> int:
 @bench_app.command("run")
 def run(
     impl: Annotated[str, typer.Option(help="Implementations: a=lane, b=naive faust, "
-                                           "c=bare aiokafka, w=default worker "
-                                           "(every lane in one process).")] = "a,b,c",
+                                           "c=bare aiokafka; worker layouts: w=every lane "
+                                           "in one process, s=fraud,reco | history,archive,"
+                                           "batch, t=fraud,reco | history | archive,batch."
+                                           )] = "a,b,c",
     rates: Annotated[str | None, typer.Option(help="Offered loads, events/s "
                                                    "(default 100,1000,5000).")] = None,
     duration: Annotated[float | None, typer.Option(help="Seconds per rate (default 20).")] = None,
@@ -170,11 +177,10 @@ def reco(
     seed: Annotated[int, typer.Option(help="Seed of the synthetic requests.")] = 1,
 ) -> None:
     """The reco lane: open-loop requests, end-to-end latency from sent_at, backlog drain."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     config = BenchConfig(
         impls=("r",), rates=_rates(rates), duration_s=duration, drain_events=drain_events,
         warmup_s=warmup, poisson=poisson,
-        out=(out or Path("bench-results") / f"reco-{stamp}").resolve(),
+        out=_results_folder(out, "reco"),
         result_timeout_s=result_timeout, seed=seed, quick=False, reco_k=k,
         reco_candidate_fraction=candidate_fraction)
     raise typer.Exit(_run(config))
@@ -192,13 +198,10 @@ def batch(
     realtime_seconds: Annotated[float, typer.Option(help="Seconds of real-time traffic.")] = 20,
 ) -> None:
     """One S3 batch job end to end: rows/s, peak RSS, chunks per worker, exact output count."""
-    from datetime import datetime, timezone
-
     from pipeline.bench.batchjob import render, run_batch_bench
 
     signal.signal(signal.SIGTERM, _interrupt)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    folder = out or Path("bench-results") / f"batch-{stamp}"
+    folder = _results_folder(out, "batch")
     result = run_batch_bench(folder, rows=rows, workers=workers,
                              chunk_bytes=int(chunk_mb * 1024 * 1024), console=console,
                              realtime_rate=realtime_rate, realtime_s=realtime_seconds)
@@ -220,8 +223,7 @@ def history(
     from pipeline.bench.history import run_history_drain
 
     signal.signal(signal.SIGTERM, _interrupt)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    folder = (out or Path("bench-results") / f"history-{stamp}").resolve()
+    folder = _results_folder(out, "history")
     result = run_history_drain(folder, events=events, seed=seed, console=console)
     console.print(render_history(result))
     console.print(f"wrote {folder / 'results.json'}")
@@ -243,8 +245,7 @@ def service(
     from pipeline.bench.service import run_service_bench
 
     signal.signal(signal.SIGTERM, _interrupt)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    folder = (out or Path("bench-results") / f"service-{stamp}").resolve()
+    folder = _results_folder(out, "service")
     results = run_service_bench(folder, rate=rate, duration_s=duration,
                                 budgets=list(_rates(budgets)), warmup_s=warmup, seed=seed,
                                 console=console)
@@ -271,8 +272,7 @@ def soak(
     from pipeline.bench.soak import run_soak
 
     signal.signal(signal.SIGTERM, _interrupt)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    folder = (out or Path("bench-results") / f"soak-{stamp}").resolve()
+    folder = _results_folder(out, "soak")
     outside = None
     if external:
         outside = {k: v for k, v in os.environ.items() if k.startswith("INFERLANE_")}
