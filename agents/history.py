@@ -216,9 +216,6 @@ class HistoryHandler:
     async def handle(self, batch: Sequence[PartitionRecords]) -> None:
         ctx = self._ctx
         assert ctx is not None  # noqa: S101 - set in start()
-        for part in batch:  # counted and warned about; applied where they are (docs/producers.md)
-            if part.tp.topic == self.labels:
-                self._partitioner.misrouted(part.records, self.settings.realtime_partitions)
         async with self._lock:  # applied in fetch order, never during a recovery
             changed, letters = self._apply(batch)
             # Queued in apply order: a partition's writes go out one after the other.
@@ -272,6 +269,9 @@ class HistoryHandler:
                 for record in part.records:
                     self._on_transaction(cards, marks, record, max_bytes)
             else:
+                # Misrouted labels are counted and warned about, and applied where they are
+                # (docs/producers.md).
+                self._partitioner.misrouted(part.records, self.settings.realtime_partitions)
                 for record in part.records:
                     letter = self._on_label(cards, marks, record, max_bytes)
                     if letter is not None:
