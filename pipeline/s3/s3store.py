@@ -90,19 +90,21 @@ class S3Store:
         is retried, not fatal: :func:`retry`.)
         """
         endpoint = self._settings.s3_endpoint_url or f"AWS S3 ({self._settings.s3_region})"
+        fix = "check INFERLANE_S3_ENDPOINT_URL and the S3 credentials"
         try:
             await asyncio.wait_for(self.client.head_bucket(Bucket=self.bucket), timeout_s)
             return
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
-            cause = {"404": "does not exist", "NoSuchBucket": "does not exist",
-                     "403": "is not accessible with these credentials (403)"}.get(
-                         code, f"cannot be used: {code or exc}")
+            if code in ("404", "NoSuchBucket"):
+                cause = "does not exist"
+                fix = f"create it (e.g. `aws s3 mb s3://{self.bucket}`) or set INFERLANE_S3_BUCKET"
+            elif code == "403":
+                cause = "is not accessible with these credentials (403)"
+            else:
+                cause = f"cannot be used: {code or exc}"
         except (BotoCoreError, OSError, asyncio.TimeoutError) as exc:
             cause = f"cannot be reached: {exc!r}"
-        fix = ("create it (e.g. `aws s3 mb s3://" + self.bucket + "`) or set INFERLANE_S3_BUCKET"
-               if "exist" in cause else
-               "check INFERLANE_S3_ENDPOINT_URL and the S3 credentials")
         raise StartCheckError(f"S3 bucket {self.bucket!r} at {endpoint} {cause}; the archive "
                               f"and batch lanes need it. Fix: {fix}")
 
