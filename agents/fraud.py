@@ -216,6 +216,7 @@ class FraudHandler:
             else (None, None)
         return HistoryHealth(no_history=self._degraded["no_history"],
                              stale=self._degraded["stale"], loading=self._degraded["loading"],
+                             misrouted=self._degraded["misrouted"],
                              freshness_p50_ms=p50, freshness_p99_ms=p99,
                              freshness_samples=int(ages.size))
 
@@ -486,6 +487,7 @@ class HistoryHealth:
     no_history: int
     stale: int
     loading: int
+    misrouted: int
     freshness_p50_ms: float | None
     freshness_p99_ms: float | None
     freshness_samples: int
