@@ -82,11 +82,14 @@ class BatchSender:
                                                                         strict=True)]
         else:
             partitions = await self._partitions_for(producer, topic)
+            # The producer's own partitioner (make_producer sets INFERLANE_PARTITIONER's), so
+            # a key lands where every other producer of the pipeline puts it.
+            place = getattr(producer, "_partitioner", _partitioner)
             for (key, value), ts in zip(records, stamps, strict=True):
                 if key is None:
                     part = partitions[hash(value) % len(partitions)]
                 else:
-                    part = _partitioner(key, partitions, partitions)
+                    part = place(key, partitions, partitions)
                 by_partition.setdefault(part, []).append((key, value, ts))
         acks = []
         started = time.monotonic()

@@ -23,11 +23,15 @@ import orjson
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from confluent_kafka import Producer as RdKafkaProducer
 
-from pipeline.dev.loadgen import HistoryTransactionSource, produce_transactions
+from pipeline.dev.loadgen import (
+    HistoryTransactionSource,
+    produce_transactions,
+    snapshot_end_offsets,
+)
 from pipeline.dev.processes import WorkerProcess
 from pipeline.dev.stack import free_port
 from pipeline.errors import EXIT_CONFIG
-from pipeline.kafka.connection import client_kwargs, make_producer
+from pipeline.kafka.connection import client_kwargs, make_producer, start_reader
 from pipeline.kafka.partitioner import partition_for
 from pipeline.kafka.producer import BatchSender
 from pipeline.settings import Settings
@@ -209,3 +213,34 @@ async def test_cards_from_a_librdkafka_producer_are_flagged_misrouted(
     assert "looks like librdkafka's default partitioner" in log and "murmur2_random" in log
     print(f"librdkafka then aiokafka for 200 cards: {len(moved)} misrouted (CRC32 != murmur2 for "
           f"{len(moved)} of 200 keys over {partitions} partitions), all flagged and counted")
+
+
+async def test_the_pipelines_producers_follow_the_partitioner_setting(
+        test_env: EnvFactory) -> None:
+    """INFERLANE_PARTITIONER=crc32: the lanes' and load generator's sender places keys as
+    librdkafka does (BatchSender partitions records itself: it must use the setting too)."""
+    settings = await ready_settings(test_env(partitioner="crc32"))
+    topic = settings.topic("fraud.requests")
+    keys = [f"card-{i:04d}".encode() for i in range(64)]
+    start = await snapshot_end_offsets(settings, topic)
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        await BatchSender(producer).send(topic, [(key, b"{}") for key in keys])
+    finally:
+        await producer.stop()
+    consumer = await start_reader(settings, "partitioner-check")
+    try:
+        consumer.assign(list(start))
+        for tp, offset in start.items():
+            consumer.seek(tp, offset)
+        placed: dict[bytes, int] = {}
+        deadline = time.monotonic() + 20
+        while len(placed) < len(keys) and time.monotonic() < deadline:
+            for tp, records in (await consumer.getmany(timeout_ms=500)).items():
+                placed.update({r.key: tp.partition for r in records if r.key is not None})
+    finally:
+        await consumer.stop()
+    n = settings.realtime_partitions
+    assert placed == {key: partition_for(key, n, "crc32") for key in keys}
+    assert any(partition_for(key, n, "crc32") != partition_for(key, n) for key in keys)
