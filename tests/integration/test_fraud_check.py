@@ -2,7 +2,7 @@
 
 With the worker up, 200 concurrent checks all answer with the pipeline's score, and the
 decisions view (a separate consumer group on fraud.scores) serves the same decisions. With the
-worker stopped, every check answers from the rules within the budget (+ 20 ms) with
+worker stopped, every check answers from the rules once its budget is spent, with
 ``fallback: true``. Bad requests get a 4xx with the reason.
 """
 
@@ -17,6 +17,7 @@ import aiohttp
 import orjson
 
 from pipeline.dev.processes import WorkerProcess
+from pipeline.services.http import ANSWER_MARGIN_MS
 from pipeline.training.synth import TransactionGenerator
 from tests.integration.conftest import EnvFactory, ServiceFactory
 from tests.openapi_check import assert_matches_openapi
@@ -101,10 +102,14 @@ async def test_pipeline_scores_then_rules_fallback_within_budget(
         assert all(b["model_version"] == "rules-v1" for b in bodies)
         for body in bodies:
             assert_matches_openapi(doc, "POST", "/v1/check", 200, body)
-        # The budget is the service's promise from the moment it has the request; the round
-        # trip adds both Pythons' HTTP work and this shared machine's scheduling, so it is
-        # printed, not asserted (bench service measures it under a controlled rate).
-        assert served_ms <= BUDGET_MS + 20.0
+        # Every answer waited for the budget (the timeout fired, not an error) ...
+        assert min(b["latency_ms"] for b in bodies) >= BUDGET_MS - ANSWER_MARGIN_MS - 1.0
+        # ... and none waited for anything after it. How late past the budget the event loop
+        # gets to 200 timers is this shared machine's scheduling, not the service's logic (CI
+        # once saw 92 ms while 200 GET /healthz took 1,015 ms), so the bound scales with the
+        # floor measured just before; `inferlane bench service` measures the tail under a
+        # controlled rate.
+        assert served_ms <= BUDGET_MS + 20.0 + floor_ms
 
 
 async def _burst_ms(session: aiohttp.ClientSession, url: str, n: int) -> float:

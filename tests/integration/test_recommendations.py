@@ -116,7 +116,9 @@ async def test_pipeline_then_stored_then_popular_over_http(
             answer, took_ms = await api.recommend(user_id=user, k=k)
             assert (answer["source"], answer["fallback_reason"]) == (source, "timeout"), answer
             assert [i["item_id"] for i in answer["items"]] == expected
-            assert DEADLINE_MS - 5.0 <= answer["latency_ms"] <= took_ms <= DEADLINE_MS + 20.0
+            # It waited for the deadline and for nothing after it; how late past the deadline
+            # a loaded 2-core machine runs the timer is scheduling, so the upper bound is loose.
+            assert DEADLINE_MS - 5.0 <= answer["latency_ms"] <= took_ms < 2 * DEADLINE_MS
 
         async with http.get(service.url + "/metrics") as reply:
             metrics = await reply.text()
