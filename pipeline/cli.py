@@ -59,18 +59,28 @@ def stack_up(
     fresh: Annotated[bool, typer.Option(help="Wipe the brokers' data first.")] = False,
     brokers: Annotated[int, typer.Option(
         min=1, max=5, help="Kafka nodes (KRaft, broker+controller each); 3 = replicated.")] = 1,
+    jit: Annotated[str | None, typer.Option(
+        help="Broker JIT: quick (C1, fast first seconds) or peak (C1+C2, for long runs); "
+             "default INFERLANE_STACK_KAFKA_JIT or quick.")] = None,
+    warm_up: Annotated[bool, typer.Option(
+        help="Send a burst of real requests before returning, so the first events meet a "
+             "warm broker.")] = True,
 ) -> None:
     """Start Apache Kafka (KRaft) and the S3 server in the background; print the environment.
 
     The broker's jars come from `make install` (Maven, cached in ~/.cache/inferlane); Java 17+
     runs them. Logs: <root>/logs; data: <root>/kafka.
     """
+    from pipeline.dev.kafkanode import JIT_MODES
     from pipeline.dev.stack import LocalStack
 
+    if jit is not None and jit not in JIT_MODES:
+        raise typer.BadParameter(f"choose one of {', '.join(sorted(JIT_MODES))}",
+                                 param_hint="--jit")
     if (existing := LocalStack.attach(root)) is not None:
         raise InferlaneError(f"a stack already runs from {root}: `inferlane stack down` first")
     endpoints = LocalStack(root, kafka_port=kafka_port, s3_port=s3_port, fresh=fresh,
-                           brokers=brokers).start()
+                           brokers=brokers, jit=jit, warm_up=warm_up).start()
     del existing
     err_console.print(f"[green]stack up[/] (state in {root / 'stack.json'}); exports on stdout, "
                       f'so `eval "$(inferlane stack up)"` sets them:')

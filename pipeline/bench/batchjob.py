@@ -34,7 +34,7 @@ from pipeline.bench.traffic import Arrivals, produce_open_loop
 from pipeline.clients.batchclient import read_job_output, submit_job, wait_for_job
 from pipeline.dev.loadgen import snapshot_end_offsets, write_transactions_jsonl
 from pipeline.dev.processes import WorkerProcess
-from pipeline.dev.stack import LocalStack
+from pipeline.dev.stack import bench_stack
 from pipeline.kafka.topics import ensure_topics
 from pipeline.settings import Settings
 from schemas import BatchJob
@@ -97,7 +97,7 @@ def run_batch_bench(out: Path, *, rows: int, workers: int, chunk_bytes: int,
 def _stack(folder: Path, *, workers: int, lanes: str, chunk_bytes: int, rows: int,
            console: Console) -> Iterator[tuple[dict[str, str], Settings, list[WorkerProcess]]]:
     """A fresh local stack, ``rows`` input records in S3, ``workers`` started; all stopped."""
-    stack = LocalStack(folder / "stack", fresh=True)
+    stack = bench_stack(folder / "stack")
     procs: list[WorkerProcess] = []
     try:
         env = {**stack.start().env(), "INFERLANE_LANES": lanes,

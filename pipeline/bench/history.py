@@ -27,7 +27,7 @@ from pipeline.bench.sut import impl_env, settings_for
 from pipeline.bench.traffic import preload
 from pipeline.dev.loadgen import HistoryTransactionSource, snapshot_end_offsets
 from pipeline.dev.processes import WorkerProcess, faust_worker_argv
-from pipeline.dev.stack import LocalStack
+from pipeline.dev.stack import bench_stack
 from pipeline.features.cardhistory import from_bytes
 from pipeline.features.historyview import CHANGELOG
 from pipeline.kafka.connection import start_reader
@@ -60,7 +60,7 @@ class HistoryDrain:
 
 def run_history_drain(out: Path, *, events: int, seed: int, console: Console) -> HistoryDrain:
     """Run the drain under ``out``; write ``results.json``; stop everything it started."""
-    stack = LocalStack(out / "stack", fresh=True)
+    stack = bench_stack(out / "stack")
     worker: WorkerProcess | None = None
     try:
         env = {**impl_env(stack.start().env(), tag="", impl="a", phase="history",

@@ -45,7 +45,7 @@ from pipeline.bench.sut import (
 from pipeline.bench.traffic import Arrivals, SentLog, preload, produce_open_loop
 from pipeline.dev.loadgen import RECO, RequestSource, TransactionSource
 from pipeline.dev.recogen import RecoRequestSource
-from pipeline.dev.stack import LocalStack
+from pipeline.dev.stack import bench_stack
 from pipeline.errors import InferlaneError
 from pipeline.inference.serving import model_path_now
 from pipeline.kafka.topics import ensure_topics
@@ -87,7 +87,7 @@ def new_run(config: BenchConfig) -> BenchRun:
 def run_bench(run: BenchRun, console: Console) -> BenchRun:
     """Run every requested implementation and scenario, filling ``run`` as results come."""
     config = run.config
-    stack = LocalStack(config.out / "stack", fresh=True)
+    stack = bench_stack(config.out / "stack")
     console.print(f"[bold]inferlane bench[/] -> {config.out}")
     try:
         # The readiness probe's refused connections are expected; aiokafka would print them.
@@ -98,7 +98,8 @@ def run_bench(run: BenchRun, console: Console) -> BenchRun:
             endpoints = stack.start()
         finally:
             kafka_log.setLevel(level)
-        console.print(f"  local stack: broker {endpoints.kafka_bootstrap}")
+        console.print(f"  local stack: broker {endpoints.kafka_bootstrap} (JIT {stack.jit}, "
+                      f"warmed up in {stack.warm_up_s or 0:.1f}s)")
         tag = datetime.now(timezone.utc).strftime("%H%M%S")
         foreign = ForeignCpuSampler(os.getpid())
         foreign.start()

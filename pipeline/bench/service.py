@@ -33,7 +33,7 @@ from pipeline.bench.stats import latency_summary
 from pipeline.bench.sut import IMPLS, SutProcess, impl_env, settings_for
 from pipeline.dev.loadgen import HistoryTransactionSource
 from pipeline.dev.processes import ServiceProcess
-from pipeline.dev.stack import LocalStack
+from pipeline.dev.stack import LocalStack, bench_stack
 from pipeline.kafka.topics import ensure_topics
 
 __all__ = ["ServiceBenchResult", "render", "run_service_bench"]
@@ -85,7 +85,7 @@ def run_service_bench(out: Path, *, rate: float, duration_s: float, budgets: lis
     for i, budget in enumerate(budgets):
         console.print(f"budget {budget:g} ms: {rate:g} req/s for {duration_s:g} s ...")
         folder = out / f"budget-{budget:g}"
-        stack = LocalStack(folder / "stack", fresh=True)
+        stack = bench_stack(folder / "stack")
         worker: SutProcess | None = None
         try:
             env = impl_env(stack.start().env(), tag="svc", impl="a", phase="service",

@@ -26,7 +26,7 @@ from pipeline.bench.reader import ReaderProcess
 from pipeline.bench.stats import ResultRow
 from pipeline.bench.sut import IMPLS, SutProcess, impl_env, settings_for
 from pipeline.bench.traffic import Arrivals, produce_open_loop
-from pipeline.dev.stack import LocalStack
+from pipeline.dev.stack import bench_stack
 from pipeline.kafka.topics import ensure_topics
 
 __all__ = ["SoakMinute", "SoakResult", "render", "run_soak"]
@@ -94,7 +94,7 @@ def run_soak(out: Path, *, minutes: int, rate: float, seed: int, console: Consol
     ``external``: the ``INFERLANE_*`` variables of a Kafka (and S3) to use instead of a fresh
     local stack, e.g. Apache Kafka from docker-compose; the run gets topics and groups of its
     own (prefix ``benchsoak<UTC time>.``) and the broker's memory is not sampled."""
-    stack = None if external is not None else LocalStack(out / "stack", fresh=True)
+    stack = None if external is not None else bench_stack(out / "stack")
     worker: SutProcess | None = None
     reader: ReaderProcess | None = None
     try:

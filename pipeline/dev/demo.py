@@ -102,7 +102,8 @@ def run_demo(root: Path, *, duration_s: float, rate_per_s: float, invalid_fracti
                "INFERLANE_STATE_DIR": str(root / "state")}
         settings = load_settings(**{k[len("INFERLANE_"):].lower(): v for k, v in env.items()})
         asyncio.run(ensure_topics(settings))
-        console.print(f"  broker {endpoints.kafka_bootstrap}  S3 {endpoints.s3_endpoint_url}")
+        console.print(f"  broker {endpoints.kafka_bootstrap} (warmed up in "
+                      f"{stack.warm_up_s or 0:.1f}s)  S3 {endpoints.s3_endpoint_url}")
         # The deployed layout (docs/design.md, "Which lanes share a process"): the real-time
         # lanes, the history slow path, and archive + batch each in a process of their own, so
         # neither the slow path nor the archive competes for the real-time lanes' interpreter.

@@ -1,5 +1,5 @@
 """One Apache Kafka KRaft node of the local stack: its ``server.properties``, JVM flags and heap,
-cluster ids, and the readiness probe (real Kafka requests).
+cluster ids, the readiness probe and the warm-up (real Kafka requests).
 
 :class:`~pipeline.dev.stack.LocalStack` plans the nodes, formats their storage and runs them;
 everything here is the configuration and the checks, kept apart so the stack module holds the
@@ -13,22 +13,25 @@ import concurrent.futures
 import contextlib
 import os
 import socket
+import time
 import uuid
 from base64 import urlsafe_b64encode
 from dataclasses import dataclass
 from pathlib import Path
 
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from pipeline.errors import StackError
 from pipeline.kafka.topics import without_leaders
 
-__all__ = ["KAFKA_HEAP_MB", "LOG4J2", "KafkaNode", "JVM_FLAGS", "heap_from_env", "kafka_probe",
-           "kafka_uuid", "server_properties"]
+__all__ = ["JIT_MODES", "JVM_FLAGS", "KAFKA_HEAP_MB", "LOG4J2", "KafkaNode", "heap_from_env",
+           "jit_from_env", "kafka_probe", "kafka_uuid", "kafka_warm_up", "server_properties"]
 
 _HOST = "127.0.0.1"
 _READY_TOPIC = "__inferlane_stack_ready"
+_WARMUP_TOPIC = "__inferlane_stack_warmup"
 KAFKA_HEAP_MB = 512
 """Broker JVM heap: measured ~330 MB resident idle, ~450 MB under the 5k ev/s benchmark."""
 
@@ -134,6 +137,29 @@ JVM_FLAGS = ["-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-XX:InitiatingHeapOccup
               "-XX:+ExplicitGCInvokesConcurrent", "-Djava.awt.headless=true"]
 
 
+JIT_MODES: dict[str, list[str]] = {
+    "quick": ["-XX:TieredStopAtLevel=1"],
+    "peak": [],
+}
+"""How the broker JVM compiles its hot code. ``quick`` (C1 only) is compiled within the first
+few thousand requests and costs no background compilation; ``peak`` (the JVM's default tiered
+C1 + C2) ends up faster but spends its first ~10 s of traffic compiling on the cores the
+pipeline needs. Measured on this 2-core machine (docs/performance.md, "A fresh broker's first
+seconds"): ``make demo`` at 500 ev/s, first 2 s p99 295 ms with ``peak`` and 34 ms with
+``quick`` after :func:`kafka_warm_up`; `bench run --impl a` at 5,000 ev/s p50 7.0 / p99 30.0 ms
+with ``peak`` once compiled, 12.9 / 41.4 ms with ``quick``. Hence ``quick`` for the stack a
+person or a test starts and uses at once, ``peak`` for the benchmarks, which measure sustained
+rates."""
+
+
+def jit_from_env(default: str = "quick") -> str:
+    """The local brokers' JIT mode: ``INFERLANE_STACK_KAFKA_JIT``, else ``default``."""
+    mode = os.environ.get("INFERLANE_STACK_KAFKA_JIT", "") or default
+    if mode not in JIT_MODES:
+        raise StackError(f"INFERLANE_STACK_KAFKA_JIT={mode!r}: choose one of {sorted(JIT_MODES)}")
+    return mode
+
+
 def heap_from_env() -> int:
     """The local brokers' JVM heap: ``INFERLANE_STACK_KAFKA_HEAP_MB``, else the default."""
     raw = os.environ.get("INFERLANE_STACK_KAFKA_HEAP_MB", "")
@@ -200,3 +226,59 @@ def kafka_probe(bootstrap: str, timeout_s: float = 3.0, *, brokers: int = 0,
             return pool.submit(asyncio.run, probe()).result(timeout=timeout_s * 5)
         except (KafkaError, OSError, asyncio.TimeoutError, concurrent.futures.TimeoutError) as exc:
             return f"kafka: {exc!r}"
+
+
+async def _warm_up(bootstrap: str, round_trips: int, deadline: float) -> int:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        with contextlib.suppress(TopicAlreadyExistsError):
+            await admin.create_topics([NewTopic(_WARMUP_TOPIC, 4, 1)])
+    finally:
+        await admin.close()
+    # What the lanes do, a request at a time: idempotent acks=all produce, long-poll fetches in
+    # a consumer group, offset commits.
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
+                                enable_idempotence=True, linger_ms=0)
+    consumer = AIOKafkaConsumer(_WARMUP_TOPIC, bootstrap_servers=bootstrap,
+                                group_id="__inferlane_stack_warmup", auto_offset_reset="earliest",
+                                fetch_max_wait_ms=100, enable_auto_commit=False)
+    await producer.start()
+    await consumer.start()
+    sent = 0
+
+    async def send(worker: int) -> None:
+        nonlocal sent
+        while sent < round_trips and time.monotonic() < deadline:
+            sent += 1
+            await producer.send_and_wait(_WARMUP_TOPIC, b"x" * 200, key=b"%d-%d" % (worker, sent))
+
+    async def consume() -> None:
+        fetched = 0
+        while fetched < round_trips and time.monotonic() < deadline:
+            if batches := await consumer.getmany(timeout_ms=100):
+                fetched += sum(len(records) for records in batches.values())
+                await consumer.commit()
+
+    try:
+        await asyncio.gather(consume(), *(send(w) for w in range(4)))
+    finally:
+        await consumer.stop()
+        await producer.stop()
+    return sent
+
+
+def kafka_warm_up(bootstrap: str, round_trips: int = 1500, timeout_s: float = 20.0) -> str:
+    """Send ``round_trips`` produce requests (4 at a time, each awaited) while a consumer group
+    fetches and commits them (all of them, or what ``timeout_s`` allows), so the broker JVM has compiled its request paths before the
+    pipeline's first event; return "" when done, else the error text. A fresh broker answers
+    its first thousand requests an order of magnitude slower than a warm one (measured with
+    ``make demo``: first 2 s p99 120 ms cold, 34 ms after this, broker in ``quick`` JIT mode)."""
+    deadline = time.monotonic() + timeout_s
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        try:
+            pool.submit(asyncio.run, _warm_up(bootstrap, round_trips, deadline)).result(
+                timeout=timeout_s + 10)
+        except (KafkaError, OSError, asyncio.TimeoutError, concurrent.futures.TimeoutError) as exc:
+            return f"kafka warm-up: {exc!r}"
+    return ""

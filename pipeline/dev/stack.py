@@ -39,19 +39,22 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from pipeline.dev.kafkadist import KafkaDist, PrerequisiteError, find_kafka
 from pipeline.dev.kafkanode import (
+    JIT_MODES,
     JVM_FLAGS,
     KAFKA_HEAP_MB,
     LOG4J2,
     KafkaNode,
     heap_from_env,
+    jit_from_env,
     kafka_probe,
     kafka_uuid,
+    kafka_warm_up,
     server_properties,
 )
 from pipeline.errors import PortInUseError, PrerequisiteMissingError, StackError
 
-__all__ = ["DUMMY_S3_KEY", "LocalStack", "ManagedProcess", "StackEndpoints", "free_port",
-           "s3_probe"]
+__all__ = ["DUMMY_S3_KEY", "LocalStack", "ManagedProcess", "StackEndpoints", "bench_stack",
+           "free_port", "s3_probe"]
 
 DUMMY_S3_KEY = "inferlane-local"
 _HOST = "127.0.0.1"
@@ -204,7 +207,11 @@ class LocalStack:
     ``with LocalStack(root) as endpoints: ...`` starts everything and always stops it.
     ``fresh=True`` wipes the brokers' data first (tests and the demo start from nothing);
     ``brokers=3`` runs a three-node KRaft cluster; ``kafka_config`` adds or overrides broker
-    properties; ``sasl_users`` (name → password) adds a SASL_PLAINTEXT listener on every node.
+    properties; ``sasl_users`` (name → password) adds a SASL_PLAINTEXT listener on every node;
+    ``jit`` is the brokers' JIT mode (:data:`~pipeline.dev.kafkanode.JIT_MODES`; default
+    ``INFERLANE_STACK_KAFKA_JIT`` or ``quick``: the benchmarks pass ``peak``); ``warm_up`` sends
+    a burst of real requests before :meth:`start` returns, so the first events do not meet a
+    cold broker.
     """
 
     def __init__(
@@ -220,6 +227,8 @@ class LocalStack:
         kafka_heap_mb: int | None = None,
         kafka_config: dict[str, str] | None = None,
         sasl_users: dict[str, str] | None = None,
+        jit: str | None = None,
+        warm_up: bool = True,
     ) -> None:
         if brokers < 1:
             raise ValueError("brokers must be at least 1")
@@ -228,6 +237,12 @@ class LocalStack:
         self.ready_timeout_s = ready_timeout_s
         self.broker_count = brokers
         self.kafka_heap_mb = kafka_heap_mb or heap_from_env()
+        if jit is not None and jit not in JIT_MODES:
+            raise ValueError(f"jit must be one of {sorted(JIT_MODES)}, not {jit!r}")
+        self.jit = jit or jit_from_env()
+        self.warm_up = warm_up
+        self.warm_up_s: float | None = None
+        """How long the warm-up took (None before :meth:`start` or without one)."""
         self.kafka_config = dict(kafka_config or {})
         self.sasl_users = dict(sasl_users or {})
         self._fresh = fresh
@@ -326,7 +341,7 @@ class LocalStack:
     def _java_argv(self, *main: str) -> list[str]:
         assert self._dist is not None  # noqa: S101 - set by start()/attach()
         return [self._dist.java, f"-Xms{min(256, self.kafka_heap_mb)}m",
-                f"-Xmx{self.kafka_heap_mb}m", *JVM_FLAGS,
+                f"-Xmx{self.kafka_heap_mb}m", *JVM_FLAGS, *JIT_MODES[self.jit],
                 f"-Dlog4j2.configurationFile={self.data_dir / 'log4j2.properties'}",
                 "-cp", self._dist.classpath, *main]
 
@@ -411,6 +426,11 @@ class LocalStack:
             self._wait_for(f"kafka node {node.node_id}", self.brokers[node.node_id],
                            self._kafka_ready)
         self._wait_for("S3", self.s3, self._s3_ready)
+        if self.warm_up:
+            started = time.monotonic()
+            if error := kafka_warm_up(self.endpoints.kafka_bootstrap):
+                raise StackError(f"{error}; logs under {self.root / 'logs'}")
+            self.warm_up_s = time.monotonic() - started
 
     def _wait_for(self, what: str, proc: ManagedProcess, probe: Callable[[], str]) -> None:
         deadline = time.monotonic() + self.ready_timeout_s
@@ -442,6 +462,7 @@ class LocalStack:
             "endpoints": asdict(self.endpoints),
             "nodes": [{**asdict(n), "home": str(n.home)} for n in self.nodes],
             "kafka_heap_mb": self.kafka_heap_mb,
+            "jit": self.jit,
             "processes": {
                 proc.name: {"pid": proc.pid, "argv": proc.argv, "log": str(proc.log_path)}
                 for proc in (*self.brokers.values(), self.s3) if proc is not None
@@ -459,7 +480,8 @@ class LocalStack:
         endpoints = StackEndpoints(**state["endpoints"])
         nodes = [KafkaNode(**{**n, "home": Path(n["home"])}) for n in state.get("nodes", [])]
         stack = cls(root, bucket=endpoints.s3_bucket, brokers=max(1, len(nodes)),
-                    kafka_heap_mb=int(state.get("kafka_heap_mb", KAFKA_HEAP_MB)))
+                    kafka_heap_mb=int(state.get("kafka_heap_mb", KAFKA_HEAP_MB)),
+                    jit=str(state.get("jit", "quick")))
         stack.nodes = nodes
         stack.s3_port = int(endpoints.s3_endpoint_url.rsplit(":", 1)[1])
         for name, info in state["processes"].items():
@@ -488,6 +510,12 @@ class LocalStack:
                    "alive": bool(self.s3 and self.s3.alive),
                    "error": s3_probe(self.endpoints, create_bucket=False) or None},
         }
+
+
+def bench_stack(root: Path) -> LocalStack:
+    """A fresh stack for a benchmark: its brokers in ``peak`` JIT mode (a benchmark measures
+    sustained rates after its warm-up) unless ``INFERLANE_STACK_KAFKA_JIT`` says otherwise."""
+    return LocalStack(root, fresh=True, jit=jit_from_env(default="peak"))
 
 
 def _cmdline_matches(pid: int, argv: list[str]) -> bool:

@@ -4,6 +4,7 @@ subprocess, clear errors for a taken port, and no process left behind.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from pipeline.dev.kafkanode import kafka_probe
 from pipeline.dev.stack import LocalStack, _pid_alive
@@ -35,6 +37,11 @@ def test_stack_up_status_down_leaves_nothing_behind(tmp_path: Path) -> None:
     pids = [p["pid"] for p in state["processes"].values()]
     try:
         assert all(_pid_alive(pid) for pid in pids)
+        # The default JIT mode of a stack a person starts, and its warm-up: every round trip
+        # was produced and fetched and committed by the warm-up's consumer group.
+        assert "-XX:TieredStopAtLevel=1" in state["processes"]["kafka-1"]["argv"]
+        assert state["jit"] == "quick"
+        assert _warm_up_committed(state["endpoints"]["kafka_bootstrap"]) == 1500
         status = _cli("stack", "status", "--dir", str(root))
         report = json.loads(status.stdout)
         assert report["kafka"]["nodes"]["1"]["alive"] and report["kafka"]["error"] is None
@@ -49,6 +56,24 @@ def test_stack_up_status_down_leaves_nothing_behind(tmp_path: Path) -> None:
         time.sleep(0.05)
     assert not [pid for pid in pids if _pid_alive(pid)], "stack down left processes running"
     assert _cli("stack", "status", "--dir", str(root), check=False).returncode == 1
+
+
+def _warm_up_committed(bootstrap: str) -> int:
+    async def committed() -> int:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            offsets = await admin.list_consumer_group_offsets("__inferlane_stack_warmup")
+        finally:
+            await admin.close()
+        return sum(meta.offset for meta in offsets.values())
+    return asyncio.run(committed())
+
+
+def test_unknown_jit_mode_is_a_clear_error(tmp_path: Path) -> None:
+    done = _cli("stack", "up", "--dir", str(tmp_path), "--jit", "fast", check=False)
+    assert done.returncode == 2 and "choose one of peak, quick" in done.stderr
+    assert not (tmp_path / "stack.json").exists()
 
 
 def test_taken_port_is_a_clear_error(tmp_path: Path) -> None:
