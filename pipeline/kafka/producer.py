@@ -4,6 +4,14 @@ One ``producer.send()`` per result costs a future and a Python round trip per re
 record batches per partition (aiokafka's ``create_batch`` / ``send_batch``) amortises that. The
 partition of a keyed record is the one Kafka's default partitioner picks (murmur2 of the key),
 so co-partitioning with other Kafka clients holds.
+
+Concurrent sends to one partition are **coalesced**: aiokafka takes one batch per partition at
+a time, so records that arrive while a partition's batch waits for its slot join the next batch
+instead of queueing a batch each. Without that, many small concurrent sends (a load generator
+ticking every 2 ms, a lane's micro-batches) queued one tiny batch per partition per round trip
+-- a throughput ceiling near partitions x batch / RTT (~4,000 records/s measured here) -- and
+every waiting send woke at each drain (767,184 ``asyncio.wait`` calls for 100,000 records: the
+generator of ``bench soak`` at 5,000 ev/s took a whole core and fell minutes behind).
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -35,6 +44,7 @@ class BatchSender:
         self._fixed = producer if isinstance(producer, AIOKafkaProducer) else None
         self._partitions: dict[str, list[int]] = {}
         self._ack_seconds = PRODUCE_ACK.labels(lane) if lane is not None else None
+        self._queues: dict[tuple[int, str, int], _PartitionQueue] = {}
 
     async def _partitions_for(self, producer: AIOKafkaProducer, topic: str) -> list[int]:
         partitions = self._partitions.get(topic)
@@ -91,17 +101,55 @@ class BatchSender:
                 else:
                     part = place(key, partitions, partitions)
                 by_partition.setdefault(part, []).append((key, value, ts))
-        acks = []
         started = time.monotonic()
-        for part, items in by_partition.items():
-            acks.extend(await self._send_partition(producer, topic, part, items))
-        acked = asyncio.gather(*acks)
+        acked = asyncio.gather(*(self._queue(producer, topic, part, items)
+                                 for part, items in by_partition.items()))
         if retired is None:
             await acked
         else:
             await ProducerHandle.acked(retired, acked)
         if self._ack_seconds is not None:
             self._ack_seconds.observe(time.monotonic() - started)
+
+    def _queue(self, producer: AIOKafkaProducer, topic: str, partition: int,
+               items: list[tuple[bytes | None, bytes, int]]) -> asyncio.Future[None]:
+        """Add ``items`` to the partition's next batch; the future is settled when the broker
+        acknowledged that batch (all of it), or with the error that stopped it."""
+        key = (id(producer), topic, partition)
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = _PartitionQueue()
+        if queue.done is None:
+            queue.done = asyncio.get_running_loop().create_future()
+        queue.items.extend(items)
+        done = queue.done
+        if queue.task is None:
+            queue.task = asyncio.create_task(self._flush(producer, topic, partition, queue, key))
+        return done
+
+    async def _flush(self, producer: AIOKafkaProducer, topic: str, partition: int,
+                     queue: _PartitionQueue, key: tuple[int, str, int]) -> None:
+        """Hand the partition's waiting records to the producer, a coalesced batch at a time,
+        until none wait; then forget the queue (a later send starts another)."""
+        try:
+            while queue.items and queue.done is not None:
+                items, done = queue.items, queue.done
+                queue.items, queue.done = [], None
+                try:
+                    acks = await self._send_partition(producer, topic, partition, items)
+                except asyncio.CancelledError:
+                    done.cancel()
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the senders of these records get it
+                    _settle(done, exc)
+                    continue
+                asyncio.gather(*acks).add_done_callback(partial(_settle_from, done))
+        finally:
+            queue.task = None
+            if queue.done is not None and not queue.done.done():  # cancelled meanwhile
+                queue.done.cancel()
+            queue.items, queue.done = [], None
+            self._queues.pop(key, None)
 
     @staticmethod
     async def _send_partition(
@@ -121,6 +169,34 @@ class BatchSender:
         batch.close()
         acks.append(await _enqueue(producer, batch, topic, partition))
         return acks
+
+
+class _PartitionQueue:
+    """Records waiting for one partition's slot in one producer, the future their senders
+    await, and the task that hands them over (None when idle)."""
+
+    __slots__ = ("done", "items", "task")
+
+    def __init__(self) -> None:
+        self.items: list[tuple[bytes | None, bytes, int]] = []
+        self.done: asyncio.Future[None] | None = None
+        self.task: asyncio.Task[None] | None = None
+
+
+def _settle(done: asyncio.Future[None], exc: BaseException | None) -> None:
+    if done.done():
+        return
+    if exc is None:
+        done.set_result(None)
+    else:
+        done.set_exception(exc)
+
+
+def _settle_from(done: asyncio.Future[None], acks: asyncio.Future[list[object]]) -> None:
+    if acks.cancelled():
+        done.cancel()
+    else:
+        _settle(done, acks.exception())
 
 
 #: How long a batch may wait for its partition's slot in the producer (one batch in flight per
