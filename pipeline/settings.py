@@ -71,7 +71,12 @@ class Settings(BaseSettings):
     default; librdkafka: ``partitioner=murmur2_random``) or ``crc32`` (librdkafka's default).
     The pipeline's own producers use it; the fraud and history lanes flag records that
     disagree with it (docs/producers.md)."""
-    replication_factor: int = Field(default=1, ge=1)
+    replication_factor: int | None = Field(default=None, ge=1)
+    """Replicas of each topic ``inferlane topics create`` (and a worker's start check) creates;
+    unset: from the cluster's size, ``min(brokers, 3)``."""
+    min_insync_replicas: int | None = Field(default=None, ge=1)
+    """``min.insync.replicas`` of the created topics; unset: 2 with three or more replicas,
+    else 1. With ``acks=all`` a write is acknowledged only once that many replicas have it."""
     session_timeout_ms: int = Field(default=10_000, ge=1000)
     commit_interval_ms: int = Field(default=200, ge=10)
     """How often completed offsets are committed (only offsets whose results are acked)."""

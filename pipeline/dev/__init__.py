@@ -13,8 +13,9 @@ from pipeline import lazy_exports
 __all__, __getattr__ = lazy_exports(__name__, {
     "demo": ["WARMUP_S", "WORKER_LAYOUT", "DemoSummary", "RecoSummary", "render_summary",
         "run_demo"],
-    "kafkanode": ["KAFKA_HEAP_MB", "LOG4J2", "JVM_FLAGS", "KafkaNode", "heap_from_env",
-        "kafka_probe", "kafka_uuid", "server_properties"],
+    "kafkanode": ["JIT_MODES", "JVM_FLAGS", "KAFKA_HEAP_MB", "LOG4J2", "KafkaNode",
+        "heap_from_env", "jit_from_env", "kafka_probe", "kafka_uuid", "kafka_warm_up",
+        "server_properties"],
     "kafkadist": ["KAFKA_VERSION", "MIN_JAVA", "KafkaDist", "PrerequisiteError", "cache_dir",
         "ensure_kafka", "find_kafka", "java_major"],
     "loadgen": ["FRAUD", "RECO", "HistoryTransactionSource", "ProduceReport", "RequestSource",
@@ -23,6 +24,6 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "processes": ["FAUST_READY_MARK", "SERVICE_READY_MARK", "ServiceProcess", "WorkerProcess",
         "faust_worker_argv", "wait_all_ready"],
     "recogen": ["RECO_INVALID_KINDS", "RecoRequestSource", "reco_reason_field"],
-    "stack": ["DUMMY_S3_KEY", "LocalStack", "ManagedProcess", "StackEndpoints", "free_port",
-        "s3_probe"],
+    "stack": ["DUMMY_S3_KEY", "LocalStack", "ManagedProcess", "StackEndpoints", "bench_stack",
+        "free_port", "s3_probe"],
 })

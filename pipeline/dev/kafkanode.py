@@ -270,8 +270,9 @@ async def _warm_up(bootstrap: str, round_trips: int, deadline: float) -> int:
 
 def kafka_warm_up(bootstrap: str, round_trips: int = 1500, timeout_s: float = 20.0) -> str:
     """Send ``round_trips`` produce requests (4 at a time, each awaited) while a consumer group
-    fetches and commits them (all of them, or what ``timeout_s`` allows), so the broker JVM has compiled its request paths before the
-    pipeline's first event; return "" when done, else the error text. A fresh broker answers
+    fetches and commits them (all of them, or what ``timeout_s`` allows), so the broker JVM
+    has compiled its request paths before the pipeline's first event; return "" when done,
+    else the error text. A fresh broker answers
     its first thousand requests an order of magnitude slower than a warm one (measured with
     ``make demo``: first 2 s p99 120 ms cold, 34 ms after this, broker in ``quick`` JIT mode)."""
     deadline = time.monotonic() + timeout_s

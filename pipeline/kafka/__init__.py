@@ -29,6 +29,7 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "process": ["tune_process"],
     "producer": ["BatchSender"],
     "supervisor": ["LaneState", "LaneSupervisor", "lane_states"],
-    "topics": ["TOPICS", "TopicSpec", "archived_topics", "check_partitions", "ensure_topics",
-        "spec", "topic_configs", "topic_specs", "without_leaders"],
+    "topics": ["TOPICS", "Replication", "TopicSpec", "archived_topics", "check_partitions",
+        "ensure_topics", "replication_for", "spec", "topic_configs", "topic_specs",
+        "without_leaders"],
 })

@@ -58,7 +58,9 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
         broker_request_timeout=max(session_timeout_s * 3, 40.0),
         broker_commit_interval=settings.commit_interval_ms / 1000.0,
         topic_partitions=settings.realtime_partitions,
-        topic_replication_factor=settings.replication_factor,
+        # faust creates only its own small internal topics (the pipeline's come from
+        # pipeline/kafka/topics.py, replicated from the cluster's size when unset).
+        topic_replication_factor=settings.replication_factor or 1,
         web_port=settings.web_port,
         web_enabled=settings.web_enabled,
         datadir=str(workdir),

@@ -16,8 +16,9 @@ from pipeline.errors import StartCheckError, TopicError
 from pipeline.kafka.connection import client_kwargs
 from pipeline.settings import Settings
 
-__all__ = ["TOPICS", "TopicSpec", "archived_topics", "check_partitions", "ensure_topics", "spec",
-           "topic_configs", "topic_specs", "without_leaders"]
+__all__ = ["TOPICS", "Replication", "TopicSpec", "archived_topics", "check_partitions",
+           "ensure_topics", "replication_for", "spec", "topic_configs", "topic_specs",
+           "without_leaders"]
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +102,38 @@ def topic_configs(spec: TopicSpec, settings: Settings) -> dict[str, str]:
     return configs
 
 
-def _new_topic(spec: TopicSpec, settings: Settings) -> NewTopic:
+@dataclass(frozen=True)
+class Replication:
+    """How the created topics are replicated: ``factor`` replicas, of which ``min_insync`` must
+    have a write before an ``acks=all`` producer gets its acknowledgement."""
+
+    factor: int
+    min_insync: int
+
+
+def replication_for(settings: Settings, brokers: int) -> Replication:
+    """The replication of new topics on a cluster of ``brokers``: the settings where given,
+    else ``min(brokers, 3)`` replicas and ``min.insync.replicas`` 2 from three replicas on (one
+    broker may fail without stopping writes or losing an acknowledged one), else 1."""
+    factor = settings.replication_factor or max(1, min(brokers, 3))
+    if factor > brokers:
+        raise TopicError(f"INFERLANE_REPLICATION_FACTOR={factor} but the cluster at "
+                         f"{settings.kafka_bootstrap} has {brokers} broker(s)")
+    min_insync = settings.min_insync_replicas or (2 if factor >= 3 else 1)
+    if min_insync > factor:
+        raise TopicError(f"INFERLANE_MIN_INSYNC_REPLICAS={min_insync} is more than the "
+                         f"{factor} replicas of each topic: no acks=all write could succeed")
+    return Replication(factor, min_insync)
+
+
+def _new_topic(spec: TopicSpec, settings: Settings, replication: Replication) -> NewTopic:
+    configs = topic_configs(spec, settings)
+    configs.setdefault("min.insync.replicas", str(replication.min_insync))
     return NewTopic(
         name=settings.topic(spec.name),
         num_partitions=spec.partitions or settings.realtime_partitions,
-        replication_factor=settings.replication_factor,
-        topic_configs=topic_configs(spec, settings),
+        replication_factor=replication.factor,
+        topic_configs=configs,
     )
 
 
@@ -120,12 +147,17 @@ async def ensure_topics(
     :class:`~pipeline.errors.StartCheckError` when a keyed topic has the wrong partition count.
     """
     specs = list(specs if specs is not None else TOPICS)
-    wanted = [_new_topic(spec, settings) for spec in specs]
     admin = AIOKafkaAdminClient(**client_kwargs(settings), request_timeout_ms=int(timeout_s * 1000))
     try:
         await asyncio.wait_for(admin.start(), timeout_s)
         existing = set(await admin.list_topics())
-        missing = [topic for topic in wanted if topic.name not in existing]
+        missing_specs = [spec for spec in specs if settings.topic(spec.name) not in existing]
+        if not missing_specs:
+            missing: list[NewTopic] = []
+        else:
+            cluster = await admin.describe_cluster()
+            replication = replication_for(settings, len(cluster.get("brokers", [])) or 1)
+            missing = [_new_topic(spec, settings, replication) for spec in missing_specs]
         if missing:
             await _create(admin, missing)
             await _wait_for_leaders(admin, [t.name for t in missing], timeout_s)

@@ -32,7 +32,7 @@ def test_defaults() -> None:
     assert s.app_id == "inferlane"
     assert s.worker_id == f"{socket.gethostname()}-0"
     assert s.realtime_partitions == 4
-    assert s.replication_factor == 1
+    assert s.replication_factor is None and s.min_insync_replicas is None  # from the cluster
     assert s.session_timeout_ms == 10_000
     assert s.commit_interval_ms == 200
     assert s.commit_on_revoke is True

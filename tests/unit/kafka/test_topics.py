@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from agents.archive import ArchiveHandler
-from pipeline.kafka.topics import TOPICS, archived_topics, topic_specs
+from pipeline.errors import TopicError
+from pipeline.kafka.topics import TOPICS, Replication, archived_topics, replication_for, topic_specs
 from pipeline.settings import KNOWN_LANES, load_settings
 
 
@@ -35,3 +38,20 @@ def test_dead_letter_topics_have_one_partition_and_results_are_realtime() -> Non
             assert spec.partitions == 1, spec
         if spec.results:
             assert spec.realtime and spec.partitions is None, spec
+
+
+def test_replication_follows_the_cluster_unless_set() -> None:
+    auto = load_settings()
+    assert replication_for(auto, 1) == Replication(1, 1)
+    assert replication_for(auto, 2) == Replication(2, 1)
+    assert replication_for(auto, 3) == Replication(3, 2)  # one broker may fail
+    assert replication_for(auto, 6) == Replication(3, 2)
+    assert replication_for(load_settings(replication_factor=2), 3) == Replication(2, 1)
+    assert replication_for(load_settings(min_insync_replicas=3), 5) == Replication(3, 3)
+
+
+def test_impossible_replication_is_a_clear_error() -> None:
+    with pytest.raises(TopicError, match=r"INFERLANE_REPLICATION_FACTOR=3 .* has 1 broker"):
+        replication_for(load_settings(replication_factor=3), 1)
+    with pytest.raises(TopicError, match=r"INFERLANE_MIN_INSYNC_REPLICAS=3 is more than the 2"):
+        replication_for(load_settings(min_insync_replicas=3), 2)
