@@ -115,8 +115,33 @@ def stack_status(root: StackDir = _DEFAULT_STACK_DIR) -> None:
     kafka, s3 = status["kafka"], status["s3"]
     assert isinstance(kafka, dict) and isinstance(s3, dict)  # noqa: S101 - shape of status()
     healthy = (not kafka["error"] and all(n["alive"] for n in kafka["nodes"].values())
-               and s3["alive"] and not s3["error"])
+               and kafka["under_replicated"] == [] and s3["alive"] and not s3["error"])
     raise typer.Exit(0 if healthy else 1)
+
+
+_NODE_ACTIONS = ("stop", "kill", "start")
+
+
+@stack_app.command("node")
+def stack_node(
+    action: Annotated[str, typer.Argument(
+        help="stop (SIGTERM: controlled shutdown), kill (SIGKILL: a crash) or start (again, on "
+             "its data and ports; waits until the cluster answers).")],
+    node_id: Annotated[int, typer.Argument(help="Node id, 1..N (see `stack status`).")],
+    root: StackDir = _DEFAULT_STACK_DIR,
+) -> None:
+    """Stop, kill or start one Kafka node of a running stack, e.g. to try failover."""
+    from pipeline.dev.stack import LocalStack
+
+    if action not in _NODE_ACTIONS:
+        raise typer.BadParameter(f"choose one of {', '.join(_NODE_ACTIONS)}", param_hint="ACTION")
+    stack = LocalStack.attach(root)
+    if stack is None:
+        raise InferlaneError(f"no stack runs from {root}: `inferlane stack up` first")
+    {"stop": stack.stop_broker, "kill": stack.kill_broker, "start": stack.start_broker}[action](
+        node_id)
+    console.print(f"node {node_id}: {action} done; controller leader: "
+                  f"{stack.controller_leader()}")
 
 
 @topics_app.command("create")

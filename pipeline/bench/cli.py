@@ -78,14 +78,15 @@ def _results_folder(out: Path | None, kind: str = "") -> Path:
 
 def _config(impl: str, rates: str | None, duration: float | None, drain_events: int | None,
             out: Path | None, poisson: bool, quick: bool, warmup: float,
-            result_timeout: float, seed: int, drain_workers: int = 1) -> BenchConfig:
+            result_timeout: float, seed: int, drain_workers: int = 1, workers: int = 1,
+            brokers: int = 1) -> BenchConfig:
     preset = _QUICK if quick else _FULL
     impls = _impls(impl)
-    if drain_workers > 1 and any(IMPLS[key].yardstick for key in impls):
-        raise typer.BadParameter("--drain-workers > 1 runs inferlane's own workers: --impl a "
-                                 "or r only")
+    if max(drain_workers, workers) > 1 and any(IMPLS[key].yardstick for key in impls):
+        raise typer.BadParameter("--drain-workers / --workers > 1 run inferlane's own workers: "
+                                 "--impl a or r only")
     return BenchConfig(
-        drain_workers=drain_workers,
+        drain_workers=drain_workers, workers=workers, brokers=brokers,
         impls=impls,
         rates=_rates(rates) if rates is not None else preset.rates,
         duration_s=duration if duration is not None else preset.duration_s,
@@ -149,10 +150,16 @@ def run(
     drain_workers: Annotated[int, typer.Option(
         help="Worker processes draining the backlog together (one consumer group).",
         min=1, max=8)] = 1,
+    workers: Annotated[int, typer.Option(
+        help="Worker processes of the lane in the rate scenarios (one consumer group; more "
+             "than the topic's 4 partitions would sit idle).", min=1, max=8)] = 1,
+    brokers: Annotated[int, typer.Option(
+        help="Kafka nodes of the local stack (3 = replication factor 3, min.insync 2).",
+        min=1, max=5)] = 1,
 ) -> None:
     """Run the scenarios on a fresh local stack and write the results folder."""
     config = _config(impl, rates, duration, drain_events, out, poisson, quick, warmup,
-                     result_timeout, seed, drain_workers)
+                     result_timeout, seed, drain_workers, workers, brokers)
     raise typer.Exit(_run(config))
 
 
@@ -252,6 +259,41 @@ def service(
     console.print(render_service(results))
     console.print(f"wrote {folder / 'results.json'}, {folder / 'latency.png'}")
     failed = sum(r.errors + r.sent - r.answered for r in results)
+    raise typer.Exit(1 if failed else 0)
+
+
+@bench_app.command("failover")
+def failover(
+    scenarios: Annotated[str, typer.Option(
+        help="Comma-separated: leader (SIGKILL the node leading fraud.requests and "
+             "fraud.scores partitions), rolling (restart every node in turn), controller "
+             "(SIGKILL the KRaft controller leader).")] = "leader,rolling,controller",
+    rate: Annotated[float, typer.Option(help="Transactions per second.", min=1)] = 2000,
+    before: Annotated[float, typer.Option(help="Seconds of traffic before.", min=3)] = 10.0,
+    down: Annotated[float, typer.Option(help="Seconds a killed node stays down.", min=0)] = 5.0,
+    after: Annotated[float, typer.Option(help="Seconds of traffic after.", min=1)] = 10.0,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic transactions.")] = 7,
+    out: Annotated[Path | None, typer.Option(
+        help="Results folder (default bench-results/failover-<UTC timestamp>).")] = None,
+) -> None:
+    """Brokers of a three-node cluster fail under fraud traffic: lost events, history, the
+    time until results flow again, p99 before / during / after."""
+    from pipeline.bench.failover import SCENARIOS, FailoverConfig, run_failover
+    from pipeline.bench.failover import render as render_failover
+
+    chosen = tuple(s.strip() for s in scenarios.split(",") if s.strip())
+    if not chosen or set(chosen) - set(SCENARIOS):
+        raise typer.BadParameter(f"choose from {', '.join(SCENARIOS)}",
+                                 param_hint="--scenarios")
+    signal.signal(signal.SIGTERM, _interrupt)
+    folder = _results_folder(out, "failover")
+    results = run_failover(folder, scenarios=chosen, console=console, config=FailoverConfig(
+        rate=rate, before_s=before, down_s=down, after_s=after, seed=seed))
+    console.print(render_failover(results))
+    console.print(f"wrote {folder / 'results.json'}")
+    failed = [r.scenario for r in results if not r.ok]
+    if failed:
+        console.print(f"[red]events or history updates lost in: {', '.join(failed)}[/]")
     raise typer.Exit(1 if failed else 0)
 
 

@@ -41,6 +41,10 @@ class BenchConfig:
     quick: bool
     drain_workers: int = 1
     """Worker processes of the SUT (one consumer group, own static member ids) in the drain."""
+    workers: int = 1
+    """Worker processes of the SUT in the rate scenarios (the same group, sharing partitions)."""
+    brokers: int = 1
+    """Kafka nodes of the local stack (3: replication factor 3, min.insync.replicas 2)."""
     reco_k: int = 10
     """Reco lane scenarios: ``k`` of every request."""
     reco_candidate_fraction: float = 0.2
@@ -219,7 +223,10 @@ def to_json(run: BenchRun) -> bytes:
 
 def rich_table(run: BenchRun) -> Table:
     """The main table for the terminal."""
-    table = Table(title=f"inferlane bench ({run.started_at})")
+    cfg = run.config
+    layout = "".join([f", {cfg.workers} workers" if cfg.workers > 1 else "",
+                      f", {cfg.brokers} brokers" if cfg.brokers > 1 else ""])
+    table = Table(title=f"inferlane bench ({run.started_at}{layout})")
     for i, column in enumerate(_MAIN_COLUMNS):
         table.add_column(column, justify="left" if i < 2 else "right")
     for result in run.results:

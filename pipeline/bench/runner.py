@@ -87,7 +87,7 @@ def new_run(config: BenchConfig) -> BenchRun:
 def run_bench(run: BenchRun, console: Console) -> BenchRun:
     """Run every requested implementation and scenario, filling ``run`` as results come."""
     config = run.config
-    stack = bench_stack(config.out / "stack")
+    stack = bench_stack(config.out / "stack", brokers=config.brokers)
     console.print(f"[bold]inferlane bench[/] -> {config.out}")
     try:
         # The readiness probe's refused connections are expected; aiokafka would print them.
@@ -98,8 +98,8 @@ def run_bench(run: BenchRun, console: Console) -> BenchRun:
             endpoints = stack.start()
         finally:
             kafka_log.setLevel(level)
-        console.print(f"  local stack: broker {endpoints.kafka_bootstrap} (JIT {stack.jit}, "
-                      f"warmed up in {stack.warm_up_s or 0:.1f}s)")
+        console.print(f"  local stack: {config.brokers} broker(s) {endpoints.kafka_bootstrap} "
+                      f"(JIT {stack.jit}, warmed up in {stack.warm_up_s or 0:.1f}s)")
         tag = datetime.now(timezone.utc).strftime("%H%M%S")
         foreign = ForeignCpuSampler(os.getpid())
         foreign.start()
@@ -213,23 +213,39 @@ def _idle_cpu(sampler: CpuSampler, seconds: float) -> float | None:
 
 def _rates_phase(ctx: _Ctx, impl: str) -> None:
     env, settings = _phase_env(ctx, impl, "rates")
-    sut, info = _start_sut(ctx, impl, "rates", env)
+    sut, info = _start_sut(ctx, impl, "rates", env, workers=ctx.config.workers)
     try:
-        sampler = _launch(ctx, sut, info)
+        samplers = _launch_all(ctx, sut, info)
         try:
-            info.idle_cpu_cores = _idle_cpu(sampler, _IDLE_S)
+            info.idle_cpu_cores = _idle_cpu(samplers[0], _IDLE_S)
             for index, target in enumerate(ctx.config.rates):
                 start = time.time()
-                _record(ctx, _rate_scenario(ctx, impl, env, settings, sampler, target,
+                _record(ctx, _rate_scenario(ctx, impl, env, settings, samplers, target,
                                             seed=ctx.config.seed + index), start)
         finally:
-            sampler.stop()
+            for sampler in samplers:
+                sampler.stop()
     finally:
         _stop_sut(sut, info)
 
 
+def _launch_all(ctx: _Ctx, sut: SutProcess, info: PhaseInfo) -> list[CpuSampler]:
+    """Start the SUT with its peers; a CPU sampler for each worker of the lane."""
+    samplers = [_launch(ctx, sut, info)]
+    samplers += [CpuSampler(peer.pid, interval_s=0.02).start()
+                 for peer in sut.peers if peer.pid is not None]
+    return samplers
+
+
+def _cpu_between(samplers: list[CpuSampler], start: float | None,
+                 end: float | None) -> float | None:
+    """CPU seconds of every sampled worker between two instants; None if one is unknown."""
+    spent = [sampler.between(start, end) for sampler in samplers]
+    return None if None in spent else sum(s or 0.0 for s in spent)
+
+
 def _rate_scenario(ctx: _Ctx, impl: str, env: dict[str, str], settings: Settings,
-                   sampler: CpuSampler, target: float, *, seed: int) -> ScenarioResult:
+                   samplers: list[CpuSampler], target: float, *, seed: int) -> ScenarioResult:
     cfg = ctx.config
     arrivals = (Arrivals.poisson(target, cfg.duration_s, seed) if cfg.poisson
                 else Arrivals.constant(target, cfg.duration_s))
@@ -246,7 +262,7 @@ def _rate_scenario(ctx: _Ctx, impl: str, env: dict[str, str], settings: Settings
     matched = match_results(sent.ids, output.rows)
     result = rate_result(impl, target_rate=target, sent=len(sent.ids), started_at=sent.started_at,
                          last_sent=sent.last_at, matched=matched,
-                         cpu_s=sampler.between(sent.started_at, matched.last_received),
+                         cpu_s=_cpu_between(samplers, sent.started_at, matched.last_received),
                          warmup_s=cfg.warmup_s)
     result.extra.update(arrivals="poisson" if cfg.poisson else "constant",
                         generator_max_lag_ms=sent.max_lag_ms,
@@ -284,9 +300,7 @@ def _drain_phase(ctx: _Ctx, impl: str) -> None:
         reader.request(sent.ids, timeout_s)
         sut, info = _start_sut(ctx, impl, "drain", env, workers=cfg.drain_workers)
         try:
-            samplers = [_launch(ctx, sut, info)]
-            samplers += [CpuSampler(peer.pid, interval_s=0.02).start()
-                         for peer in sut.peers if peer.pid is not None]
+            samplers = _launch_all(ctx, sut, info)
             try:
                 output = reader.collect(timeout_s + 30)
             finally:
@@ -298,9 +312,8 @@ def _drain_phase(ctx: _Ctx, impl: str) -> None:
         reader.close()
     assert sut.ready_at is not None  # noqa: S101 - _launch returned
     matched = match_results(sent.ids, output.rows)
-    spent = [sampler.between(sut.ready_at, matched.last_received) for sampler in samplers]
     result = drain_result(impl, sent=len(sent.ids), ready_at=sut.ready_at, matched=matched,
-                          cpu_s=None if None in spent else sum(s or 0.0 for s in spent))
+                          cpu_s=_cpu_between(samplers, sut.ready_at, matched.last_received))
     result.extra.update(loadavg_before=list(loadavg), unexpected_results=matched.unexpected,
                         unparsed_results=output.unparsed, workers=cfg.drain_workers)
     _record(ctx, result, sut.ready_at)

@@ -11,13 +11,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import json
+import logging
 import os
 import socket
 import time
 import uuid
 from base64 import urlsafe_b64encode
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -26,10 +30,13 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from pipeline.errors import StackError
 from pipeline.kafka.topics import without_leaders
 
-__all__ = ["JIT_MODES", "JVM_FLAGS", "KAFKA_HEAP_MB", "LOG4J2", "KafkaNode", "heap_from_env",
-           "jit_from_env", "kafka_probe", "kafka_uuid", "kafka_warm_up", "server_properties"]
+__all__ = ["JIT_MODES", "JVM_FLAGS", "KAFKA_HEAP_MB", "LOG4J2", "KafkaNode", "QuorumState",
+           "heap_from_env", "jit_from_env", "kafka_probe", "kafka_uuid", "kafka_warm_up",
+           "partition_leaders", "quorum_state", "run_admin", "server_properties",
+           "under_replicated"]
 
 _HOST = "127.0.0.1"
+_T = TypeVar("_T")
 _READY_TOPIC = "__inferlane_stack_ready"
 _WARMUP_TOPIC = "__inferlane_stack_warmup"
 KAFKA_HEAP_MB = 512
@@ -58,6 +65,29 @@ class KafkaNode:
     @property
     def properties_path(self) -> Path:
         return self.home / "server.properties"
+
+
+@dataclass(frozen=True)
+class QuorumState:
+    """What one KRaft node last recorded about the controller quorum (its ``quorum-state``)."""
+
+    node_id: int
+    leader_id: int
+    """The controller leader this node follows (-1: none known, an election is running)."""
+    epoch: int
+
+
+def quorum_state(node: KafkaNode) -> QuorumState | None:
+    """The node's ``__cluster_metadata-0/quorum-state`` file, which KRaft rewrites at every
+    election and leader change; None before the node first wrote it. (Kafka's own answer is
+    the DescribeQuorum API, which aiokafka does not implement; the stack owns the files.)"""
+    path = node.data_dir / "__cluster_metadata-0" / "quorum-state"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return QuorumState(node.node_id, int(data.get("leaderId", -1)),
+                       int(data.get("leaderEpoch", -1)))
 
 
 def server_properties(node: KafkaNode, nodes: list[KafkaNode], *,
@@ -276,10 +306,57 @@ def kafka_warm_up(bootstrap: str, round_trips: int = 1500, timeout_s: float = 20
     its first thousand requests an order of magnitude slower than a warm one (measured with
     ``make demo``: first 2 s p99 120 ms cold, 34 ms after this, broker in ``quick`` JIT mode)."""
     deadline = time.monotonic() + timeout_s
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        try:
+    # A new group's coordinator is loading at first: aiokafka logs each retry as an error,
+    # which is expected here and would only alarm the user's terminal.
+    kafka_log = logging.getLogger("aiokafka")
+    level = kafka_log.level
+    kafka_log.setLevel(logging.CRITICAL)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
             pool.submit(asyncio.run, _warm_up(bootstrap, round_trips, deadline)).result(
                 timeout=timeout_s + 10)
-        except (KafkaError, OSError, asyncio.TimeoutError, concurrent.futures.TimeoutError) as exc:
-            return f"kafka warm-up: {exc!r}"
+    except (KafkaError, OSError, asyncio.TimeoutError, concurrent.futures.TimeoutError) as exc:
+        return f"kafka warm-up: {exc!r}"
+    finally:
+        kafka_log.setLevel(level)
     return ""
+
+
+async def partition_leaders(admin: AIOKafkaAdminClient,
+                            topics: list[str]) -> dict[str, dict[int, int]]:
+    """topic -> partition -> leader node id (-1 while none) for ``topics``."""
+    out: dict[str, dict[int, int]] = {}
+    for topic in await admin.describe_topics(topics):
+        out[topic["topic"]] = {p["partition"]: p.get("leader", -1)
+                               for p in topic.get("partitions") or []}
+    return out
+
+
+async def under_replicated(admin: AIOKafkaAdminClient) -> list[str]:
+    """``topic/partition`` of every partition whose in-sync replicas are fewer than its
+    replicas (or that has no leader), over all topics of the cluster."""
+    names = sorted(await admin.list_topics())
+    found = []
+    for topic in await admin.describe_topics(names) if names else []:
+        for part in topic.get("partitions") or []:
+            if part.get("leader", -1) < 0 or len(part.get("isr") or []) < len(
+                    part.get("replicas") or []):
+                found.append(f"{topic['topic']}/{part['partition']}")
+    return sorted(found)
+
+
+def run_admin(bootstrap: str, call: Callable[[AIOKafkaAdminClient], Awaitable[_T]], *,
+              timeout_s: float = 10.0) -> _T:
+    """``await call(admin)`` with an admin client of ``bootstrap``, from synchronous code (in a
+    thread with its own event loop: the caller may or may not be inside a running loop)."""
+    async def run() -> _T:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap,
+                                    request_timeout_ms=int(timeout_s * 1000))
+        await asyncio.wait_for(admin.start(), timeout_s)
+        try:
+            return await asyncio.wait_for(call(admin), timeout_s)
+        finally:
+            await admin.close()
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, run()).result(timeout=timeout_s * 3)

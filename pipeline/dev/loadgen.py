@@ -256,6 +256,8 @@ class ResultReader:
         self.id_field = id_field
         self.start_offsets = start
         self.results: dict[str, dict[str, Any]] = {}
+        self.received_at: dict[str, float] = {}
+        """When each result was read (wall clock, per fetch)."""
         self.latencies_ms: list[float] = []
         self.duplicates = 0
         self.records = 0
@@ -304,6 +306,7 @@ class ResultReader:
             self.duplicates += 1
             return
         self.results[event_id] = value
+        self.received_at[event_id] = now
         sent_at = value.get("sent_at")
         if isinstance(sent_at, (int, float)):
             self.latencies_ms.append((now - sent_at) * 1000.0)

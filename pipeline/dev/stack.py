@@ -49,7 +49,10 @@ from pipeline.dev.kafkanode import (
     kafka_probe,
     kafka_uuid,
     kafka_warm_up,
+    quorum_state,
+    run_admin,
     server_properties,
+    under_replicated,
 )
 from pipeline.errors import PortInUseError, PrerequisiteMissingError, StackError
 
@@ -396,9 +399,50 @@ class LocalStack:
         old = self.brokers.get(node_id)
         if old is not None and old.alive:
             raise StackError(f"Kafka node {node_id} is running")
+        if self._dist is None:  # a stack attached from its state file
+            try:
+                self._dist = find_kafka()
+            except PrerequisiteError as exc:
+                raise PrerequisiteMissingError(str(exc)) from exc
         proc = self._start_node(node)
         self._wait_for(f"kafka node {node_id}", proc, self._kafka_ready)
         self._save_state()
+
+    def node_alive(self, node_id: int) -> bool:
+        proc = self.brokers.get(self._node(node_id).node_id)
+        return proc is not None and proc.alive
+
+    def controller_leader(self) -> int | None:
+        """The KRaft controller leader as the running nodes last recorded it (the newest
+        epoch among them); None while they know of no live leader (an election is running)."""
+        states = [st for n in self.nodes if self.node_alive(n.node_id)
+                  and (st := quorum_state(n)) is not None]
+        if not states:
+            return None
+        newest = max(states, key=lambda st: st.epoch)
+        alive = newest.leader_id >= 0 and any(
+            n.node_id == newest.leader_id and self.node_alive(n.node_id) for n in self.nodes)
+        return newest.leader_id if alive else None
+
+    def under_replicated(self) -> list[str]:
+        """``topic/partition`` of every partition with fewer in-sync replicas than replicas."""
+        return run_admin(self.endpoints.kafka_bootstrap, under_replicated)
+
+    def wait_in_sync(self, timeout_s: float = 120.0) -> float:
+        """Wait until no partition is under-replicated; return the seconds it took. Raises
+        :class:`StackError` naming the partitions still behind after ``timeout_s``."""
+        started = time.monotonic()
+        behind: list[str] = []
+        while time.monotonic() - started < timeout_s:
+            try:
+                behind = self.under_replicated()
+            except Exception as exc:  # noqa: BLE001 - a node still starting: ask again
+                behind = [f"({exc!r})"]
+            if not behind:
+                return time.monotonic() - started
+            time.sleep(0.25)
+        raise StackError(f"partitions still under-replicated after {timeout_s:.0f}s: "
+                         f"{behind[:10]}")
 
     def stop(self) -> None:
         """Stop what this object started (idempotent) and forget the saved state."""
@@ -496,26 +540,38 @@ class LocalStack:
         return stack
 
     def status(self) -> dict[str, object]:
-        """Liveness and reachability of each service, for ``inferlane stack status``."""
-        bootstrap = self.endpoints.kafka_bootstrap
+        """Liveness and reachability of each service, the controller leader and the
+        under-replicated partitions, for ``inferlane stack status``."""
+        bootstrap = ",".join(n.bootstrap for n in self.nodes if self.node_alive(n.node_id))
+        error = kafka_probe(bootstrap or self.endpoints.kafka_bootstrap,
+                            brokers=len(self.nodes)) or None
+        behind: list[str] | None = None
+        behind_error = None
+        if bootstrap:
+            try:
+                behind = run_admin(bootstrap, under_replicated, timeout_s=10.0)
+            except Exception as exc:  # noqa: BLE001 - reported in the status, not raised
+                behind_error = repr(exc)
         return {
             "endpoints": asdict(self.endpoints),
             "kafka": {
                 "nodes": {str(n.node_id): {
                     "pid": self.brokers[n.node_id].pid if n.node_id in self.brokers else None,
-                    "alive": bool(n.node_id in self.brokers and self.brokers[n.node_id].alive),
+                    "alive": self.node_alive(n.node_id),
                     "bootstrap": n.bootstrap} for n in self.nodes},
-                "error": kafka_probe(bootstrap, brokers=len(self.nodes)) or None},
+                "controller_leader": self.controller_leader(),
+                "under_replicated": behind,
+                "error": error or behind_error},
             "s3": {"pid": self.s3.pid if self.s3 else None,
                    "alive": bool(self.s3 and self.s3.alive),
                    "error": s3_probe(self.endpoints, create_bucket=False) or None},
         }
 
 
-def bench_stack(root: Path) -> LocalStack:
+def bench_stack(root: Path, *, brokers: int = 1) -> LocalStack:
     """A fresh stack for a benchmark: its brokers in ``peak`` JIT mode (a benchmark measures
     sustained rates after its warm-up) unless ``INFERLANE_STACK_KAFKA_JIT`` says otherwise."""
-    return LocalStack(root, fresh=True, jit=jit_from_env(default="peak"))
+    return LocalStack(root, fresh=True, brokers=brokers, jit=jit_from_env(default="peak"))
 
 
 def _cmdline_matches(pid: int, argv: list[str]) -> bool:
