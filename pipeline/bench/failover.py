@@ -182,7 +182,7 @@ async def _drive(stack: LocalStack, settings: Settings, script: Script, scenario
         except Exception as exc:  # noqa: BLE001 - reported: some event was never acknowledged
             send_error = repr(exc)
         missing = await reader.wait_for(set(report.valid_ids), config.result_timeout_s)
-    partitions = len(await _partitions(settings, scores_topic))
+    partitions = len(reader.start_offsets)  # every partition of fraud.scores, read from
     for disruption in disruptions:
         disruption.recovery_s = _recovery_s(reader, disruption, partitions, settings)
     cards, lost = await _history_check(settings, reader, report.valid_ids,
@@ -202,7 +202,7 @@ async def _leader(stack: LocalStack, settings: Settings,
     req, res = led[node]
     disruption = Disruption(f"SIGKILL node {node}", time.time(),
                             partitions=sorted(req | res),
-                            detail=f"led {_REQUESTS} {sorted(req)}, {_SCORES} {sorted(res)}")
+                            detail=_led(req, res))
     await asyncio.to_thread(stack.kill_broker, node)
     await asyncio.sleep(config.down_s)
     await asyncio.to_thread(stack.start_broker, node)
@@ -218,7 +218,7 @@ async def _rolling(stack: LocalStack, settings: Settings,
         req, res = (await _led_by_node(settings)).get(node, (set(), set()))
         disruption = Disruption(f"restart node {node}", time.time(),
                                 partitions=sorted(req | res),
-                                detail=f"led {_REQUESTS} {sorted(req)}, {_SCORES} {sorted(res)}")
+                                detail=_led(req, res))
         await asyncio.to_thread(stack.stop_broker, node)
         await asyncio.to_thread(stack.start_broker, node)
         await asyncio.to_thread(stack.wait_in_sync)
@@ -258,6 +258,10 @@ _SCRIPTS: dict[str, Script] = {"leader": _leader, "rolling": _rolling,
 
 
 # --- measuring ------------------------------------------------------------------------------
+def _led(requests: set[int], scores: set[int]) -> str:
+    return f"led {_REQUESTS} {sorted(requests)}, {_SCORES} {sorted(scores)}"
+
+
 async def _led_by_node(settings: Settings) -> dict[int, tuple[set[int], set[int]]]:
     """node -> (partitions of fraud.requests it leads, partitions of fraud.scores it leads)."""
     admin = AIOKafkaAdminClient(**client_kwargs(settings))
@@ -274,15 +278,6 @@ async def _led_by_node(settings: Settings) -> dict[int, tuple[set[int], set[int]
             if node in led:
                 led[node][index].add(part)
     return led
-
-
-async def _partitions(settings: Settings, topic: str) -> set[int]:
-    consumer = AIOKafkaConsumer(**client_kwargs(settings, client_id="inferlane-failover"))
-    await consumer.start()
-    try:
-        return await topic_partitions(consumer, topic)
-    finally:
-        await consumer.stop()
 
 
 def _recovery_s(reader: ResultReader, disruption: Disruption, partitions: int,
