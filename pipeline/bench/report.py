@@ -132,6 +132,19 @@ def _drain_rows(results: list[ScenarioResult]) -> list[list[str]]:
     return rows
 
 
+def _broker_rows(results: list[ScenarioResult]) -> list[list[str]]:
+    rows = []
+    for r in results:
+        if "broker_cpu_s" not in r.extra:
+            continue
+        worker = r.cpu_per_1k
+        brokers = r.extra.get("broker_cpu_per_1k")
+        ratio = None if not worker or brokers is None else brokers / worker
+        rows.append([r.impl, r.scenario, _num(r.cpu_per_1k, 3), _num(brokers, 3),
+                     _num(ratio, 1), _num(r.extra.get("broker_cores"), 2)])
+    return rows
+
+
 def _phase_rows(phases: list[PhaseInfo]) -> list[list[str]]:
     rows = []
     for p in phases:
@@ -197,6 +210,11 @@ def render_markdown(run: BenchRun) -> str:
         lines += ["", "## Backlog drain", ""]
         lines += _md_table(("impl", "events", "ready → first result s", "ready → last result s",
                             "drain ev/s", "CPU-s", "CPU-s / 1k ev"), drains)
+    brokers = _broker_rows(run.results)
+    if brokers:
+        lines += ["", "## Worker and broker CPU (all nodes of the stack summed)", ""]
+        lines += _md_table(("impl", "scenario", "workers CPU-s / 1k ev", "brokers CPU-s / 1k ev",
+                            "brokers / workers", "brokers cores"), brokers)
     lines += ["", "## Output batch sizes (results per scoring call)", ""]
     lines += _md_table(("impl", "scenario", "batches", "mean", "p50", "p90", "max",
                         "histogram (bucket: batches)"), _batch_rows(run.results))

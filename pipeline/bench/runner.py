@@ -71,6 +71,8 @@ class _Ctx:
     foreign: ForeignCpuSampler
     """CPU of processes that are not part of this run, and steal (a shared machine distorts
     the tails)."""
+    brokers: list[CpuSampler]
+    """One per Kafka node of the stack: the broker side of each scenario's cost."""
 
 
 def _utc_now() -> str:
@@ -103,7 +105,9 @@ def run_bench(run: BenchRun, console: Console) -> BenchRun:
         tag = datetime.now(timezone.utc).strftime("%H%M%S")
         foreign = ForeignCpuSampler(os.getpid())
         foreign.start()
-        ctx = _Ctx(config, endpoints.env(), tag, console, run, foreign)
+        brokers = [CpuSampler(proc.pid, interval_s=0.1).start()
+                   for proc in stack.brokers.values() if proc.pid is not None]
+        ctx = _Ctx(config, endpoints.env(), tag, console, run, foreign, brokers)
         try:
             for impl in config.impls:
                 if config.rates:
@@ -112,6 +116,8 @@ def run_bench(run: BenchRun, console: Console) -> BenchRun:
                     _guarded(ctx, impl, "drain", partial(_drain_phase, ctx, impl))
         finally:
             ctx.foreign.stop()
+            for sampler in ctx.brokers:
+                sampler.stop()
     finally:
         stack.stop()
         shutil.rmtree(stack.data_dir, ignore_errors=True)
@@ -196,8 +202,11 @@ def _record(ctx: _Ctx, result: ScenarioResult, start: float | None) -> None:
                 f"{cores:.2f} cores meanwhile; its figures may be distorted")
     ctx.run.results.append(result)
     cells = main_row(result)
+    brokers = result.extra.get("broker_cpu_per_1k")
+    broker_part = "" if brokers is None else (
+        f" (brokers {brokers:.3f}, {result.extra['broker_cores']:.2f} cores)")
     ctx.console.print(f"    {cells[1]}: offered {cells[2]} achieved {cells[3]} ev/s, "
-                      f"p50 {cells[4]} p99 {cells[6]} ms, CPU-s/1k {cells[8]}, "
+                      f"p50 {cells[4]} p99 {cells[6]} ms, CPU-s/1k {cells[8]}{broker_part}, "
                       f"missing {cells[9]}")
 
 
@@ -264,6 +273,7 @@ def _rate_scenario(ctx: _Ctx, impl: str, env: dict[str, str], settings: Settings
                          last_sent=sent.last_at, matched=matched,
                          cpu_s=_cpu_between(samplers, sent.started_at, matched.last_received),
                          warmup_s=cfg.warmup_s)
+    _broker_cpu(ctx, result, sent.started_at, matched.last_received)
     result.extra.update(arrivals="poisson" if cfg.poisson else "constant",
                         generator_max_lag_ms=sent.max_lag_ms,
                         generator_max_lag_at_s=sent.max_lag_at_s, loadavg_before=list(loadavg),
@@ -271,6 +281,21 @@ def _rate_scenario(ctx: _Ctx, impl: str, env: dict[str, str], settings: Settings
                         unexpected_results=matched.unexpected, unparsed_results=output.unparsed)
     _lag_note(ctx, result, sent)
     return result
+
+
+def _broker_cpu(ctx: _Ctx, result: ScenarioResult, start: float | None,
+                end: float | None) -> None:
+    """The brokers' CPU over the scenario's window (all nodes summed), per 1k events and as
+    cores: on one machine they share the cores with the workers, on a cluster they do not."""
+    for sampler in ctx.brokers:
+        sampler.sample()
+    spent = _cpu_between(ctx.brokers, start, end)
+    if spent is None or not ctx.brokers or start is None or end is None or end <= start:
+        return
+    result.extra["broker_cpu_s"] = round(spent, 2)
+    result.extra["broker_cores"] = round(spent / (end - start), 3)
+    if result.received:
+        result.extra["broker_cpu_per_1k"] = round(spent / result.received * 1000.0, 4)
 
 
 def _lag_note(ctx: _Ctx, result: ScenarioResult, sent: SentLog) -> None:
@@ -314,6 +339,7 @@ def _drain_phase(ctx: _Ctx, impl: str) -> None:
     matched = match_results(sent.ids, output.rows)
     result = drain_result(impl, sent=len(sent.ids), ready_at=sut.ready_at, matched=matched,
                           cpu_s=_cpu_between(samplers, sut.ready_at, matched.last_received))
+    _broker_cpu(ctx, result, sut.ready_at, matched.last_received)
     result.extra.update(loadavg_before=list(loadavg), unexpected_results=matched.unexpected,
                         unparsed_results=output.unparsed, workers=cfg.drain_workers)
     _record(ctx, result, sut.ready_at)
