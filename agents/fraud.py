@@ -91,6 +91,10 @@ class FraudHandler:
     sample to ``fraud.shadow``, and a sample is scored with the FP32 file too (drift metrics).
     """
 
+    transactional = True
+    """Under ``INFERLANE_DELIVERY=exactly_once`` the lane runs each partition's calls in its
+    Kafka transaction: every send of ``handle`` (results, dead letters, shadow) joins it."""
+
     def __init__(self, settings: Settings, scorer: OnnxScorer | None = None) -> None:
         self.settings = settings
         self.requests_topic = settings.topic("fraud.requests")

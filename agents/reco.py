@@ -210,6 +210,10 @@ class _Paths:
 class RecoHandler:
     """Lane handler for ``reco.requests`` -> ``reco.results`` (+ ``reco.requests.dlq``)."""
 
+    transactional = True
+    """Under ``INFERLANE_DELIVERY=exactly_once`` the lane runs each partition's calls in its
+    Kafka transaction: every send of ``handle`` (results, dead letters, shadow) joins it."""
+
     def __init__(self, settings: Settings, scorer: RecoScorer | None = None) -> None:
         self.settings = settings
         self.requests_topic = settings.topic("reco.requests")

@@ -41,6 +41,7 @@ __all__ = [
     "INFERENCE_SECONDS",
     "LANES",
     "PRODUCE_ACK",
+    "TXN_COMMIT",
     "S3_BYTES",
     "S3_ERRORS",
     "S3_OBJECTS",
@@ -140,6 +141,10 @@ PRODUCE_ACK = Histogram(
     "inferlane_produce_ack_seconds",
     "From handing a lane's results to the producer to the broker's last ack", ["lane"],
     registry=REGISTRY, buckets=_SECONDS)
+TXN_COMMIT = Histogram(
+    "inferlane_transaction_commit_seconds",
+    "Exactly-once lanes: from a partition's idle transaction to its commit acknowledged "
+    "(offsets added + EndTxn)", ["lane"], registry=REGISTRY, buckets=_SECONDS)
 S3_OBJECTS = Counter(
     "inferlane_s3_objects_total", "S3 calls that succeeded, by operation", ["op"],
     registry=REGISTRY)

@@ -80,6 +80,16 @@ class Settings(BaseSettings):
     session_timeout_ms: int = Field(default=10_000, ge=1000)
     commit_interval_ms: int = Field(default=200, ge=10)
     """How often completed offsets are committed (only offsets whose results are acked)."""
+    delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    """``exactly_once``: the fraud and reco lanes write each input partition's results, dead
+    letters and consumed offsets in one Kafka transaction per ``transaction_interval_ms``
+    (``read_committed`` readers see each result once; docs/design.md). ``at_least_once``
+    (default): results are visible as soon as they are acknowledged; a crash or a rebalance
+    can write some twice (readers key on ``event_id``)."""
+    transaction_interval_ms: int = Field(default=20, ge=5)
+    """Exactly-once lanes: how long a partition's transaction stays open. A result becomes
+    visible when its transaction commits, so this adds up to the interval (plus the commit)
+    to its latency; shorter means more transactions per second (docs/performance.md)."""
     commit_on_revoke: bool = True
     """Commit finished work when partitions are revoked, so the next owner does not redo it."""
     leave_group_on_stop: bool = True

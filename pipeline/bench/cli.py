@@ -128,7 +128,8 @@ def _finish(run: BenchRun) -> int:
 
 @bench_app.command("run")
 def run(
-    impl: Annotated[str, typer.Option(help="Implementations: a=lane, b=naive faust, "
+    impl: Annotated[str, typer.Option(help="Implementations: a=lane, e=lane exactly-once "
+                                           "(INFERLANE_DELIVERY=exactly_once), b=naive faust, "
                                            "c=bare aiokafka; worker layouts: w=every lane "
                                            "in one process, s=fraud,reco | history,archive,"
                                            "batch, t=fraud,reco | history | archive,batch."

@@ -54,6 +54,8 @@ class ImplSpec:
     """Lanes of more worker processes started with this one, ``;`` between processes (the fraud
     history slow path runs in its own process, as deployed); their CPU is not in the SUT's CPU
     figures."""
+    env: tuple[tuple[str, str], ...] = ()
+    """More ``INFERLANE_*`` settings of its processes (e.g. the delivery mode)."""
 
 
 def _faust(app_module: str) -> tuple[str, ...]:
@@ -63,6 +65,9 @@ def _faust(app_module: str) -> tuple[str, ...]:
 IMPLS: dict[str, ImplSpec] = {
     "a": ImplSpec("a", "inferlane fraud lane (+ history worker)", _faust("agents"),
                   FAUST_READY_MARK, False, companion_lanes="history"),
+    "e": ImplSpec("e", "inferlane fraud lane, exactly-once (+ history worker)",
+                  _faust("agents"), FAUST_READY_MARK, False, companion_lanes="history",
+                  env=(("INFERLANE_DELIVERY", "exactly_once"),)),
     "b": ImplSpec("b", "naive faust agent (yardstick)", _faust("pipeline.bench.naive_faust"),
                   FAUST_READY_MARK, True),
     "c": ImplSpec("c", "bare aiokafka loop (yardstick)",
@@ -92,6 +97,7 @@ def impl_env(base: dict[str, str], *, tag: str, impl: str, phase: str,
         "INFERLANE_LANES": IMPLS[impl].lanes,
         "INFERLANE_WEB_ENABLED": "false",
         "INFERLANE_STATE_DIR": str(state_dir / run),
+        **dict(IMPLS[impl].env),
     }
 
 

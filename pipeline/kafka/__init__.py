@@ -6,6 +6,8 @@
   done.
 * :mod:`~pipeline.kafka.producer` - batched sends with acknowledgement tracking.
 * :mod:`~pipeline.kafka.offsets` - which offsets are safe to commit.
+* :mod:`~pipeline.kafka.transactions` - exactly-once lanes: results and offsets of each input
+  partition in one Kafka transaction, fenced per partition.
 * :mod:`~pipeline.kafka.topics` - the topic declarations, their creation and the partition-count
   check.
 * :mod:`~pipeline.kafka.partitioner` - key -> partition (murmur2, crc32) and the misrouting check.
@@ -29,6 +31,7 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "process": ["tune_process"],
     "producer": ["BatchSender"],
     "supervisor": ["LaneState", "LaneSupervisor", "lane_states"],
+    "transactions": ["FENCED", "TransactionalSender", "Transactions", "transactional_id"],
     "topics": ["TOPICS", "Replication", "TopicSpec", "archived_topics", "check_partitions",
         "ensure_topics", "replication_for", "spec", "topic_configs", "topic_specs",
         "without_leaders"],

@@ -233,17 +233,22 @@ def make_consumer(settings: Settings, lane: str, **overrides: Any) -> AIOKafkaCo
         "heartbeat_interval_ms": max(settings.session_timeout_ms // 5, 100),
         "fetch_max_wait_ms": 50,
         "max_partition_fetch_bytes": 4 * 1024 * 1024,
-        "isolation_level": "read_uncommitted",
+        # Records of an open or aborted transaction stay invisible (the exactly-once lanes'
+        # results); without transactions on a topic this reads exactly what read_uncommitted
+        # does, up to the high watermark.
+        "isolation_level": "read_committed",
     }
     kwargs.update(overrides)
     return AIOKafkaConsumer(**kwargs)
 
 
 async def start_reader(settings: Settings, client_id: str, **overrides: Any) -> AIOKafkaConsumer:
-    """A started consumer without a group (the caller assigns and seeks), no auto-commit."""
+    """A started consumer without a group (the caller assigns and seeks), no auto-commit,
+    ``read_committed`` (it sees results of exactly-once lanes once, when committed)."""
     kwargs: dict[str, Any] = {**client_kwargs(settings, client_id=client_id),
                               "enable_auto_commit": False, "fetch_max_wait_ms": 50,
-                              "max_partition_fetch_bytes": 4 * 1024 * 1024}
+                              "max_partition_fetch_bytes": 4 * 1024 * 1024,
+                              "isolation_level": "read_committed"}
     kwargs.update(overrides)
     consumer = AIOKafkaConsumer(**kwargs)
     await consumer.start()

@@ -14,6 +14,11 @@ commits offsets it has not finished (see docs/design.md). A lane keeps faust for
   while a rebalance runs; on revoke wait (bounded) for in-flight work, then commit it;
 * on stop: stop fetching, finish in-flight work, let the handler flush, commit, leave.
 
+With ``INFERLANE_DELIVERY=exactly_once`` and a handler that says ``transactional = True``, each
+partition's records go to the handler in a call of their own inside that partition's Kafka
+transaction, and "commit" means committing those transactions with their offsets
+(:mod:`pipeline.kafka.transactions`).
+
 A handler failure is not bad input (bad input is a dead letter); it is an infrastructure failure,
 so the lane crashes instead of committing past lost work: at-least-once by design. What a crash
 does to the worker is the supervisor's call (:mod:`pipeline.kafka.supervisor`).
@@ -25,8 +30,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol, TypeAlias
 
 from aiokafka import (
@@ -46,6 +52,7 @@ from pipeline.kafka.connection import (
 from pipeline.kafka.offsets import Chunk, OffsetTracker
 from pipeline.kafka.producer import BatchSender
 from pipeline.kafka.topics import ensure_topics, topic_specs
+from pipeline.kafka.transactions import FENCED, TransactionalSender, Transactions
 from pipeline.metrics import CONSUME_LAG, LANES
 from pipeline.settings import Settings
 
@@ -85,7 +92,7 @@ class LaneContext:
 
     settings: Settings
     name: str
-    sender: BatchSender
+    sender: BatchSender | TransactionalSender
     done: Callable[[Chunk], None]
     stats: LaneStats
     fail: Callable[[BaseException], None] | None = None
@@ -123,7 +130,11 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._lane._on_revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
-        await self._lane._resume_handover(set(assigned))
+        txns, consumer = self._lane.transactions, self._lane._consumer
+        if txns is not None and consumer is not None:
+            await txns.assign(set(assigned), consumer)
+        else:
+            await self._lane._resume_handover(set(assigned))
         on_assigned = getattr(self._lane.handler, "on_assigned", None)
         if on_assigned is not None:  # optional hook, e.g. to start loading partition state
             await on_assigned(set(assigned))
@@ -169,6 +180,8 @@ class Lane(Service):  # type: ignore[misc]
         """Set once the consumer has joined its group and the loop runs (tests wait on it)."""
         self._next_offset: dict[TopicPartition, int] = {}
         """Per partition, the offset after the last record fetched (for the lag metric)."""
+        self.transactions: Transactions | None = None
+        """Set in exactly-once mode for a transactional handler."""
 
     @property
     def label(self) -> str:
@@ -178,24 +191,39 @@ class Lane(Service):  # type: ignore[misc]
         await ensure_topics(self.settings, topic_specs(self.settings.lanes))
         # Renewed when the broker loses the producer's idempotence state (an expired producer
         # id, a topic deleted and re-created): the handle retires it and starts a new one.
-        self._producer = ProducerHandle(lambda: make_producer(self.settings))
-        await self._producer.start()
-        ctx = LaneContext(self.settings, self.name, BatchSender(self._producer, lane=self.name),
-                          self._chunk_done, self.stats, fail=self._fail)
+        sender: BatchSender | TransactionalSender
+        if self.settings.delivery == "exactly_once" and getattr(self.handler, "transactional",
+                                                                  False):
+            self.transactions = Transactions(
+                self.settings, self.name,
+                finished=lambda tp: self.tracker.committable({tp}).get(tp),
+                committed=self._txn_committed, failed=self._fail)
+            sender = TransactionalSender(self.transactions)
+        else:
+            self._producer = ProducerHandle(lambda: make_producer(self.settings))
+            await self._producer.start()
+            sender = BatchSender(self._producer, lane=self.name)
+        ctx = LaneContext(self.settings, self.name, sender, self._chunk_done, self.stats,
+                          fail=self._fail)
         await self.handler.start(ctx)
         self._consumer = make_consumer(self.settings, self.name,
                                        **self.consumer_overrides)
         self._consumer.subscribe(list(self.handler.topics), listener=_Rebalance(self))
         await self._consumer.start()
-        for coro in (self._consume_loop(), self._commit_loop(), self._stats_loop()):
+        loops = [self._consume_loop(), self._stats_loop()]
+        if self.transactions is None:  # else each partition's committer commits
+            loops.append(self._commit_loop())
+        for coro in loops:
             task = asyncio.create_task(coro, name=f"{self.label}")
             task.add_done_callback(self._on_loop_done)
             self._loops.append(task)
         self.ready.set()
         LANES.register(self)
-        log.info("%s: started (group %s, member %s, loop %s)", self.label,
+        log.info("%s: started (group %s, member %s, loop %s, %s)", self.label,
                  self.settings.group_id(self.name), f"{self.settings.worker_id}-{self.name}",
-                 type(asyncio.get_running_loop()).__module__)
+                 type(asyncio.get_running_loop()).__module__,
+                 (f"exactly-once, transactions of {self.settings.transaction_interval_ms} ms"
+                  if self.transactions is not None else "at-least-once"))
 
     async def on_stop(self) -> None:
         """Graceful stop: finish in-flight work, flush the handler, commit, then leave."""
@@ -216,7 +244,17 @@ class Lane(Service):  # type: ignore[misc]
             log.warning("%s: handler did not stop within %.0fs; its unfinished work is not "
                         "committed and will be redone", self.label, self.revoke_timeout_s)
         self.handler_stats()
-        await self._commit()
+        if self.transactions is None:
+            await self._commit()
+        else:
+            try:
+                if self.transactions.failed is None:
+                    await self._commit()
+            except Exception as exc:  # noqa: BLE001 - aborted: the next owner redoes it
+                log.warning("%s: last commit failed (%r); its transactions are aborted and "
+                            "redone by the next owner", self.label, exc)
+            finally:
+                await self.transactions.close()
         if self._consumer is not None:
             if self.settings.static_membership and self.settings.leave_group_on_stop:
                 _leave_on_close(self._consumer)
@@ -260,7 +298,7 @@ class Lane(Service):  # type: ignore[misc]
                 self._dispatch(fetched)
 
     def _dispatch(self, fetched: dict[TopicPartition, list[Record]]) -> None:
-        batch = []
+        batch: list[PartitionRecords] = []
         now_ms = time.time() * 1000.0
         lag = CONSUME_LAG.labels(self.name)
         for tp, records in fetched.items():
@@ -270,7 +308,23 @@ class Lane(Service):  # type: ignore[misc]
                 self.stats.consumed += len(records)
                 self._next_offset[tp] = records[-1].offset + 1
                 lag.observe(max(now_ms - records[0].timestamp, 0.0) / 1000.0)
-        task = asyncio.create_task(self.handler.handle(batch))
+        txns = self.transactions
+        if txns is None:
+            self._start_handling(self.handler.handle(batch))
+            return
+        for part in batch:  # each partition's records inside its own transaction
+            txn = txns.bind(part.tp)
+            if txn is None:  # revoked between the fetch and now: not ours to handle
+                self.tracker.forget({part.tp})
+                continue
+            self._start_handling(self._transactional(txns, txn, part))
+
+    async def _transactional(self, txns: Transactions, txn: Any, part: PartitionRecords) -> None:
+        if not await txns.work(txn, partial(self.handler.handle, [part])):
+            self._chunk_done(part.chunk)  # revoked while it waited: forgotten, capacity freed
+
+    def _start_handling(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
         self._handling.add(task)
         task.add_done_callback(self._on_handled)
 
@@ -291,6 +345,10 @@ class Lane(Service):  # type: ignore[misc]
             self._capacity.set()
 
     # --- committing -----------------------------------------------------------------------
+    def _txn_committed(self, offsets: dict[TopicPartition, int]) -> None:
+        self.tracker.committed(offsets)
+        self.stats.commits += 1
+
     async def _commit_loop(self) -> None:
         interval_s = self.settings.commit_interval_ms / 1000.0
         while not self._stopping:
@@ -299,6 +357,15 @@ class Lane(Service):  # type: ignore[misc]
                 await self._commit()
 
     async def _commit(self, tps: set[TopicPartition] | None = None) -> None:
+        if self.transactions is not None:
+            # A failure here (fenced: another worker owns the partition now) is not retried:
+            # the transaction is lost, the lane crashes, the next owner redoes its records.
+            committed = await self.transactions.commit(
+                self.transactions.partitions if tps is None else list(tps),
+                lambda tp: self.tracker.committable({tp}).get(tp))
+            self.tracker.committed(committed)
+            self.stats.commits += bool(committed)
+            return
         offsets = self.tracker.committable(tps)
         if not offsets or self._consumer is None:
             return
@@ -322,11 +389,24 @@ class Lane(Service):  # type: ignore[misc]
             self._progress.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._progress.wait(), deadline - time.monotonic())
-        if self.settings.commit_on_revoke:
-            await self._commit(revoked)
-        for tp in revoked:
-            if (position := self.tracker.position(tp)) is not None:
-                self._handover[tp] = position
+        if self.transactions is not None:
+            try:
+                await self._commit(revoked)
+            except FENCED as exc:
+                # Another worker owns these partitions' transactional ids now: this one is a
+                # zombie (it was paused or cut off past its session). End it.
+                self._crash(exc)
+            except Exception as exc:  # noqa: BLE001 - aborted: the next owner redoes it
+                log.warning("%s: commit of revoked %s failed (%r); their open transactions "
+                            "are aborted and redone by the next owner", self.label,
+                            sorted(tp.partition for tp in revoked), exc)
+            await self.transactions.release(revoked)
+        else:
+            if self.settings.commit_on_revoke:
+                await self._commit(revoked)
+            for tp in revoked:
+                if (position := self.tracker.position(tp)) is not None:
+                    self._handover[tp] = position
         self.tracker.forget(revoked)
         log.info("%s: revoked %s", self.label, sorted((t.topic, t.partition) for t in revoked))
 
