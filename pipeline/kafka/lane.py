@@ -194,10 +194,7 @@ class Lane(Service):  # type: ignore[misc]
         sender: BatchSender | TransactionalSender
         if self.settings.delivery == "exactly_once" and getattr(self.handler, "transactional",
                                                                   False):
-            self.transactions = Transactions(
-                self.settings, self.name,
-                finished=lambda tp: self.tracker.committable({tp}).get(tp),
-                committed=self._txn_committed, failed=self._fail)
+            self.transactions = Transactions(self.settings, self.name)
             sender = TransactionalSender(self.transactions)
         else:
             self._producer = ProducerHandle(lambda: make_producer(self.settings))
@@ -210,10 +207,7 @@ class Lane(Service):  # type: ignore[misc]
                                        **self.consumer_overrides)
         self._consumer.subscribe(list(self.handler.topics), listener=_Rebalance(self))
         await self._consumer.start()
-        loops = [self._consume_loop(), self._stats_loop()]
-        if self.transactions is None:  # else each partition's committer commits
-            loops.append(self._commit_loop())
-        for coro in loops:
+        for coro in (self._consume_loop(), self._commit_loop(), self._stats_loop()):
             task = asyncio.create_task(coro, name=f"{self.label}")
             task.add_done_callback(self._on_loop_done)
             self._loops.append(task)
@@ -345,12 +339,9 @@ class Lane(Service):  # type: ignore[misc]
             self._capacity.set()
 
     # --- committing -----------------------------------------------------------------------
-    def _txn_committed(self, offsets: dict[TopicPartition, int]) -> None:
-        self.tracker.committed(offsets)
-        self.stats.commits += 1
-
     async def _commit_loop(self) -> None:
-        interval_s = self.settings.commit_interval_ms / 1000.0
+        interval_s = (self.settings.transaction_interval_ms if self.transactions is not None
+                      else self.settings.commit_interval_ms) / 1000.0
         while not self._stopping:
             await asyncio.sleep(interval_s)
             if not self._rebalancing:

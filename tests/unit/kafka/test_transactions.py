@@ -28,8 +28,7 @@ def test_a_send_outside_a_partition_transaction_is_refused() -> None:
     settings = load_settings(delivery="exactly_once")
 
     async def attempt() -> None:
-        txns = Transactions(settings, "fraud", finished=lambda tp: None,
-                            committed=lambda offsets: None, failed=lambda exc: None)
+        txns = Transactions(settings, "fraud")
         await TransactionalSender(txns).send(
             "fraud.scores", [(b"k", b"v")])
 
