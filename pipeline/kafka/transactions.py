@@ -98,11 +98,7 @@ class Transactions:
         self.lane = lane
         self.group_id = settings.group_id(lane)
         self._parts: dict[TopicPartition, _Partition] = {}
-        self.commits = 0
         self.commit_seconds = TXN_COMMIT.labels(lane)
-
-    def __contains__(self, tp: TopicPartition) -> bool:
-        return tp in self._parts
 
     async def assign(self, tps: set[TopicPartition], consumer: AIOKafkaConsumer) -> None:
         """Start (and so fence) each new partition's producer, open its transaction, place the
@@ -194,7 +190,6 @@ class Transactions:
                     await part.producer.send_offsets_to_transaction({tp: offset}, self.group_id)
                 await part.producer.commit_transaction()
                 self.commit_seconds.observe(time.monotonic() - started)
-                self.commits += 1
                 part.dirty = False
                 await part.producer.begin_transaction()
             except BaseException as exc:
@@ -211,7 +206,6 @@ class Transactions:
         for part in parts:
             part.released = True
             part.gate.set()  # work waiting at the gate sees the release and is dropped
-
         await asyncio.gather(*(_stop(part.producer) for part in parts))
 
     async def close(self) -> None:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.dev.loadgen import produce_transactions
+from pipeline.dev.loadgen import ResultReader, produce_transactions
 from pipeline.dev.processes import WorkerProcess
 from tests.integration.conftest import EnvFactory, peer_env, ready_settings
 from tests.integration.test_fraud_lane import _readers
@@ -37,6 +37,15 @@ async def _wait_log(worker: WorkerProcess, text: str, timeout_s: float, *,
                          + worker.log_tail())
 
 
+async def _each_scored_once(scores: ResultReader, event_ids: list[str]) -> None:
+    """Every event has a committed score, and a second later still exactly one (anything
+    written twice would be committed by then)."""
+    missing = await scores.wait_for(set(event_ids), timeout_s=60)
+    assert not missing, f"{len(missing)} of {len(event_ids)} events lost"
+    await asyncio.sleep(1.0)
+    assert scores.duplicates == 0, f"{scores.duplicates} events have two committed scores"
+
+
 async def test_three_sigkills_exactly_one_committed_result_each(
         test_env: EnvFactory, worker_factory: WorkerFactory) -> None:
     env = test_env(lanes="fraud", delivery="exactly_once")
@@ -52,12 +61,9 @@ async def test_three_sigkills_exactly_one_committed_result_each(
             worker.kill()
             await asyncio.to_thread(worker.start)
         report = await traffic
-        missing = await scores.wait_for(set(report.valid_ids), timeout_s=60)
-        assert not missing, f"{len(missing)} of {len(report.valid_ids)} events lost"
         invalid = sum(report.invalid_by_kind.values())
         await dlq.wait_for_count(invalid, timeout_s=30)
-        await asyncio.sleep(1.0)  # anything written twice would be committed by now
-        assert scores.duplicates == 0, f"{scores.duplicates} events have two committed scores"
+        await _each_scored_once(scores, report.valid_ids)
         assert scores.records == len(report.valid_ids)
         assert dlq.records == invalid, (dlq.records, invalid)
     print(f"\n3 SIGKILLs at 2,000 ev/s, exactly-once: {len(report.valid_ids):,} events, "
@@ -93,10 +99,7 @@ async def test_a_paused_zombie_is_fenced_and_cannot_commit(
         log = zombie.log_text()
         assert "ProducerFenced" in log or "InvalidProducerEpoch" in log, zombie.log_tail(60)
         report = await traffic
-        missing = await scores.wait_for(set(report.valid_ids), timeout_s=60)
-        assert not missing, f"{len(missing)} events lost"
-        await asyncio.sleep(1.0)
-        assert scores.duplicates == 0, f"{scores.duplicates} committed twice"
+        await _each_scored_once(scores, report.valid_ids)
     print(f"\nzombie: paused, fenced by the new owner, resumed and ended; "
           f"{len(report.valid_ids):,} events, 0 lost, 0 committed twice")
 
@@ -115,10 +118,7 @@ async def test_a_rebalance_commits_nothing_twice(
         await asyncio.sleep(4.0)
         assert await asyncio.to_thread(second.terminate, 30.0) == 0  # leaves: rebalance
         report = await traffic
-        missing = await scores.wait_for(set(report.valid_ids), timeout_s=60)
-        assert not missing, f"{len(missing)} events lost"
-        await asyncio.sleep(1.0)
-        assert scores.duplicates == 0, f"{scores.duplicates} committed twice"
+        await _each_scored_once(scores, report.valid_ids)
         assert "assigned" in second.log_text()
     assert first.alive
     print(f"\nrebalance (join + leave) at 2,000 ev/s, exactly-once: "
