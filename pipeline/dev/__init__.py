@@ -3,6 +3,7 @@
 * :mod:`~pipeline.dev.kafkadist` - fetches the pinned Apache Kafka with Maven.
 * :mod:`~pipeline.dev.stack` - the local stack: KRaft Kafka node(s) and the S3 server.
 * :mod:`~pipeline.dev.kafkanode` - one node's ``server.properties``, JVM settings, readiness probe.
+* :mod:`~pipeline.dev.tls` - a throwaway CA and broker certificate for a TLS listener.
 * :mod:`~pipeline.dev.processes` - workers and services as child processes.
 * :mod:`~pipeline.dev.loadgen`, :mod:`~pipeline.dev.recogen` - load generators.
 * :mod:`~pipeline.dev.demo` - ``make demo``.
@@ -25,6 +26,7 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "processes": ["FAUST_READY_MARK", "SERVICE_READY_MARK", "ServiceProcess", "WorkerProcess",
         "faust_worker_argv", "wait_all_ready"],
     "recogen": ["RECO_INVALID_KINDS", "RecoRequestSource", "reco_reason_field"],
+    "tls": ["CertificateAuthority", "make_ca", "make_server_cert"],
     "stack": ["DUMMY_S3_KEY", "LocalStack", "ManagedProcess", "StackEndpoints", "bench_stack",
         "free_port", "s3_probe"],
 })
