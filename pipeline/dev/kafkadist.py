@@ -35,7 +35,7 @@ KAFKA_VERSION = "4.4.0"
 MIN_JAVA = 17
 """Kafka 4.x brokers need Java 17 or newer."""
 
-_POM = Path(__file__).resolve().parent.parent / "deploy" / "kafka" / "pom.xml"
+_POM = Path(__file__).resolve().parents[2] / "deploy" / "kafka" / "pom.xml"
 _MARKER = ".complete"
 _INSTALL_HINT = ("install OpenJDK 17+ and Maven 3.8+ (Debian/Ubuntu: `apt-get install "
                  "openjdk-17-jdk-headless maven`; macOS: `brew install openjdk@17 maven`)")
