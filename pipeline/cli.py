@@ -1,5 +1,5 @@
-"""The ``inferlane`` command line (typer): stack, topics, models, schemas, settings, worker, demo,
-serve, bench.
+"""The ``inferlane`` command line (typer): stack, topics, acls, models, schemas, settings, worker,
+demo, serve, bench.
 
 Every command reads settings from the environment (``INFERLANE_*``) unless an option says
 otherwise, and exits non-zero with a one-line reason on a known error (no traceback).
@@ -163,6 +163,33 @@ def topics_list() -> None:
     for spec in TOPICS:
         partitions = spec.partitions or settings.realtime_partitions
         typer.echo(f"{settings.topic(spec.name)}\tpartitions={partitions}\tlane={spec.lane}")
+
+
+@app.command("acls")
+def acls(
+    role: Annotated[str, typer.Argument(
+        help="worker, services, producer or batch-client")],
+    principal: Annotated[str, typer.Option(
+        help="The Kafka principal of the process, e.g. User:inferlane-worker")],
+    lanes: Annotated[str, typer.Option(
+        help="A worker's lanes, comma-separated (default: INFERLANE_LANES)")] = "",
+    bootstrap: Annotated[str, typer.Option(
+        help="--bootstrap-server of the printed commands")] = "$BOOTSTRAP",
+    command_config: Annotated[str, typer.Option(
+        help="--command-config of the printed commands: an admin's client properties")
+    ] = "admin.properties",
+) -> None:
+    """Print the least-privilege ACLs of one process as kafka-acls.sh commands (topic names,
+    groups and transactional ids from the current INFERLANE_* settings; docs/security.md)."""
+    from pipeline.kafka.acls import ROLES, kafka_acls_commands, role_grants
+
+    if role not in ROLES:
+        raise InferlaneError(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
+    if lanes and role != "worker":
+        raise InferlaneError("--lanes is for the worker role only")
+    settings = load_settings(**({"lanes": lanes} if lanes else {}))
+    typer.echo(kafka_acls_commands(principal, role_grants(role, settings), bootstrap=bootstrap,
+                                   command_config=command_config))
 
 
 @models_app.command("build")

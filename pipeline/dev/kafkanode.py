@@ -18,7 +18,7 @@ import socket
 import time
 import uuid
 from base64 import urlsafe_b64encode
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -30,10 +30,10 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from pipeline.errors import StackError
 from pipeline.kafka.topics import without_leaders
 
-__all__ = ["JIT_MODES", "JVM_FLAGS", "KAFKA_HEAP_MB", "LOG4J2", "KafkaNode", "QuorumState",
-           "heap_from_env", "jit_from_env", "kafka_probe", "kafka_uuid", "kafka_warm_up",
-           "partition_leaders", "quorum_state", "run_admin", "server_properties",
-           "under_replicated"]
+__all__ = ["JIT_MODES", "JVM_FLAGS", "KAFKA_HEAP_MB", "LOG4J2", "LOG4J2_TOOLS", "KafkaNode",
+           "QuorumState", "Secured", "heap_from_env", "jit_from_env", "kafka_probe",
+           "kafka_uuid", "kafka_warm_up", "partition_leaders", "quorum_state", "run_admin",
+           "server_properties", "under_replicated"]
 
 _HOST = "127.0.0.1"
 _T = TypeVar("_T")
@@ -53,6 +53,8 @@ class KafkaNode:
     home: Path
     sasl_port: int = 0
     """A SASL_PLAINTEXT (PLAIN) listener too when non-zero (the security tests use it)."""
+    tls_port: int = 0
+    """The SASL_SSL (SCRAM-SHA-512) listener of a secured node (:class:`Secured`), else 0."""
 
     @property
     def bootstrap(self) -> str:
@@ -65,6 +67,62 @@ class KafkaNode:
     @property
     def properties_path(self) -> Path:
         return self.home / "server.properties"
+
+
+@dataclass(frozen=True)
+class Secured:
+    """How a secured node runs: the applications' listener is SASL_SSL with SCRAM-SHA-512
+    users (``tls_port``, certificate ``keystore``); the node's own listener (``port``, also
+    inter-broker) and the controller's are SASL_PLAINTEXT with one PLAIN user, ``admin``, the
+    only super user; the standard authorizer denies whatever no ACL allows."""
+
+    admin_password: str
+    keystore: Path
+    """The broker PEM keystore (:func:`pipeline.dev.tls.make_server_cert`)."""
+    admin_user: str = "admin"
+
+    def admin_client_kwargs(self) -> dict[str, str]:
+        """aiokafka arguments of the admin user on the node's own listener."""
+        return {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN",
+                "sasl_plain_username": self.admin_user,
+                "sasl_plain_password": self.admin_password}
+
+    def admin_properties(self) -> str:
+        """The admin user's client properties (Kafka's tools' ``--command-config``)."""
+        return ("security.protocol=SASL_PLAINTEXT\nsasl.mechanism=PLAIN\n"
+                f"sasl.jaas.config={self._jaas()}\n")
+
+    def _jaas(self, *, server: bool = False) -> str:
+        users = f' user_{self.admin_user}="{self.admin_password}"' if server else ""
+        return ("org.apache.kafka.common.security.plain.PlainLoginModule required "
+                f'username="{self.admin_user}" password="{self.admin_password}"{users};')
+
+
+def _secured_properties(node: KafkaNode, secured: Secured) -> dict[str, str]:
+    """The listeners, SASL and authorizer properties of a secured node (see :class:`Secured`)."""
+    jaas = secured._jaas(server=True)
+    props = {
+        "listeners": f"INTERNAL://{_HOST}:{node.port},CONTROLLER://{_HOST}:{node.controller_port},"
+                     f"SECURE://{_HOST}:{node.tls_port}",
+        "advertised.listeners": f"INTERNAL://{_HOST}:{node.port},SECURE://{_HOST}:{node.tls_port}",
+        "listener.security.protocol.map":
+            "INTERNAL:SASL_PLAINTEXT,CONTROLLER:SASL_PLAINTEXT,SECURE:SASL_SSL",
+        "inter.broker.listener.name": "INTERNAL",
+        "sasl.mechanism.controller.protocol": "PLAIN",
+        "sasl.mechanism.inter.broker.protocol": "PLAIN",
+        "listener.name.secure.sasl.enabled.mechanisms": "SCRAM-SHA-512",
+        "listener.name.secure.scram-sha-512.sasl.jaas.config":
+            "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+        "listener.name.secure.ssl.keystore.type": "PEM",
+        "listener.name.secure.ssl.keystore.location": str(secured.keystore),
+        "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+        "super.users": f"User:{secured.admin_user}",
+        "allow.everyone.if.no.acl.found": "false",
+    }
+    for listener in ("internal", "controller"):
+        props[f"listener.name.{listener}.sasl.enabled.mechanisms"] = "PLAIN"
+        props[f"listener.name.{listener}.plain.sasl.jaas.config"] = jaas
+    return props
 
 
 @dataclass(frozen=True)
@@ -92,7 +150,8 @@ def quorum_state(node: KafkaNode) -> QuorumState | None:
 
 def server_properties(node: KafkaNode, nodes: list[KafkaNode], *,
                       overrides: dict[str, str] | None = None,
-                      sasl_users: dict[str, str] | None = None) -> dict[str, str]:
+                      sasl_users: dict[str, str] | None = None,
+                      secured: Secured | None = None) -> dict[str, str]:
     """The ``server.properties`` of ``node`` in the cluster ``nodes``.
 
     Choices that differ from Kafka's defaults, and why: topics are never created by a produce or
@@ -100,8 +159,11 @@ def server_properties(node: KafkaNode, nodes: list[KafkaNode], *,
     with its partitions and configs, as in production); 8 consumer-offset partitions instead of 50
     (less start-up work on 2 cores, same semantics); no initial rebalance delay (a test's group
     forms at once); fewer network and I/O threads than Kafka's 3/8 (two cores here); internal topics
-    replicated as far as the cluster allows (3 on three nodes).
+    replicated as far as the cluster allows (3 on three nodes). ``secured`` replaces the
+    PLAINTEXT listeners with authenticated ones and turns the authorizer on (:class:`Secured`).
     """
+    if secured is not None and sasl_users:
+        raise ValueError("a secured node has no SASL_PLAINTEXT users' listener (sasl_users)")
     rf = min(len(nodes), 3)
     listeners = [f"PLAINTEXT://{_HOST}:{node.port}", f"CONTROLLER://{_HOST}:{node.controller_port}"]
     advertised = [f"PLAINTEXT://{_HOST}:{node.port}"]
@@ -144,6 +206,8 @@ def server_properties(node: KafkaNode, nodes: list[KafkaNode], *,
     props["listeners"] = ",".join(listeners)
     props["advertised.listeners"] = ",".join(advertised)
     props["listener.security.protocol.map"] = ",".join(protocols)
+    if secured is not None:
+        props.update(_secured_properties(node, secured))
     props.update(overrides or {})
     return props
 
@@ -161,6 +225,18 @@ logger.state.level = WARN
 logger.request.name = kafka.request.logger
 logger.request.level = WARN
 """
+
+LOG4J2_TOOLS = """\
+status = warn
+appender.out.type = Console
+appender.out.name = STDERR
+appender.out.target = SYSTEM_ERR
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = WARN
+rootLogger.appenderRef.out.ref = STDERR
+"""
+"""The admin tools' logging: warnings and errors only, on stderr (their answer is stdout)."""
 
 # Kafka's own launch script (kafka-run-class.sh) uses these GC flags.
 JVM_FLAGS = ["-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-XX:InitiatingHeapOccupancyPercent=35",
@@ -211,7 +287,7 @@ def kafka_uuid() -> str:
 
 
 def kafka_probe(bootstrap: str, timeout_s: float = 3.0, *, brokers: int = 0,
-                create_topic: bool = False) -> str:
+                create_topic: bool = False, security: Mapping[str, str] | None = None) -> str:
     """Do real Kafka requests; return "" when they work, else the error text.
 
     Metadata always; with ``brokers`` the cluster must list that many; with ``create_topic`` a
@@ -219,6 +295,7 @@ def kafka_probe(bootstrap: str, timeout_s: float = 3.0, *, brokers: int = 0,
     so a broker that answers metadata but cannot yet serve writes is not "ready". A plain TCP
     connect to the first bootstrap address comes first: while the broker is still starting,
     aiokafka would log every refused connection as an error on the user's terminal.
+    ``security``: aiokafka's security arguments (a secured node's admin, :class:`Secured`).
     """
     host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
     try:
@@ -228,8 +305,8 @@ def kafka_probe(bootstrap: str, timeout_s: float = 3.0, *, brokers: int = 0,
 
     async def probe() -> str:
         admin = AIOKafkaAdminClient(
-            bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000)
-        )
+            bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000),
+            **(security or {}))
         try:
             await asyncio.wait_for(admin.start(), timeout_s)
             if brokers:
@@ -258,8 +335,9 @@ def kafka_probe(bootstrap: str, timeout_s: float = 3.0, *, brokers: int = 0,
             return f"kafka: {exc!r}"
 
 
-async def _warm_up(bootstrap: str, round_trips: int, deadline: float) -> int:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+async def _warm_up(bootstrap: str, round_trips: int, deadline: float,
+                   security: Mapping[str, str]) -> int:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **security)
     await admin.start()
     try:
         with contextlib.suppress(TopicAlreadyExistsError):
@@ -268,9 +346,9 @@ async def _warm_up(bootstrap: str, round_trips: int, deadline: float) -> int:
         await admin.close()
     # What the lanes do, a request at a time: idempotent acks=all produce, long-poll fetches in
     # a consumer group, offset commits.
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **security, acks="all",
                                 enable_idempotence=True, linger_ms=0)
-    consumer = AIOKafkaConsumer(_WARMUP_TOPIC, bootstrap_servers=bootstrap,
+    consumer = AIOKafkaConsumer(_WARMUP_TOPIC, bootstrap_servers=bootstrap, **security,
                                 group_id="__inferlane_stack_warmup", auto_offset_reset="earliest",
                                 fetch_max_wait_ms=100, enable_auto_commit=False)
     await producer.start()
@@ -298,7 +376,8 @@ async def _warm_up(bootstrap: str, round_trips: int, deadline: float) -> int:
     return sent
 
 
-def kafka_warm_up(bootstrap: str, round_trips: int = 1500, timeout_s: float = 20.0) -> str:
+def kafka_warm_up(bootstrap: str, round_trips: int = 1500, timeout_s: float = 20.0, *,
+                  security: Mapping[str, str] | None = None) -> str:
     """Send ``round_trips`` produce requests (4 at a time, each awaited) while a consumer group
     fetches and commits them (all of them, or what ``timeout_s`` allows), so the broker JVM
     has compiled its request paths before the pipeline's first event; return "" when done,
@@ -313,7 +392,8 @@ def kafka_warm_up(bootstrap: str, round_trips: int = 1500, timeout_s: float = 20
     kafka_log.setLevel(logging.CRITICAL)
     try:
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            pool.submit(asyncio.run, _warm_up(bootstrap, round_trips, deadline)).result(
+            pool.submit(asyncio.run, _warm_up(bootstrap, round_trips, deadline,
+                                              security or {})).result(
                 timeout=timeout_s + 10)
     except (KafkaError, OSError, asyncio.TimeoutError, concurrent.futures.TimeoutError) as exc:
         return f"kafka warm-up: {exc!r}"
@@ -346,12 +426,12 @@ async def under_replicated(admin: AIOKafkaAdminClient) -> list[str]:
 
 
 def run_admin(bootstrap: str, call: Callable[[AIOKafkaAdminClient], Awaitable[_T]], *,
-              timeout_s: float = 10.0) -> _T:
+              timeout_s: float = 10.0, security: Mapping[str, str] | None = None) -> _T:
     """``await call(admin)`` with an admin client of ``bootstrap``, from synchronous code (in a
     thread with its own event loop: the caller may or may not be inside a running loop)."""
     async def run() -> _T:
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap,
-                                    request_timeout_ms=int(timeout_s * 1000))
+                                    request_timeout_ms=int(timeout_s * 1000), **(security or {}))
         await asyncio.wait_for(admin.start(), timeout_s)
         try:
             return await asyncio.wait_for(call(admin), timeout_s)

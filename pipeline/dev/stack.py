@@ -22,6 +22,7 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -43,7 +44,9 @@ from pipeline.dev.kafkanode import (
     JVM_FLAGS,
     KAFKA_HEAP_MB,
     LOG4J2,
+    LOG4J2_TOOLS,
     KafkaNode,
+    Secured,
     heap_from_env,
     jit_from_env,
     kafka_probe,
@@ -54,6 +57,7 @@ from pipeline.dev.kafkanode import (
     server_properties,
     under_replicated,
 )
+from pipeline.dev.tls import make_ca, make_server_cert
 from pipeline.errors import PortInUseError, PrerequisiteMissingError, StackError
 
 __all__ = ["DUMMY_S3_KEY", "LocalStack", "ManagedProcess", "StackEndpoints", "bench_stack",
@@ -211,6 +215,9 @@ class LocalStack:
     ``fresh=True`` wipes the brokers' data first (tests and the demo start from nothing);
     ``brokers=3`` runs a three-node KRaft cluster; ``kafka_config`` adds or overrides broker
     properties; ``sasl_users`` (name → password) adds a SASL_PLAINTEXT listener on every node;
+    ``secure`` runs every node as :class:`~pipeline.dev.kafkanode.Secured` (a TLS listener with
+    a certificate of a CA made for the stack, SCRAM users, the authorizer with ACLs: see
+    :meth:`add_scram_user`, :meth:`kafka_acls`);
     ``jit`` is the brokers' JIT mode (:data:`~pipeline.dev.kafkanode.JIT_MODES`; default
     ``INFERLANE_STACK_KAFKA_JIT`` or ``quick``: the benchmarks pass ``peak``); ``warm_up`` sends
     a burst of real requests before :meth:`start` returns, so the first events do not meet a
@@ -230,6 +237,7 @@ class LocalStack:
         kafka_heap_mb: int | None = None,
         kafka_config: dict[str, str] | None = None,
         sasl_users: dict[str, str] | None = None,
+        secure: bool = False,
         jit: str | None = None,
         warm_up: bool = True,
     ) -> None:
@@ -248,6 +256,11 @@ class LocalStack:
         """How long the warm-up took (None before :meth:`start` or without one)."""
         self.kafka_config = dict(kafka_config or {})
         self.sasl_users = dict(sasl_users or {})
+        if secure and self.sasl_users:
+            raise ValueError("a secure stack has no SASL_PLAINTEXT listener: drop sasl_users")
+        self.secure = secure
+        self.secured: Secured | None = None
+        """The admin password and broker keystore of a secure stack (set by :meth:`start`)."""
         self._fresh = fresh
         self._kafka_port_wanted = kafka_port
         self._s3_port_wanted = s3_port
@@ -284,6 +297,65 @@ class LocalStack:
         """The SASL_PLAINTEXT listeners ("" without ``sasl_users``)."""
         return ",".join(f"{_HOST}:{n.sasl_port}" for n in self.nodes if n.sasl_port)
 
+    @property
+    def tls_bootstrap(self) -> str:
+        """A secure stack's SASL_SSL (SCRAM-SHA-512) listeners, for applications ("" else)."""
+        return ",".join(f"{_HOST}:{n.tls_port}" for n in self.nodes if n.tls_port)
+
+    @property
+    def tls_dir(self) -> Path:
+        """Where a secure stack keeps its CA, broker keystore and admin client properties."""
+        return self.root / "tls"
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA that signed a secure stack's broker certificates (what clients trust)."""
+        return self.tls_dir / "ca.pem"
+
+    @property
+    def admin_security(self) -> dict[str, str]:
+        """aiokafka security arguments of the stack's own clients (probe, warm-up, admin):
+        the admin user on a secure stack, none on a plaintext one."""
+        return self.secured.admin_client_kwargs() if self.secured is not None else {}
+
+    def add_scram_user(self, name: str, password: str) -> None:
+        """Create (or reset) SCRAM-SHA-512 user ``name`` on a secure stack, through the Admin
+        API (AlterUserScramCredentials) as Kafka's ``kafka-configs.sh`` does."""
+        self.kafka_tool("org.apache.kafka.tools.ConfigCommand", "--alter", "--add-config",
+                        f"SCRAM-SHA-512=[iterations=4096,password={password}]",
+                        "--entity-type", "users", "--entity-name", name)
+
+    def kafka_acls(self, *args: str) -> str:
+        """Run Kafka's ACL tool (``kafka-acls.sh``) as the admin with ``args``."""
+        return self.kafka_tool("org.apache.kafka.tools.AclCommand", *args)
+
+    def kafka_tool(self, main: str, *args: str, timeout_s: float = 60.0) -> str:
+        """Run one of Kafka's admin tools as the secure stack's admin, on the first node's own
+        listener; return its output, or raise :class:`StackError` with it."""
+        if self.secured is None or self._dist is None:
+            raise StackError("Kafka's admin tools run on a started secure stack (secure=True)")
+        argv = [self._dist.java, "-Xmx256m", "-XX:TieredStopAtLevel=1",
+                f"-Dlog4j2.configurationFile={self.data_dir / 'log4j2-tools.properties'}",
+                "-cp", self._dist.classpath, main, "--bootstrap-server", self.nodes[0].bootstrap,
+                "--command-config", str(self.tls_dir / "admin.properties"), *args]
+        done = subprocess.run(argv, capture_output=True, text=True,  # noqa: S603 - built here
+                              timeout=timeout_s, check=False)
+        if done.returncode != 0:
+            raise StackError(f"{main.rsplit('.', 1)[-1]} {' '.join(args[:2])} failed "
+                             f"({done.returncode}): {(done.stderr or done.stdout)[-1500:]}")
+        return done.stdout
+
+    def _make_secured(self) -> Secured:
+        """A new CA, a broker certificate for the loopback names, an admin password."""
+        self.tls_dir.mkdir(parents=True, exist_ok=True)
+        ca = make_ca(self.tls_dir)
+        secured = Secured(admin_password=secrets.token_urlsafe(18),
+                          keystore=make_server_cert(ca, self.tls_dir))
+        admin = self.tls_dir / "admin.properties"
+        admin.touch(mode=0o600)
+        admin.write_text(secured.admin_properties())
+        return secured
+
     def start(self) -> StackEndpoints:
         """Start every service and wait until each answers a real request."""
         try:
@@ -311,16 +383,20 @@ class LocalStack:
             nodes.append(KafkaNode(
                 node_id=i + 1, port=_claim_port(wanted, "Kafka"),
                 controller_port=free_port(), home=self.data_dir / f"node-{i + 1}",
-                sasl_port=free_port() if self.sasl_users else 0))
+                sasl_port=free_port() if self.sasl_users else 0,
+                tls_port=free_port() if self.secure else 0))
         return nodes
 
     def _start_on_ports(self) -> StackEndpoints:
         self.nodes = self._plan_nodes()
+        if self.secure and self.secured is None:
+            self.secured = self._make_secured()
         self.s3_port = _claim_port(self._s3_port_wanted, "S3")
         try:
             cluster_id = kafka_uuid()
             self.data_dir.mkdir(parents=True, exist_ok=True)
             (self.data_dir / "log4j2.properties").write_text(LOG4J2)
+            (self.data_dir / "log4j2-tools.properties").write_text(LOG4J2_TOOLS)
             for node in self.nodes:
                 self._prepare_node(node, cluster_id)
             for node in self.nodes:
@@ -352,7 +428,7 @@ class LocalStack:
         """Write the node's config and format its storage (skipped when already formatted)."""
         node.home.mkdir(parents=True, exist_ok=True)
         props = server_properties(node, self.nodes, overrides=self.kafka_config,
-                                  sasl_users=self.sasl_users)
+                                  sasl_users=self.sasl_users, secured=self.secured)
         node.properties_path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
         if (node.data_dir / "meta.properties").exists():
             return
@@ -426,7 +502,8 @@ class LocalStack:
 
     def under_replicated(self) -> list[str]:
         """``topic/partition`` of every partition with fewer in-sync replicas than replicas."""
-        return run_admin(self.endpoints.kafka_bootstrap, under_replicated)
+        return run_admin(self.endpoints.kafka_bootstrap, under_replicated,
+                         security=self.admin_security)
 
     def wait_in_sync(self, timeout_s: float = 120.0) -> float:
         """Wait until no partition is under-replicated; return the seconds it took. Raises
@@ -472,7 +549,8 @@ class LocalStack:
         self._wait_for("S3", self.s3, self._s3_ready)
         if self.warm_up:
             started = time.monotonic()
-            if error := kafka_warm_up(self.endpoints.kafka_bootstrap):
+            if error := kafka_warm_up(self.endpoints.kafka_bootstrap,
+                                      security=self.admin_security):
                 raise StackError(f"{error}; logs under {self.root / 'logs'}")
             self.warm_up_s = time.monotonic() - started
 
@@ -495,7 +573,7 @@ class LocalStack:
 
     def _kafka_ready(self) -> str:
         return kafka_probe(self.endpoints.kafka_bootstrap, brokers=len(self.nodes),
-                           create_topic=True)
+                           create_topic=True, security=self.admin_security)
 
     def _s3_ready(self) -> str:
         return s3_probe(self.endpoints, create_bucket=True)

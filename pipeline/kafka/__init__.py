@@ -8,6 +8,7 @@
 * :mod:`~pipeline.kafka.offsets` - which offsets are safe to commit.
 * :mod:`~pipeline.kafka.transactions` - exactly-once lanes: results and offsets of each input
   partition in one Kafka transaction, fenced per partition.
+* :mod:`~pipeline.kafka.acls` - the least-privilege ACLs of each process.
 * :mod:`~pipeline.kafka.topics` - the topic declarations, their creation and the partition-count
   check.
 * :mod:`~pipeline.kafka.partitioner` - key -> partition (murmur2, crc32) and the misrouting check.
@@ -19,6 +20,8 @@
 from pipeline import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
+    "acls": ["ROLES", "Grant", "LaneRights", "acl_arguments", "kafka_acls_commands",
+        "lane_rights", "role_grants"],
     "connection": ["PRODUCER_STATE_LOST", "ProducerHandle", "ProducerRetired", "client_kwargs",
         "make_consumer", "make_producer", "security_kwargs", "ssl_context", "start_reader",
         "topic_partitions"],

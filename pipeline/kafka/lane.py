@@ -51,7 +51,7 @@ from pipeline.kafka.connection import (
 )
 from pipeline.kafka.offsets import Chunk, OffsetTracker
 from pipeline.kafka.producer import BatchSender
-from pipeline.kafka.topics import ensure_topics, topic_specs
+from pipeline.kafka.topics import TopicSpec, ensure_topics, topic_specs
 from pipeline.kafka.transactions import FENCED, TransactionalSender, Transactions
 from pipeline.metrics import CONSUME_LAG, LANES
 from pipeline.settings import Settings
@@ -153,8 +153,12 @@ class Lane(Service):  # type: ignore[misc]
     def __init__(self, settings: Settings, name: str, handler: Handler, *,
                  max_in_flight_records: int | None = None,
                  max_records_per_fetch: int | None = None,
-                 consumer_overrides: dict[str, Any] | None = None) -> None:
+                 consumer_overrides: dict[str, Any] | None = None,
+                 topics: Sequence[TopicSpec] | None = None) -> None:
         super().__init__()
+        self.topic_specs = list(topics) if topics is not None else topic_specs(settings.lanes)
+        """The topics ensured at start: by default those of the worker's lanes (a process with
+        fewer Kafka rights, e.g. a service, gives the ones it uses: docs/security.md)."""
         self.consumer_overrides = consumer_overrides or {}
         if max_records_per_fetch is not None:
             self.max_records_per_fetch = max_records_per_fetch
@@ -188,7 +192,7 @@ class Lane(Service):  # type: ignore[misc]
         return f"Lane[{self.name}]"
 
     async def on_start(self) -> None:
-        await ensure_topics(self.settings, topic_specs(self.settings.lanes))
+        await ensure_topics(self.settings, self.topic_specs)
         # Renewed when the broker loses the producer's idempotence state (an expired producer
         # id, a topic deleted and re-created): the handle retires it and starts a new one.
         sender: BatchSender | TransactionalSender

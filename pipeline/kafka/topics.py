@@ -67,14 +67,15 @@ TOPICS: tuple[TopicSpec, ...] = (
 
 def topic_specs(lanes: Iterable[str] | None = None) -> list[TopicSpec]:
     """Specs of the topics the given lanes use (all when ``None``); the archive reads every
-    real-time result topic, the history agent reads ``fraud.requests``."""
+    real-time result topic, the history lane reads ``fraud.requests`` and writes the history
+    changelog (of the fraud lane, which tails it)."""
     if lanes is None:
         return list(TOPICS)
     wanted = set(lanes)
-    if "history" in wanted:
-        wanted.add("fraud")
     archive = "archive" in wanted
-    return [spec for spec in TOPICS if spec.lane in wanted or (archive and spec.results)]
+    history = {"fraud.requests", "fraud.history.changelog"} if "history" in wanted else set()
+    return [spec for spec in TOPICS
+            if spec.lane in wanted or (archive and spec.results) or spec.name in history]
 
 
 def archived_topics() -> list[str]:

@@ -52,7 +52,6 @@ class FraudCheckService(HttpService):
     name = "fraud-check"
     client: FraudClient
     result_topic = "fraud.scores"
-    topic_lanes = ("fraud",)
     title = "inferlane fraud-check service"
     description = ("Approve, review or decline a card transaction within a latency budget: the "
                    "fraud model's decision when the pipeline answers in time, a rules fallback "

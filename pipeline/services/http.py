@@ -36,7 +36,7 @@ from prometheus_client import (
 from pipeline.clients.laneclients import ReplyClient
 from pipeline.errors import TopicError
 from pipeline.kafka.lane import Lane
-from pipeline.kafka.topics import ensure_topics, topic_specs
+from pipeline.kafka.topics import ensure_topics, spec
 from pipeline.metrics import render as process_metrics
 from pipeline.services.openapi import Handler, Reply, Route, openapi_document
 from pipeline.services.stream import follow_results
@@ -183,8 +183,6 @@ class HttpService(ABC):
     name: str
     title: str
     description: str
-    topic_lanes: tuple[str, ...] | None = None
-    """Lanes whose missing topics the service creates before connecting (None: all)."""
     result_topic: str
     """The result topic the service follows in its own group (``<app_id>-<name>``)."""
     client: ReplyClient[Any]
@@ -236,7 +234,10 @@ class HttpService(ABC):
         return await self.client.ping()
 
     async def _connect(self) -> None:
-        await ensure_topics(self.settings, topic_specs(self.topic_lanes))
+        # The topics the service uses, no others (all its Kafka rights: docs/security.md).
+        request = self.client.request_topic
+        await ensure_topics(self.settings, [spec(request), spec(f"{request}.dlq"),
+                                            spec(self.result_topic)])
         await self.connect()
 
     # --- common routes ------------------------------------------------------------------------

@@ -78,7 +78,6 @@ class RecommendationService(HttpService):
     name = "recommendations"
     client: RecoClient
     result_topic = "reco.results"
-    topic_lanes = ("reco",)
     title = "inferlane recommendation service"
     description = ("A user's top-k items: fresh from the reco pipeline when it answers within "
                    "the deadline, else the latest ones read from `reco.results`, else the "

@@ -18,6 +18,7 @@ import orjson
 from aiokafka import TopicPartition
 
 from pipeline.kafka.lane import Lane, LaneContext, PartitionRecords
+from pipeline.kafka.topics import spec
 from pipeline.settings import Settings
 
 __all__ = ["BoundedStore", "ResultFollower", "follow_results"]
@@ -100,4 +101,5 @@ def follow_results(settings: Settings, name: str, topic: str,
                    on_result: Callable[[dict[str, Any]], None]) -> Lane:
     """A lane named ``name`` (group ``<app_id>-<name>``, member ``<worker_id>-<name>``) that
     feeds the results of logical ``topic`` to ``on_result``; start it with ``await .start()``."""
-    return Lane(settings, name, ResultFollower(settings.topic(topic), on_result))
+    return Lane(settings, name, ResultFollower(settings.topic(topic), on_result),
+                topics=[spec(topic)])
