@@ -22,9 +22,9 @@ from pipeline import lazy_exports
 __all__, __getattr__ = lazy_exports(__name__, {
     "acls": ["ROLES", "Grant", "LaneRights", "acl_arguments", "kafka_acls_commands",
         "lane_rights", "role_grants"],
-    "connection": ["PRODUCER_STATE_LOST", "ProducerHandle", "ProducerRetired", "client_kwargs",
-        "make_consumer", "make_producer", "security_kwargs", "ssl_context", "start_reader",
-        "topic_partitions"],
+    "connection": ["PRODUCER_STATE_LOST", "KafkaAccessError", "ProducerHandle", "ProducerRetired",
+        "client_kwargs", "connection_problem", "make_admin", "make_consumer", "make_producer",
+        "security_kwargs", "ssl_context", "start_reader", "topic_partitions"],
     "deadletter": ["RAW_MAX_BYTES", "dead_letter"],
     "faustapp": ["attach_lane", "broker_credentials", "create_app", "put_back"],
     "lane": ["Handler", "Lane", "LaneContext", "LaneStats", "PartitionRecords", "Record"],

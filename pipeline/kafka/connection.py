@@ -17,12 +17,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.conn import create_conn
 from aiokafka.errors import (
     InvalidProducerEpoch,
     InvalidProducerIdMapping,
+    KafkaConnectionError,
     KafkaError,
     OutOfOrderSequenceNumber,
+    SaslAuthenticationFailed,
     UnknownProducerId,
+    UnsupportedSaslMechanismError,
 )
 from aiokafka.helpers import create_ssl_context
 
@@ -31,9 +36,9 @@ from pipeline.settings import Settings
 
 T = TypeVar("T")
 
-__all__ = ["PRODUCER_STATE_LOST", "ProducerHandle", "ProducerRetired",
-           "client_kwargs", "make_consumer", "make_producer", "security_kwargs", "ssl_context",
-           "start_reader", "topic_partitions"]
+__all__ = ["PRODUCER_STATE_LOST", "KafkaAccessError", "ProducerHandle", "ProducerRetired",
+           "client_kwargs", "connection_problem", "make_admin", "make_consumer", "make_producer",
+           "security_kwargs", "ssl_context", "start_reader", "topic_partitions"]
 
 
 def client_kwargs(settings: Settings, *, client_id: str | None = None) -> dict[str, Any]:
@@ -93,7 +98,111 @@ def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
         "partitioner": producer_partitioner(settings.partitioner),
     }
     kwargs.update(overrides)
-    return AIOKafkaProducer(**kwargs)
+    producer = _Producer(**kwargs)
+    producer.inferlane_settings = settings
+    return producer
+
+
+def make_admin(settings: Settings, **overrides: Any) -> AIOKafkaAdminClient:
+    """An admin client (topic creation and checks)."""
+    admin = _Admin(**{**client_kwargs(settings), **overrides})
+    admin.inferlane_settings = settings
+    return admin
+
+
+class KafkaAccessError(KafkaConnectionError):  # type: ignore[misc]
+    """A client could reach no bootstrap address; the message says why, in the words of the
+    settings to check (from :func:`connection_problem`), and never holds a secret."""
+
+
+async def connection_problem(settings: Settings, timeout_s: float = 10.0) -> str:
+    """Connect to each bootstrap address of ``settings`` as every client of the pipeline does
+    (TLS, SASL handshake and authentication included); "" as soon as one works, else why each
+    one failed, naming the settings to check.
+
+    aiokafka logs the reason of a failed bootstrap and raises only ``Unable to bootstrap from
+    [...]``; this tells a refused password from an untrusted certificate or a closed port.
+    """
+    problems = []
+    kwargs = security_kwargs(settings)
+    for address in settings.kafka_bootstrap.split(","):
+        host, _, port = address.strip().rpartition(":")
+        try:
+            conn = await asyncio.wait_for(create_conn(
+                host.strip("[]"), int(port), client_id=f"{settings.app_id}-connection-check",
+                request_timeout_ms=int(timeout_s * 1000), **kwargs), timeout_s)
+        except (OSError, KafkaError, asyncio.TimeoutError, ValueError) as exc:
+            problems.append(_explain(settings, address.strip(), exc, timeout_s))
+            continue
+        conn.close()
+        return ""
+    return "; ".join(dict.fromkeys(problems))
+
+
+def _explain(settings: Settings, address: str, exc: BaseException, timeout_s: float) -> str:
+    """One failed connection in words: what happened and which settings decide it."""
+    protocol = f"INFERLANE_KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol}"
+    if isinstance(exc, SaslAuthenticationFailed):
+        return (f"Kafka at {address} refused the SASL/{settings.kafka_sasl_mechanism} login of "
+                f"user {settings.kafka_sasl_username!r}: check INFERLANE_KAFKA_SASL_USERNAME and "
+                f"INFERLANE_KAFKA_SASL_PASSWORD (the broker says: {_broker_says(exc)})")
+    if isinstance(exc, UnsupportedSaslMechanismError):
+        return (f"Kafka at {address} does not enable INFERLANE_KAFKA_SASL_MECHANISM="
+                f"{settings.kafka_sasl_mechanism} on this listener ({_broker_says(exc)})")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        cafile = settings.kafka_ssl_cafile or "unset, so the system CAs"
+        return (f"the TLS certificate of Kafka at {address} is not trusted "
+                f"({exc.verify_message}): INFERLANE_KAFKA_SSL_CAFILE ({cafile}) must hold the "
+                f"CA that signed the brokers' certificates")
+    if isinstance(exc, ssl.SSLError):
+        return (f"TLS with Kafka at {address} failed ({exc.reason or exc}); {protocol}: does "
+                f"this listener speak TLS?")
+    if isinstance(exc, asyncio.TimeoutError):
+        return (f"Kafka at {address} did not answer within {timeout_s:.0f}s; check "
+                f"INFERLANE_KAFKA_BOOTSTRAP and {protocol} (a TLS client on a plaintext "
+                f"listener waits like this)")
+    if isinstance(exc, OSError):
+        return (f"cannot connect to Kafka at {address} (INFERLANE_KAFKA_BOOTSTRAP): "
+                f"{exc.strerror or exc}")
+    if isinstance(exc, KafkaConnectionError):
+        return (f"Kafka at {address} closed the connection ({exc}); does {protocol} match "
+                f"this listener?")
+    return f"Kafka at {address}: {type(exc).__name__}: {exc}"
+
+
+def _broker_says(exc: BaseException) -> str:
+    """The broker's own words of a refusal, without aiokafka's class-name prefix."""
+    text = str(exc)
+    return text.split(": ", 1)[1] if text.startswith("[Error") and ": " in text else text
+
+
+class _ExplainedStart:
+    """A client whose failed bootstrap raises :class:`KafkaAccessError` with the reason."""
+
+    inferlane_settings: Settings
+
+    async def start(self) -> None:
+        try:
+            await super().start()  # type: ignore[misc]
+        except KafkaConnectionError as exc:
+            if isinstance(exc, KafkaAccessError) or "Unable to bootstrap" not in str(exc):
+                raise
+            problem = await connection_problem(self.inferlane_settings)
+            if not problem:
+                raise
+            raise KafkaAccessError(problem) from exc
+
+
+class _Producer(_ExplainedStart, AIOKafkaProducer):  # type: ignore[misc]
+    pass
+
+
+class _Consumer(_ExplainedStart, AIOKafkaConsumer):  # type: ignore[misc]
+    pass
+
+
+class _Admin(_ExplainedStart, AIOKafkaAdminClient):  # type: ignore[misc]
+    pass
 
 
 log = logging.getLogger(__name__)
@@ -239,7 +348,9 @@ def make_consumer(settings: Settings, lane: str, **overrides: Any) -> AIOKafkaCo
         "isolation_level": "read_committed",
     }
     kwargs.update(overrides)
-    return AIOKafkaConsumer(**kwargs)
+    consumer = _Consumer(**kwargs)
+    consumer.inferlane_settings = settings
+    return consumer
 
 
 async def start_reader(settings: Settings, client_id: str, **overrides: Any) -> AIOKafkaConsumer:
@@ -250,7 +361,8 @@ async def start_reader(settings: Settings, client_id: str, **overrides: Any) -> 
                               "max_partition_fetch_bytes": 4 * 1024 * 1024,
                               "isolation_level": "read_committed"}
     kwargs.update(overrides)
-    consumer = AIOKafkaConsumer(**kwargs)
+    consumer = _Consumer(**kwargs)
+    consumer.inferlane_settings = settings
     await consumer.start()
     return consumer
 

@@ -13,7 +13,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from pipeline.errors import StartCheckError, TopicError
-from pipeline.kafka.connection import client_kwargs
+from pipeline.kafka.connection import KafkaAccessError, make_admin
 from pipeline.settings import Settings
 
 __all__ = ["TOPICS", "Replication", "TopicSpec", "archived_topics", "check_partitions",
@@ -148,7 +148,7 @@ async def ensure_topics(
     :class:`~pipeline.errors.StartCheckError` when a keyed topic has the wrong partition count.
     """
     specs = list(specs if specs is not None else TOPICS)
-    admin = AIOKafkaAdminClient(**client_kwargs(settings), request_timeout_ms=int(timeout_s * 1000))
+    admin = make_admin(settings, request_timeout_ms=int(timeout_s * 1000))
     try:
         await asyncio.wait_for(admin.start(), timeout_s)
         existing = set(await admin.list_topics())
@@ -167,7 +167,8 @@ async def ensure_topics(
                                settings)
         return sorted(created)
     except (KafkaError, OSError, asyncio.TimeoutError) as exc:
-        raise TopicError(f"cannot ensure topics on {settings.kafka_bootstrap}: {exc!r}") from exc
+        detail = str(exc) if isinstance(exc, KafkaAccessError) else repr(exc)
+        raise TopicError(f"cannot ensure topics on {settings.kafka_bootstrap}: {detail}") from exc
     finally:
         await admin.close()
 

@@ -192,7 +192,8 @@ def test_broker_credentials_none_for_plaintext() -> None:
 
 # Each exception builds a client deliberately without client_kwargs; the reason is the value.
 _NOT_FROM_CLIENT_KWARGS = {
-    "pipeline/dev/kafkanode.py": "kafka_probe checks the local broker, plaintext by design",
+    "pipeline/dev/kafkanode.py": "the local stack's own probe, warm-up and admin calls: "
+                                 "plaintext, or a secure stack's admin user",
     "pipeline/bench/naive_faust.py": "benchmark baseline against the local stack only",
 }
 _CLIENT_CALL = re.compile(r"\b(AIOKafkaConsumer|AIOKafkaProducer|AIOKafkaAdminClient|"
