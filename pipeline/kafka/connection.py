@@ -26,10 +26,12 @@ from aiokafka.errors import (
     KafkaError,
     OutOfOrderSequenceNumber,
     SaslAuthenticationFailed,
+    TopicAuthorizationFailedError,
     UnknownProducerId,
     UnsupportedSaslMechanismError,
 )
 from aiokafka.helpers import create_ssl_context
+from aiokafka.protocol.metadata import MetadataRequest
 
 from pipeline.kafka.partitioner import producer_partitioner
 from pipeline.settings import Settings
@@ -37,8 +39,9 @@ from pipeline.settings import Settings
 T = TypeVar("T")
 
 __all__ = ["PRODUCER_STATE_LOST", "KafkaAccessError", "ProducerHandle", "ProducerRetired",
-           "client_kwargs", "connection_problem", "make_admin", "make_consumer", "make_producer",
-           "security_kwargs", "ssl_context", "start_reader", "topic_partitions"]
+           "client_kwargs", "connection_problem", "explained_start", "make_admin",
+           "make_consumer", "make_producer", "security_kwargs", "ssl_context", "start_reader",
+           "topic_partitions"]
 
 
 def client_kwargs(settings: Settings, *, client_id: str | None = None) -> dict[str, Any]:
@@ -158,7 +161,7 @@ def _explain(settings: Settings, address: str, exc: BaseException, timeout_s: fl
         return (f"TLS with Kafka at {address} failed ({exc.reason or exc}); {protocol}: does "
                 f"this listener speak TLS?")
     if isinstance(exc, asyncio.TimeoutError):
-        return (f"Kafka at {address} did not answer within {timeout_s:.0f}s; check "
+        return (f"Kafka at {address} did not answer within {timeout_s:g}s; check "
                 f"INFERLANE_KAFKA_BOOTSTRAP and {protocol} (a TLS client on a plaintext "
                 f"listener waits like this)")
     if isinstance(exc, OSError):
@@ -176,21 +179,27 @@ def _broker_says(exc: BaseException) -> str:
     return text.split(": ", 1)[1] if text.startswith("[Error") and ": " in text else text
 
 
+async def explained_start(settings: Settings, start: Awaitable[None]) -> None:
+    """``await start`` (a Kafka client's start); a failed bootstrap raises
+    :class:`KafkaAccessError` saying why (:func:`connection_problem`) instead."""
+    try:
+        await start
+    except KafkaConnectionError as exc:
+        if isinstance(exc, KafkaAccessError) or "Unable to bootstrap" not in str(exc):
+            raise
+        problem = await connection_problem(settings)
+        if not problem:
+            raise
+        raise KafkaAccessError(problem) from exc
+
+
 class _ExplainedStart:
     """A client whose failed bootstrap raises :class:`KafkaAccessError` with the reason."""
 
     inferlane_settings: Settings
 
     async def start(self) -> None:
-        try:
-            await super().start()  # type: ignore[misc]
-        except KafkaConnectionError as exc:
-            if isinstance(exc, KafkaAccessError) or "Unable to bootstrap" not in str(exc):
-                raise
-            problem = await connection_problem(self.inferlane_settings)
-            if not problem:
-                raise
-            raise KafkaAccessError(problem) from exc
+        await explained_start(self.inferlane_settings, super().start())  # type: ignore[misc]
 
 
 class _Producer(_ExplainedStart, AIOKafkaProducer):  # type: ignore[misc]
@@ -379,4 +388,24 @@ async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
     if known:
         return set(known)
     cluster = await consumer._client.fetch_all_metadata()
-    return set(cluster.partitions_for_topic(topic) or ())
+    found = set(cluster.partitions_for_topic(topic) or ())
+    if not found and await _describe_denied(consumer, topic):
+        settings = getattr(consumer, "inferlane_settings", None)
+        user = f"user {settings.kafka_sasl_username!r}" if settings is not None and \
+            settings.kafka_sasl_username else "this client's principal"
+        raise TopicAuthorizationFailedError(
+            f"topic {topic} exists for others, but {user} may not read or describe it: grant "
+            f"the ACLs of its role (`inferlane acls`, docs/security.md)")
+    return found
+
+
+async def _describe_denied(consumer: AIOKafkaConsumer, topic: str) -> bool:
+    """Whether the broker refuses this client the metadata of ``topic`` (an authorizer without
+    an ACL for it). A metadata request for all topics silently leaves such a topic out; only
+    one that names it gets the error, and aiokafka's consumer would retry it about every
+    millisecond without raising (measured against Kafka 4.4.0)."""
+    client = consumer._client
+    request = MetadataRequest([topic], allow_auto_topic_creation=False)
+    response = await client.send(client.get_random_node(), request)
+    return any(entry[1] == topic and entry[0] == TopicAuthorizationFailedError.errno
+               for entry in response.topics)

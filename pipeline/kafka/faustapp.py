@@ -28,9 +28,10 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import IllegalStateError
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaFaustConsumer
+from faust.transport.drivers.aiokafka import Producer as AIOKafkaFaustProducer
 
 from pipeline.errors import EXIT_LANE_CRASHED
-from pipeline.kafka.connection import ssl_context
+from pipeline.kafka.connection import explained_start, ssl_context
 from pipeline.kafka.lane import Lane
 from pipeline.kafka.supervisor import LaneSupervisor, lane_states
 from pipeline.metrics import CONTENT_TYPE_LATEST, render
@@ -71,6 +72,7 @@ def create_app(settings: Settings, *, datadir: Path | None = None) -> faust.App:
     # The transport is built lazily and is reachable from import-time code; its consumer is not
     # created yet, so every consumer of this app is ours.
     app.transport.Consumer = _Consumer  # type: ignore[misc]  # an instance attribute on purpose
+    app.transport.Producer = _explaining_producer(settings)  # type: ignore[misc]
     app.page("/metrics")(_metrics)
     app.page("/health")(_health)
     return app
@@ -171,6 +173,18 @@ class _ConsumerThread(AIOKafkaConsumerThread):  # type: ignore[misc]
                      "%d records in %d partitions put back", put, len(records))
             return {}
         return records
+
+
+def _explaining_producer(settings: Settings) -> type[AIOKafkaFaustProducer]:
+    """faust's aiokafka producer, whose failed bootstrap says why in the settings' words
+    (:func:`~pipeline.kafka.connection.explained_start`): it is the first Kafka client a
+    worker starts, so a refused password or an untrusted certificate ends the worker there."""
+
+    class Producer(AIOKafkaFaustProducer):  # type: ignore[misc]
+        async def on_start(self) -> None:
+            await explained_start(settings, super().on_start())
+
+    return Producer
 
 
 class _Consumer(AIOKafkaFaustConsumer):  # type: ignore[misc]

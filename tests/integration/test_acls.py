@@ -30,10 +30,15 @@ from pipeline.dev.loadgen import ResultReader, produce_transactions, snapshot_en
 from pipeline.dev.processes import WorkerProcess
 from pipeline.dev.stack import LocalStack, StackEndpoints
 from pipeline.dev.tls import make_ca
-from pipeline.errors import TopicError
+from pipeline.errors import StackError, TopicError
 from pipeline.features.cardhistory import CardHistory, from_bytes
 from pipeline.kafka.acls import acl_arguments, role_grants
-from pipeline.kafka.connection import KafkaAccessError, make_producer, start_reader
+from pipeline.kafka.connection import (
+    KafkaAccessError,
+    make_producer,
+    start_reader,
+    topic_partitions,
+)
 from pipeline.kafka.topics import ensure_topics
 from pipeline.settings import Settings
 from pipeline.training.synth import TransactionGenerator
@@ -142,6 +147,31 @@ async def test_a_worker_with_its_acls_only_scores_and_archives_over_sasl_ssl(
     _assert_no_secret(worker.log_text(), worker_user.password)
 
 
+async def test_an_exactly_once_worker_with_its_acls_only_commits_its_transactions(
+    test_env: EnvFactory, admin_env: dict[str, str], secure_stack: LocalStack,
+    worker_factory: WorkerFactory
+) -> None:
+    admin = await ready_settings({**admin_env, "INFERLANE_DELIVERY": "exactly_once"})
+    grants = role_grants("worker", admin, ("fraud",))
+    assert [g.name for g in grants if g.resource == "transactional-id"] == [
+        f"{admin.app_id}-fraud-"]
+    worker_user = new_user(secure_stack, "worker", admin, ("fraud",))
+    producer_user = new_user(secure_stack, "producer", admin)
+    worker = worker_factory(user_env(test_env, secure_stack, worker_user, lanes="fraud",
+                                     delivery="exactly_once"))
+    producer = settings_from(user_env(test_env, secure_stack, producer_user))
+    scores_topic = admin.topic("fraud.scores")
+    scores = ResultReader(admin, scores_topic, await snapshot_end_offsets(admin, scores_topic))
+    async with scores:  # read_committed: what the worker's transactions committed
+        report = await produce_transactions(producer, rate_per_s=500, count=300, seed=4)
+        assert not await scores.wait_for(set(report.valid_ids), timeout_s=60)
+    worker.terminate(timeout_s=20)
+    log = worker.log_text()
+    assert "exactly-once, transactions of" in log  # the lane ran transactional
+    assert f"for transactional id {admin.app_id}-fraud-{admin.topic('fraud.requests')}-" in log
+    assert denials(secure_stack, worker_user) == []
+
+
 async def test_a_history_worker_with_its_acls_only_keeps_the_history(
     test_env: EnvFactory, admin_env: dict[str, str], secure_stack: LocalStack,
     worker_factory: WorkerFactory
@@ -225,7 +255,7 @@ async def test_services_and_clients_with_their_acls_only_over_sasl_ssl(
 
 async def test_a_wrong_password_is_refused_with_an_error_naming_the_setting(
     test_env: EnvFactory, admin_env: dict[str, str], secure_stack: LocalStack,
-    caplog: pytest.LogCaptureFixture
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     admin = await ready_settings(admin_env)
     user = new_user(secure_stack, "producer", admin)
@@ -243,6 +273,13 @@ async def test_a_wrong_password_is_refused_with_an_error_naming_the_setting(
     assert "invalid credentials" in message  # the broker's own words
     with pytest.raises(TopicError, match="INFERLANE_KAFKA_SASL_PASSWORD"):
         await ensure_topics(settings, timeout_s=15)
+    # A worker exits at start with the same words in its log.
+    worker = WorkerProcess(env, tmp_path / "worker.log", cwd=REPO)
+    with pytest.raises(StackError, match="exited during start-up"):
+        worker.start(ready_timeout_s=60)
+    worker.terminate(timeout_s=10)
+    worker_log = worker.log_text()
+    assert "INFERLANE_KAFKA_SASL_PASSWORD" in worker_log
     # The command line says the same in one line, and exits non-zero.
     done = subprocess.run([sys.executable, "-m", "pipeline.cli", "topics", "create"],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=60,
@@ -250,7 +287,7 @@ async def test_a_wrong_password_is_refused_with_an_error_naming_the_setting(
     assert done.returncode != 0
     assert "INFERLANE_KAFKA_SASL_PASSWORD" in done.stdout + done.stderr
     for text in (caplog.text, "".join(traceback.format_exception(refused.value)),
-                 done.stdout, done.stderr):
+                 done.stdout, done.stderr, worker_log):
         _assert_no_secret(text, wrong, user.password)
 
 
@@ -271,12 +308,19 @@ async def test_without_its_acl_a_user_cannot_read_scores_or_write_requests(
         await writer.stop()
     reader = await start_reader(producer, "it-no-read")
     try:
+        with pytest.raises(TopicAuthorizationFailedError, match=(
+                f"topic {scores.topic} exists for others, but user '{producer_user.name}' "
+                f"may not read or describe it")):
+            await topic_partitions(reader, scores.topic)
         reader.assign([scores])
         reader.seek(scores, 0)
         # aiokafka logs "Topic ... is not authorized for this client" and fetches nothing.
         assert await reader.getmany(timeout_ms=3000) == {}
     finally:
         await reader.stop()
+    with pytest.raises(TopicAuthorizationFailedError):  # the pipeline's client says so
+        async with FraudClient(producer):
+            pass
     # No Read means no Describe either: the broker hides the topic's metadata from the user.
     assert any("operation = DESCRIBE" in line and scores.topic in line
                for line in denials(secure_stack, producer_user))
