@@ -53,6 +53,8 @@ from tests.integration.conftest import (
 from tests.integration.test_fraud_lane import _read_all, archived
 
 WorkerFactory = Callable[..., WorkerProcess]
+WORKER_LANES = ("fraud", "reco", "archive", "batch")
+"""The lanes of the worker whose ACL set docs/security.md gives (the history worker is apart)."""
 
 
 @pytest.fixture(scope="module")
@@ -123,10 +125,10 @@ async def test_a_worker_with_its_acls_only_scores_and_archives_over_sasl_ssl(
     worker_factory: WorkerFactory
 ) -> None:
     admin = await ready_settings(admin_env)  # the topics, created by the admin
-    lanes = ("fraud", "archive")
-    worker_user = new_user(secure_stack, "worker", admin, lanes)
+    worker_user = new_user(secure_stack, "worker", admin, WORKER_LANES)
     producer_user = new_user(secure_stack, "producer", admin)
-    worker = worker_factory(user_env(test_env, secure_stack, worker_user, lanes=",".join(lanes)))
+    worker = worker_factory(user_env(test_env, secure_stack, worker_user,
+                                     lanes=",".join(WORKER_LANES)))
     producer = settings_from(user_env(test_env, secure_stack, producer_user))
     scores_topic = admin.topic("fraud.scores")
     scores = ResultReader(admin, scores_topic, await snapshot_end_offsets(admin, scores_topic))
@@ -152,13 +154,13 @@ async def test_an_exactly_once_worker_with_its_acls_only_commits_its_transaction
     worker_factory: WorkerFactory
 ) -> None:
     admin = await ready_settings({**admin_env, "INFERLANE_DELIVERY": "exactly_once"})
-    grants = role_grants("worker", admin, ("fraud",))
+    grants = role_grants("worker", admin, WORKER_LANES)
     assert [g.name for g in grants if g.resource == "transactional-id"] == [
-        f"{admin.app_id}-fraud-"]
-    worker_user = new_user(secure_stack, "worker", admin, ("fraud",))
+        f"{admin.app_id}-fraud-", f"{admin.app_id}-reco-"]
+    worker_user = new_user(secure_stack, "worker", admin, WORKER_LANES)
     producer_user = new_user(secure_stack, "producer", admin)
-    worker = worker_factory(user_env(test_env, secure_stack, worker_user, lanes="fraud",
-                                     delivery="exactly_once"))
+    worker = worker_factory(user_env(test_env, secure_stack, worker_user,
+                                     lanes=",".join(WORKER_LANES), delivery="exactly_once"))
     producer = settings_from(user_env(test_env, secure_stack, producer_user))
     scores_topic = admin.topic("fraud.scores")
     scores = ResultReader(admin, scores_topic, await snapshot_end_offsets(admin, scores_topic))
@@ -223,9 +225,9 @@ async def test_services_and_clients_with_their_acls_only_over_sasl_ssl(
     worker_factory: WorkerFactory, service_factory: ServiceFactory
 ) -> None:
     admin = await ready_settings(admin_env)
-    worker_user = new_user(secure_stack, "worker", admin, ("fraud", "reco"))
+    worker_user = new_user(secure_stack, "worker", admin, WORKER_LANES)
     services_user = new_user(secure_stack, "services", admin)
-    worker_factory(user_env(test_env, secure_stack, worker_user, lanes="fraud,reco"))
+    worker_factory(user_env(test_env, secure_stack, worker_user, lanes=",".join(WORKER_LANES)))
     services_env = user_env(test_env, secure_stack, services_user)
     fraud_check = service_factory("fraud-check", services_env, "--budget-ms", "5000")
     recommendations = service_factory("recommendations", services_env, "--deadline-ms", "5000")

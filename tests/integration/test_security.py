@@ -4,8 +4,8 @@ password and an unsupported mechanism refused with clear errors that hold no sec
 never reach a log or an error, and the maximum message size dead-lettering an oversized record.
 
 The session broker (tests/integration/conftest.py) has a SASL_PLAINTEXT listener with one PLAIN
-user whose password is drawn per session; TLS and SCRAM users are covered by docs/security.md and
-the unit tests of the client arguments.
+user whose password is drawn per session; TLS, SCRAM users and ACLs are tested on a secure broker
+of their own (tests/integration/test_acls.py).
 """
 
 from __future__ import annotations

@@ -30,8 +30,9 @@ def test_readme_starts_with_the_two_commands() -> None:
 def test_every_documented_command_has_help() -> None:
     runner = CliRunner()
     for args in (["--help"], ["demo", "--help"], ["stack", "up", "--help"],
-                 ["topics", "create", "--help"], ["models", "build", "--help"],
-                 ["schemas", "export", "--help"], ["settings", "--help"],
+                 ["topics", "create", "--help"], ["acls", "--help"],
+                 ["models", "build", "--help"], ["schemas", "export", "--help"],
+                 ["settings", "--help"],
                  ["serve", "recommendations", "--help"]):
         result = runner.invoke(app, args)
         assert result.exit_code == 0, (args, result.output)
@@ -42,3 +43,18 @@ def test_test_file_names_are_unique_across_folders() -> None:
     # The test folders are not packages: two files with one name cannot be collected together.
     names = [p.name for p in (README.parent / "tests").rglob("test_*.py")]
     assert sorted(names) == sorted(set(names)), [n for n in set(names) if names.count(n) > 1]
+
+
+def test_security_docs_acl_commands_are_what_inferlane_acls_prints() -> None:
+    """docs/security.md's ACL sets are the output of the command they name (for the default
+    settings), so they are the sets the tests apply (tests/integration/test_acls.py)."""
+    text = (README.parent / "docs" / "security.md").read_text()
+    blocks = re.findall(r"<!-- ((?:INFERLANE_\w+=\S+ )*)inferlane acls (.+?) -->\n```sh\n(.*?)```",
+                        text, re.S)
+    assert len(blocks) == 6
+    runner = CliRunner()
+    for env_text, args, documented in blocks:
+        env = dict(pair.split("=", 1) for pair in env_text.split())
+        result = runner.invoke(app, ["acls", *args.split()], env=env)
+        assert result.exit_code == 0, result.output
+        assert documented == result.output, args
