@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -22,6 +23,9 @@ from pipeline.bench.cli import bench_app
 from pipeline.errors import InferlaneError
 from pipeline.services.cli import serve_app
 from pipeline.settings import load_settings
+
+if TYPE_CHECKING:
+    from pipeline.kafka.acls import Grant
 
 __all__ = ["app", "main"]
 
@@ -65,11 +69,14 @@ def stack_up(
     warm_up: Annotated[bool, typer.Option(
         help="Send a burst of real requests before returning, so the first events meet a "
              "warm broker.")] = True,
+    secure: Annotated[bool, typer.Option(
+        help="TLS listener with SCRAM users and the standard authorizer (ACLs); the exports "
+             "are the stack admin's, for `inferlane topics create` and `stack user`.")] = False,
 ) -> None:
     """Start Apache Kafka (KRaft) and the S3 server in the background; print the environment.
 
     The broker's jars come from `make install` (Maven, cached in ~/.cache/inferlane); Java 17+
-    runs them. Logs: <root>/logs; data: <root>/kafka.
+    runs them. Logs: <root>/logs; data: <root>/kafka; a secure stack's CA: <root>/tls/ca.pem.
     """
     from pipeline.dev.kafkanode import JIT_MODES
     from pipeline.dev.stack import LocalStack
@@ -79,13 +86,51 @@ def stack_up(
                                  param_hint="--jit")
     if (existing := LocalStack.attach(root)) is not None:
         raise InferlaneError(f"a stack already runs from {root}: `inferlane stack down` first")
-    endpoints = LocalStack(root, kafka_port=kafka_port, s3_port=s3_port, fresh=fresh,
-                           brokers=brokers, jit=jit, warm_up=warm_up).start()
+    stack = LocalStack(root, kafka_port=kafka_port, s3_port=s3_port, fresh=fresh,
+                       brokers=brokers, jit=jit, warm_up=warm_up, secure=secure)
+    stack.start()
     del existing
     err_console.print(f"[green]stack up[/] (state in {root / 'stack.json'}); exports on stdout, "
                       f'so `eval "$(inferlane stack up)"` sets them:')
-    for key, value in endpoints.env().items():
-        typer.echo(f"export {key}={value}")
+    if secure:
+        err_console.print(f"secure: applications connect to {stack.tls_bootstrap} (SASL_SSL) "
+                          "as users of `inferlane stack user NAME --role ROLE`; these exports "
+                          "are the stack admin's")
+    _print_exports(stack.operator_env())
+
+
+def _print_exports(env: dict[str, str]) -> None:
+    for key, value in env.items():
+        typer.echo(f"export {key}={shlex.quote(value)}")
+
+
+@stack_app.command("user")
+def stack_user(
+    name: Annotated[str, typer.Argument(help="The SCRAM user to create (or reset).")],
+    role: Annotated[str, typer.Option(
+        help="Its ACL set (`inferlane acls`): worker, services, producer or batch-client")],
+    lanes: Annotated[str, typer.Option(
+        help="A worker's lanes, comma-separated (default: INFERLANE_LANES)")] = "",
+    root: StackDir = _DEFAULT_STACK_DIR,
+) -> None:
+    """On a secure stack: create SCRAM-SHA-512 user NAME with a new password and the ACLs of
+    ROLE for the current INFERLANE_* settings; print the exports that connect as it."""
+    import secrets
+
+    from pipeline.dev.stack import LocalStack
+    from pipeline.kafka.acls import acl_arguments
+
+    stack = LocalStack.attach(root)
+    if stack is None or stack.secured is None:
+        raise InferlaneError(f"no secure stack runs from {root}: `inferlane stack up --secure`")
+    grants = _role_grants(role, lanes)
+    password = secrets.token_urlsafe(18)
+    tools = stack.tools
+    tools.add_scram_user(name, password)
+    for args in acl_arguments(f"User:{name}", grants):
+        tools.acls(*args)
+    err_console.print(f"[green]user {name}[/]: SCRAM-SHA-512, {len(grants)} ACLs of role {role}")
+    _print_exports(stack.user_env(name, password))
 
 
 @stack_app.command("down")
@@ -181,15 +226,21 @@ def acls(
 ) -> None:
     """Print the least-privilege ACLs of one process as kafka-acls.sh commands (topic names,
     groups and transactional ids from the current INFERLANE_* settings; docs/security.md)."""
-    from pipeline.kafka.acls import ROLES, kafka_acls_commands, role_grants
+    from pipeline.kafka.acls import kafka_acls_commands
+
+    typer.echo(kafka_acls_commands(principal, _role_grants(role, lanes), bootstrap=bootstrap,
+                                   command_config=command_config))
+
+
+def _role_grants(role: str, lanes: str) -> list[Grant]:
+    """The ACL grants of ``role`` for the current settings (a worker's ``lanes`` if given)."""
+    from pipeline.kafka.acls import ROLES, role_grants
 
     if role not in ROLES:
         raise InferlaneError(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
     if lanes and role != "worker":
         raise InferlaneError("--lanes is for the worker role only")
-    settings = load_settings(**({"lanes": lanes} if lanes else {}))
-    typer.echo(kafka_acls_commands(principal, role_grants(role, settings), bootstrap=bootstrap,
-                                   command_config=command_config))
+    return role_grants(role, load_settings(**({"lanes": lanes} if lanes else {})))
 
 
 @models_app.command("build")

@@ -4,6 +4,7 @@
 * :mod:`~pipeline.dev.stack` - the local stack: KRaft Kafka node(s) and the S3 server.
 * :mod:`~pipeline.dev.kafkanode` - one node's ``server.properties``, JVM settings, readiness probe.
 * :mod:`~pipeline.dev.tls` - a throwaway CA and broker certificate for a TLS listener.
+* :mod:`~pipeline.dev.kafkatools` - a secure stack's CA, admin, and Kafka's admin tools.
 * :mod:`~pipeline.dev.processes` - workers and services as child processes.
 * :mod:`~pipeline.dev.loadgen`, :mod:`~pipeline.dev.recogen` - load generators.
 * :mod:`~pipeline.dev.demo` - ``make demo``.
@@ -18,6 +19,7 @@ __all__, __getattr__ = lazy_exports(__name__, {
         "KafkaNode", "QuorumState", "Secured", "heap_from_env", "jit_from_env", "kafka_probe",
         "kafka_uuid", "kafka_warm_up", "partition_leaders", "quorum_state", "run_admin",
         "server_properties", "under_replicated"],
+    "kafkatools": ["ADMIN_PROPERTIES", "KafkaTools", "make_secured"],
     "kafkadist": ["KAFKA_VERSION", "MIN_JAVA", "KafkaDist", "PrerequisiteError", "cache_dir",
         "ensure_kafka", "find_kafka", "java_major"],
     "loadgen": ["FRAUD", "RECO", "HistoryTransactionSource", "ProduceReport", "RequestSource",

@@ -22,7 +22,6 @@ import concurrent.futures
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -57,7 +56,7 @@ from pipeline.dev.kafkanode import (
     server_properties,
     under_replicated,
 )
-from pipeline.dev.tls import make_ca, make_server_cert
+from pipeline.dev.kafkatools import ADMIN_PROPERTIES, KafkaTools, make_secured
 from pipeline.errors import PortInUseError, PrerequisiteMissingError, StackError
 
 __all__ = ["DUMMY_S3_KEY", "LocalStack", "ManagedProcess", "StackEndpoints", "bench_stack",
@@ -217,7 +216,7 @@ class LocalStack:
     properties; ``sasl_users`` (name → password) adds a SASL_PLAINTEXT listener on every node;
     ``secure`` runs every node as :class:`~pipeline.dev.kafkanode.Secured` (a TLS listener with
     a certificate of a CA made for the stack, SCRAM users, the authorizer with ACLs: see
-    :meth:`add_scram_user`, :meth:`kafka_acls`);
+    :attr:`tools`);
     ``jit`` is the brokers' JIT mode (:data:`~pipeline.dev.kafkanode.JIT_MODES`; default
     ``INFERLANE_STACK_KAFKA_JIT`` or ``quick``: the benchmarks pass ``peak``); ``warm_up`` sends
     a burst of real requests before :meth:`start` returns, so the first events do not meet a
@@ -318,43 +317,37 @@ class LocalStack:
         the admin user on a secure stack, none on a plaintext one."""
         return self.secured.admin_client_kwargs() if self.secured is not None else {}
 
-    def add_scram_user(self, name: str, password: str) -> None:
-        """Create (or reset) SCRAM-SHA-512 user ``name`` on a secure stack, through the Admin
-        API (AlterUserScramCredentials) as Kafka's ``kafka-configs.sh`` does."""
-        self.kafka_tool("org.apache.kafka.tools.ConfigCommand", "--alter", "--add-config",
-                        f"SCRAM-SHA-512=[iterations=4096,password={password}]",
-                        "--entity-type", "users", "--entity-name", name)
+    @property
+    def tools(self) -> KafkaTools:
+        """Kafka's admin tools (SCRAM users, ACLs) as a started secure stack's admin."""
+        if self.secured is None or not self.nodes:
+            raise StackError("Kafka's admin tools run on a started secure stack "
+                             "(`inferlane stack up --secure`)")
+        return KafkaTools(self._kafka_dist(), self.nodes[0].bootstrap,
+                          self.tls_dir / ADMIN_PROPERTIES,
+                          self.data_dir / "log4j2-tools.properties")
 
-    def kafka_acls(self, *args: str) -> str:
-        """Run Kafka's ACL tool (``kafka-acls.sh``) as the admin with ``args``."""
-        return self.kafka_tool("org.apache.kafka.tools.AclCommand", *args)
+    def operator_env(self) -> dict[str, str]:
+        """:meth:`StackEndpoints.env`, and on a secure stack the admin's settings on the node's
+        own listener (SASL_PLAINTEXT/PLAIN): what ``inferlane topics create`` runs with."""
+        env = self.endpoints.env()
+        if self.secured is not None:
+            env.update({"INFERLANE_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+                        "INFERLANE_KAFKA_SASL_MECHANISM": "PLAIN",
+                        "INFERLANE_KAFKA_SASL_USERNAME": self.secured.admin_user,
+                        "INFERLANE_KAFKA_SASL_PASSWORD": self.secured.admin_password})
+        return env
 
-    def kafka_tool(self, main: str, *args: str, timeout_s: float = 60.0) -> str:
-        """Run one of Kafka's admin tools as the secure stack's admin, on the first node's own
-        listener; return its output, or raise :class:`StackError` with it."""
-        if self.secured is None or self._dist is None:
-            raise StackError("Kafka's admin tools run on a started secure stack (secure=True)")
-        argv = [self._dist.java, "-Xmx256m", "-XX:TieredStopAtLevel=1",
-                f"-Dlog4j2.configurationFile={self.data_dir / 'log4j2-tools.properties'}",
-                "-cp", self._dist.classpath, main, "--bootstrap-server", self.nodes[0].bootstrap,
-                "--command-config", str(self.tls_dir / "admin.properties"), *args]
-        done = subprocess.run(argv, capture_output=True, text=True,  # noqa: S603 - built here
-                              timeout=timeout_s, check=False)
-        if done.returncode != 0:
-            raise StackError(f"{main.rsplit('.', 1)[-1]} {' '.join(args[:2])} failed "
-                             f"({done.returncode}): {(done.stderr or done.stdout)[-1500:]}")
-        return done.stdout
-
-    def _make_secured(self) -> Secured:
-        """A new CA, a broker certificate for the loopback names, an admin password."""
-        self.tls_dir.mkdir(parents=True, exist_ok=True)
-        ca = make_ca(self.tls_dir)
-        secured = Secured(admin_password=secrets.token_urlsafe(18),
-                          keystore=make_server_cert(ca, self.tls_dir))
-        admin = self.tls_dir / "admin.properties"
-        admin.touch(mode=0o600)
-        admin.write_text(secured.admin_properties())
-        return secured
+    def user_env(self, name: str, password: str) -> dict[str, str]:
+        """:meth:`StackEndpoints.env` for SCRAM user ``name`` of a secure stack, on its TLS
+        listener, trusting the stack's CA."""
+        if self.secured is None:
+            raise StackError("users live on a secure stack (`inferlane stack up --secure`)")
+        return {**self.endpoints.env(), "INFERLANE_KAFKA_BOOTSTRAP": self.tls_bootstrap,
+                "INFERLANE_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+                "INFERLANE_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+                "INFERLANE_KAFKA_SASL_USERNAME": name, "INFERLANE_KAFKA_SASL_PASSWORD": password,
+                "INFERLANE_KAFKA_SSL_CAFILE": str(self.ca_file)}
 
     def start(self) -> StackEndpoints:
         """Start every service and wait until each answers a real request."""
@@ -390,7 +383,7 @@ class LocalStack:
     def _start_on_ports(self) -> StackEndpoints:
         self.nodes = self._plan_nodes()
         if self.secure and self.secured is None:
-            self.secured = self._make_secured()
+            self.secured = make_secured(self.tls_dir)
         self.s3_port = _claim_port(self._s3_port_wanted, "S3")
         try:
             cluster_id = kafka_uuid()
@@ -447,7 +440,17 @@ class LocalStack:
                 return node
         raise StackError(f"no Kafka node {node_id} (nodes: {[n.node_id for n in self.nodes]})")
 
+    def _kafka_dist(self) -> KafkaDist:
+        """The broker's jars and java (found again for a stack attached from its state file)."""
+        if self._dist is None:
+            try:
+                self._dist = find_kafka()
+            except PrerequisiteError as exc:
+                raise PrerequisiteMissingError(str(exc)) from exc
+        return self._dist
+
     def _start_node(self, node: KafkaNode) -> ManagedProcess:
+        self._kafka_dist()
         proc = ManagedProcess(
             f"kafka-{node.node_id}",
             self._java_argv("kafka.Kafka", str(node.properties_path)),
@@ -475,11 +478,6 @@ class LocalStack:
         old = self.brokers.get(node_id)
         if old is not None and old.alive:
             raise StackError(f"Kafka node {node_id} is running")
-        if self._dist is None:  # a stack attached from its state file
-            try:
-                self._dist = find_kafka()
-            except PrerequisiteError as exc:
-                raise PrerequisiteMissingError(str(exc)) from exc
         proc = self._start_node(node)
         self._wait_for(f"kafka node {node_id}", proc, self._kafka_ready)
         self._save_state()
@@ -585,12 +583,16 @@ class LocalStack:
             "nodes": [{**asdict(n), "home": str(n.home)} for n in self.nodes],
             "kafka_heap_mb": self.kafka_heap_mb,
             "jit": self.jit,
+            "secured": ({**asdict(self.secured), "keystore": str(self.secured.keystore)}
+                        if self.secured is not None else None),
             "processes": {
                 proc.name: {"pid": proc.pid, "argv": proc.argv, "log": str(proc.log_path)}
                 for proc in (*self.brokers.values(), self.s3) if proc is not None
             },
         }
-        (self.root / _STATE_FILE).write_text(json.dumps(state, indent=2))
+        path = self.root / _STATE_FILE
+        path.touch(mode=0o600)  # a secure stack's admin password is in it
+        path.write_text(json.dumps(state, indent=2))
 
     @classmethod
     def attach(cls, root: Path) -> LocalStack | None:
@@ -603,7 +605,9 @@ class LocalStack:
         nodes = [KafkaNode(**{**n, "home": Path(n["home"])}) for n in state.get("nodes", [])]
         stack = cls(root, bucket=endpoints.s3_bucket, brokers=max(1, len(nodes)),
                     kafka_heap_mb=int(state.get("kafka_heap_mb", KAFKA_HEAP_MB)),
-                    jit=str(state.get("jit", "quick")))
+                    jit=str(state.get("jit", "quick")), secure=bool(state.get("secured")))
+        if secured := state.get("secured"):
+            stack.secured = Secured(**{**secured, "keystore": Path(secured["keystore"])})
         stack.nodes = nodes
         stack.s3_port = int(endpoints.s3_endpoint_url.rsplit(":", 1)[1])
         for name, info in state["processes"].items():
@@ -622,17 +626,20 @@ class LocalStack:
         under-replicated partitions, for ``inferlane stack status``."""
         bootstrap = ",".join(n.bootstrap for n in self.nodes if self.node_alive(n.node_id))
         error = kafka_probe(bootstrap or self.endpoints.kafka_bootstrap,
-                            brokers=len(self.nodes)) or None
+                            brokers=len(self.nodes), security=self.admin_security) or None
         behind: list[str] | None = None
         behind_error = None
         if bootstrap:
             try:
-                behind = run_admin(bootstrap, under_replicated, timeout_s=10.0)
+                behind = run_admin(bootstrap, under_replicated, timeout_s=10.0,
+                                   security=self.admin_security)
             except Exception as exc:  # noqa: BLE001 - reported in the status, not raised
                 behind_error = repr(exc)
         return {
             "endpoints": asdict(self.endpoints),
             "kafka": {
+                "secure": {"tls_bootstrap": self.tls_bootstrap, "ca_file": str(self.ca_file)}
+                if self.secured is not None else None,
                 "nodes": {str(n.node_id): {
                     "pid": self.brokers[n.node_id].pid if n.node_id in self.brokers else None,
                     "alive": self.node_alive(n.node_id),

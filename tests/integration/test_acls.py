@@ -100,9 +100,9 @@ def new_user(stack: LocalStack, role: str, settings: Settings,
              lanes: tuple[str, ...] | None = None) -> User:
     """A SCRAM user of its own with the ACL set of ``role`` (as `inferlane acls` prints it)."""
     user = User(f"{role}-{uuid.uuid4().hex[:8]}", f"pw-{secrets.token_urlsafe(12)}")
-    stack.add_scram_user(user.name, user.password)
+    stack.tools.add_scram_user(user.name, user.password)
     for args in acl_arguments(f"User:{user.name}", role_grants(role, settings, lanes)):
-        stack.kafka_acls(*args)
+        stack.tools.acls(*args)
     return user
 
 

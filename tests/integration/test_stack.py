@@ -1,5 +1,5 @@
-"""The embedded local stack as users drive it: ``inferlane stack up|status|down`` in a
-subprocess, clear errors for a taken port, and no process left behind.
+"""The embedded local stack as users drive it: ``inferlane stack up|status|down|user`` in a
+subprocess (``--secure`` too), clear errors for a taken port, and no process left behind.
 """
 
 from __future__ import annotations
@@ -16,10 +16,13 @@ from pathlib import Path
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import TopicAuthorizationFailedError
 
 from pipeline.dev.kafkanode import kafka_probe
 from pipeline.dev.stack import LocalStack, _pid_alive
 from pipeline.errors import PortInUseError, PrerequisiteMissingError
+from pipeline.kafka.connection import make_producer
+from pipeline.settings import load_settings
 
 CLI = [sys.executable, "-m", "pipeline.cli"]
 
@@ -56,6 +59,55 @@ def test_stack_up_status_down_leaves_nothing_behind(tmp_path: Path) -> None:
         time.sleep(0.05)
     assert not [pid for pid in pids if _pid_alive(pid)], "stack down left processes running"
     assert _cli("stack", "status", "--dir", str(root), check=False).returncode == 1
+
+
+def _exports(stdout: str) -> dict[str, str]:
+    return dict(line.removeprefix("export ").split("=", 1) for line in stdout.splitlines()
+                if line.startswith("export "))
+
+
+def test_a_secure_stack_by_hand_topics_a_user_and_its_rights(tmp_path: Path) -> None:
+    """`stack up --secure` prints the admin's exports; `stack user` makes a SCRAM user with a
+    role's ACLs and prints its exports; that user can do what its role may, and only that."""
+    root = tmp_path / "secure"
+    admin = _exports(_cli("stack", "up", "--secure", "--dir", str(root)).stdout)
+    try:
+        assert admin["INFERLANE_KAFKA_SECURITY_PROTOCOL"] == "SASL_PLAINTEXT"
+        assert (root / "stack.json").stat().st_mode & 0o077 == 0  # the admin password is in it
+        env = {**os.environ, **admin, "INFERLANE_TOPIC_PREFIX": "by-hand."}
+        created = subprocess.run([*CLI, "topics", "create"], env=env, capture_output=True,
+                                 text=True, timeout=120, check=True)
+        assert "by-hand.fraud.requests" in created.stdout
+        user = _exports(subprocess.run(
+            [*CLI, "stack", "user", "team-a", "--role", "producer", "--dir", str(root)],
+            env=env, capture_output=True, text=True, timeout=120, check=True).stdout)
+        assert user["INFERLANE_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+        assert user["INFERLANE_KAFKA_SASL_USERNAME"] == "team-a"
+        assert Path(user["INFERLANE_KAFKA_SSL_CAFILE"]) == root / "tls" / "ca.pem"
+        report = json.loads(_cli("stack", "status", "--dir", str(root)).stdout)
+        assert report["kafka"]["error"] is None
+        assert report["kafka"]["secure"]["tls_bootstrap"] == user["INFERLANE_KAFKA_BOOTSTRAP"]
+        settings = load_settings(**{k[len("INFERLANE_"):].lower(): v for k, v in user.items()},
+                                 topic_prefix="by-hand.")
+
+        async def produce() -> None:
+            producer = make_producer(settings)
+            await producer.start()
+            try:
+                await producer.send_and_wait("by-hand.fraud.requests", b"{}", key=b"k")
+                with pytest.raises(TopicAuthorizationFailedError):  # not a producer's topic
+                    await producer.send_and_wait("by-hand.fraud.scores", b"{}", key=b"k")
+            finally:
+                await producer.stop()
+        asyncio.run(produce())
+        refused = subprocess.run([*CLI, "stack", "user", "x", "--role", "admin", "--dir",
+                                  str(root)], capture_output=True, text=True, timeout=60)
+        assert refused.returncode != 0 and "unknown role 'admin'" in refused.stdout
+    finally:
+        _cli("stack", "down", "--dir", str(root))
+    plain = _cli("stack", "user", "x", "--role", "producer", "--dir", str(tmp_path / "none"),
+                 check=False)
+    assert plain.returncode != 0 and "no secure stack runs" in plain.stdout
 
 
 def _warm_up_committed(bootstrap: str) -> int:
