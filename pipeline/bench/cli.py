@@ -79,14 +79,14 @@ def _results_folder(out: Path | None, kind: str = "") -> Path:
 def _config(impl: str, rates: str | None, duration: float | None, drain_events: int | None,
             out: Path | None, poisson: bool, quick: bool, warmup: float,
             result_timeout: float, seed: int, drain_workers: int = 1, workers: int = 1,
-            brokers: int = 1) -> BenchConfig:
+            brokers: int = 1, secure: bool = False) -> BenchConfig:
     preset = _QUICK if quick else _FULL
     impls = _impls(impl)
     if max(drain_workers, workers) > 1 and any(IMPLS[key].yardstick for key in impls):
         raise typer.BadParameter("--drain-workers / --workers > 1 run inferlane's own workers: "
                                  "--impl a or r only")
     return BenchConfig(
-        drain_workers=drain_workers, workers=workers, brokers=brokers,
+        drain_workers=drain_workers, workers=workers, brokers=brokers, secure=secure,
         impls=impls,
         rates=_rates(rates) if rates is not None else preset.rates,
         duration_s=duration if duration is not None else preset.duration_s,
@@ -157,10 +157,13 @@ def run(
     brokers: Annotated[int, typer.Option(
         help="Kafka nodes of the local stack (3 = replication factor 3, min.insync 2).",
         min=1, max=5)] = 1,
+    secure: Annotated[bool, typer.Option(
+        help="A secure stack: every client over TLS with SCRAM-SHA-512, the authorizer "
+             "checking ACLs (to measure what security costs).")] = False,
 ) -> None:
     """Run the scenarios on a fresh local stack and write the results folder."""
     config = _config(impl, rates, duration, drain_events, out, poisson, quick, warmup,
-                     result_timeout, seed, drain_workers, workers, brokers)
+                     result_timeout, seed, drain_workers, workers, brokers, secure)
     raise typer.Exit(_run(config))
 
 

@@ -29,6 +29,7 @@ from pipeline.inference.fraudscore import Thresholds, decide
 from pipeline.inference.model import OnnxScorer
 from pipeline.inference.serving import fraud_model_path
 from pipeline.kafka.deadletter import dead_letter
+from pipeline.kafka.faustapp import broker_credentials
 from pipeline.settings import load_settings
 from schemas import Transaction, validate_record
 
@@ -39,6 +40,7 @@ settings.state_dir.mkdir(parents=True, exist_ok=True)  # faust creates only the 
 app = faust.App(
     settings.app_id,
     broker=[f"kafka://{host.strip()}" for host in settings.kafka_bootstrap.split(",")],
+    broker_credentials=broker_credentials(settings),  # TLS/SASL as the lanes have it
     broker_session_timeout=10.0,
     datadir=str(settings.state_dir / "naive-faust"),
 )

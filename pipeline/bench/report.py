@@ -45,6 +45,8 @@ class BenchConfig:
     """Worker processes of the SUT in the rate scenarios (the same group, sharing partitions)."""
     brokers: int = 1
     """Kafka nodes of the local stack (3: replication factor 3, min.insync.replicas 2)."""
+    secure: bool = False
+    """Every client over TLS with SCRAM-SHA-512, the broker's authorizer checking ACLs."""
     reco_k: int = 10
     """Reco lane scenarios: ``k`` of every request."""
     reco_candidate_fraction: float = 0.2
@@ -173,6 +175,11 @@ def _intro(run: BenchRun) -> list[str]:
         f"({machine.get('cpu_count')} CPUs, {machine.get('cpu_model')}); load generator and "
         "result reader (a separate process) share the machine with the system under test.", "",
     ]
+    if cfg.secure:
+        lines += ["Secure stack: every client (system under test, load generator, reader) "
+                  "connects over TLS (SASL_SSL) as a SCRAM-SHA-512 user, and the broker's "
+                  "standard authorizer checks each request against ACLs (prefixed `All` on the "
+                  "run's topics, groups and transactional ids).", ""]
     lines += [f"- **{key}**: {label}" for key, label in run.labels.items()]
     if "r" in run.labels:
         lines += ["", f"Reco requests: users uniform over the model's users, k = {cfg.reco_k}, "
@@ -243,7 +250,8 @@ def rich_table(run: BenchRun) -> Table:
     """The main table for the terminal."""
     cfg = run.config
     layout = "".join([f", {cfg.workers} workers" if cfg.workers > 1 else "",
-                      f", {cfg.brokers} brokers" if cfg.brokers > 1 else ""])
+                      f", {cfg.brokers} brokers" if cfg.brokers > 1 else "",
+                      ", SASL_SSL + ACLs" if cfg.secure else ""])
     table = Table(title=f"inferlane bench ({run.started_at}{layout})")
     for i, column in enumerate(_MAIN_COLUMNS):
         table.add_column(column, justify="left" if i < 2 else "right")

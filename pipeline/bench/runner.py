@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import shutil
 import time
 from collections.abc import Callable
@@ -45,7 +46,7 @@ from pipeline.bench.sut import (
 from pipeline.bench.traffic import Arrivals, SentLog, preload, produce_open_loop
 from pipeline.dev.loadgen import RECO, RequestSource, TransactionSource
 from pipeline.dev.recogen import RecoRequestSource
-from pipeline.dev.stack import bench_stack
+from pipeline.dev.stack import LocalStack, bench_stack
 from pipeline.errors import InferlaneError
 from pipeline.inference.serving import model_path_now
 from pipeline.kafka.topics import ensure_topics
@@ -89,7 +90,7 @@ def new_run(config: BenchConfig) -> BenchRun:
 def run_bench(run: BenchRun, console: Console) -> BenchRun:
     """Run every requested implementation and scenario, filling ``run`` as results come."""
     config = run.config
-    stack = bench_stack(config.out / "stack", brokers=config.brokers)
+    stack = bench_stack(config.out / "stack", brokers=config.brokers, secure=config.secure)
     console.print(f"[bold]inferlane bench[/] -> {config.out}")
     try:
         # The readiness probe's refused connections are expected; aiokafka would print them.
@@ -103,11 +104,12 @@ def run_bench(run: BenchRun, console: Console) -> BenchRun:
         console.print(f"  local stack: {config.brokers} broker(s) {endpoints.kafka_bootstrap} "
                       f"(JIT {stack.jit}, warmed up in {stack.warm_up_s or 0:.1f}s)")
         tag = datetime.now(timezone.utc).strftime("%H%M%S")
+        base_env = _bench_user(stack, tag) if config.secure else endpoints.env()
         foreign = ForeignCpuSampler(os.getpid())
         foreign.start()
         brokers = [CpuSampler(proc.pid, interval_s=0.1).start()
                    for proc in stack.brokers.values() if proc.pid is not None]
-        ctx = _Ctx(config, endpoints.env(), tag, console, run, foreign, brokers)
+        ctx = _Ctx(config, base_env, tag, console, run, foreign, brokers)
         try:
             for impl in config.impls:
                 if config.rates:
@@ -124,6 +126,18 @@ def run_bench(run: BenchRun, console: Console) -> BenchRun:
         shutil.rmtree(config.out / "work", ignore_errors=True)
         run.finished_at = _utc_now()
     return run
+
+
+def _bench_user(stack: LocalStack, tag: str) -> dict[str, str]:
+    """On a secure stack: a SCRAM user allowed everything on this run's topics, groups and
+    transactional ids (``bench<tag>`` prefixes, :func:`~pipeline.bench.sut.impl_env`) and
+    the environment that connects as it over TLS."""
+    password = secrets.token_urlsafe(18)
+    stack.tools.add_scram_user("bench", password)
+    stack.tools.acls("--add", "--allow-principal", "User:bench", "--operation", "All",
+                     "--resource-pattern-type", "prefixed", "--topic", f"bench{tag}",
+                     "--group", f"bench{tag}", "--transactional-id", f"bench{tag}")
+    return stack.user_env("bench", password)
 
 
 def _source(ctx: _Ctx, impl: str, settings: Settings, seed: int) -> RequestSource:

@@ -653,10 +653,11 @@ class LocalStack:
         }
 
 
-def bench_stack(root: Path, *, brokers: int = 1) -> LocalStack:
+def bench_stack(root: Path, *, brokers: int = 1, secure: bool = False) -> LocalStack:
     """A fresh stack for a benchmark: its brokers in ``peak`` JIT mode (a benchmark measures
     sustained rates after its warm-up) unless ``INFERLANE_STACK_KAFKA_JIT`` says otherwise."""
-    return LocalStack(root, fresh=True, brokers=brokers, jit=jit_from_env(default="peak"))
+    return LocalStack(root, fresh=True, brokers=brokers, jit=jit_from_env(default="peak"),
+                      secure=secure)
 
 
 def _cmdline_matches(pid: int, argv: list[str]) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -259,6 +260,19 @@ def test_rich_table_and_files(tmp_path: Path) -> None:
     assert [p.name for p in written] == ["results.md", "results.json"]
     png = plot_results(run.results, run.labels, tmp_path / "out" / "latency.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_secure_run_says_so_in_its_report(tmp_path: Path) -> None:
+    run = _run(tmp_path)
+    assert "SASL_SSL" not in render_markdown(run)
+    run.config = dataclasses.replace(
+        _config("a", "100", 1.0, 0, tmp_path, False, False, 2.0, 30.0, 1, secure=True),
+        out=run.config.out)
+    assert run.config.secure
+    assert "connects over TLS (SASL_SSL) as a SCRAM-SHA-512 user" in render_markdown(run)
+    console = Console(width=200, record=True)
+    console.print(rich_table(run))
+    assert "SASL_SSL + ACLs" in console.export_text()
 
 
 def test_quick_preset_and_explicit_options() -> None:
