@@ -94,24 +94,24 @@ def role_grants(role: str, settings: Settings, lanes: Sequence[str] | None = Non
     """The grants of ``role`` for ``settings`` (names with their prefix and app id); a worker's
     for ``lanes`` (default: ``INFERLANE_LANES``). Sorted, without repeats."""
     if role == "worker":
-        rights = [lane_rights(lane) for lane in (lanes or settings.lanes)]
+        rights = [(lane, lane_rights(lane)) for lane in (lanes or settings.lanes)]
         # faust's own consumer group (the app id) and its leader topic, which every worker
         # creates (if missing), reads and writes at start although no lane uses a faust stream.
         faust_rights = [Grant("Read", "group", settings.app_id),
                         *(Grant(op, "topic", f"{settings.app_id}-__assignor-__leader")
                           for op in ("Create", "Read", "Write"))]
     elif role in _CLIENTS:
-        rights, faust_rights = list(_CLIENTS[role]), []
+        rights, faust_rights = [(role, right) for right in _CLIENTS[role]], []
     else:
         raise ValueError(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
     grants = set(faust_rights)
-    for right in rights:
+    for lane, right in rights:
         grants.update(Grant("Read", "topic", settings.topic(t)) for t in right.reads)
         grants.update(Grant("Write", "topic", settings.topic(t)) for t in right.writes)
         grants.update(Grant("Read", "group", settings.group_id(g)) for g in right.groups)
         if right.transactional and settings.delivery == "exactly_once":
-            # Transactional ids <app_id>-<lane>-<topic>-<partition> (pipeline/kafka/transactions.py)
-            grants.add(Grant("Write", "transactional-id", f"{settings.app_id}-{right.groups[0]}-",
+            # Transactional ids <app_id>-<lane>-<topic>-<partition> (transactions.transactional_id)
+            grants.add(Grant("Write", "transactional-id", f"{settings.app_id}-{lane}-",
                              prefixed=True))
     return sorted(grants)
 

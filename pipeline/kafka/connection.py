@@ -391,11 +391,12 @@ async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
     found = set(cluster.partitions_for_topic(topic) or ())
     if not found and await _describe_denied(consumer, topic):
         settings = getattr(consumer, "inferlane_settings", None)
-        user = f"user {settings.kafka_sasl_username!r}" if settings is not None and \
-            settings.kafka_sasl_username else "this client's principal"
+        name = settings.kafka_sasl_username if settings is not None else None
+        user = f"user {name!r}" if name else "this client's principal"
+        # (The broker answers so whether the topic exists or not, so as not to tell.)
         raise TopicAuthorizationFailedError(
-            f"topic {topic} exists for others, but {user} may not read or describe it: grant "
-            f"the ACLs of its role (`inferlane acls`, docs/security.md)")
+            f"topic {topic}: {user} may not read or describe it: grant the ACLs of its role "
+            f"(`inferlane acls`, docs/security.md)")
     return found
 
 

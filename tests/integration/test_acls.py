@@ -311,8 +311,8 @@ async def test_without_its_acl_a_user_cannot_read_scores_or_write_requests(
     reader = await start_reader(producer, "it-no-read")
     try:
         with pytest.raises(TopicAuthorizationFailedError, match=(
-                f"topic {scores.topic} exists for others, but user '{producer_user.name}' "
-                f"may not read or describe it")):
+                f"topic {scores.topic}: user '{producer_user.name}' may not read or "
+                f"describe it")):
             await topic_partitions(reader, scores.topic)
         reader.assign([scores])
         reader.seek(scores, 0)

@@ -4,6 +4,7 @@ what each process's clients use, and the commands `inferlane acls` prints."""
 from __future__ import annotations
 
 import pytest
+from aiokafka import TopicPartition
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -16,6 +17,7 @@ from pipeline.kafka.acls import (
     role_grants,
 )
 from pipeline.kafka.topics import topic_specs
+from pipeline.kafka.transactions import transactional_id
 from pipeline.settings import KNOWN_LANES, load_settings
 
 
@@ -47,6 +49,9 @@ def test_exactly_once_adds_the_transactional_id_prefix_of_each_transactional_lan
     assert txn == [Grant("Write", "transactional-id", "shop-fraud-", prefixed=True),
                    Grant("Write", "transactional-id", "shop-reco-", prefixed=True)]
     assert not lane_rights("history").transactional
+    # The prefix covers the ids the exactly-once lanes use.
+    tp = TopicPartition(settings.topic("fraud.requests"), 3)
+    assert transactional_id(settings, "fraud", tp).startswith(txn[0].name)
 
 
 def test_clients_get_no_worker_rights() -> None:
