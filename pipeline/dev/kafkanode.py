@@ -303,36 +303,24 @@ def kafka_probe(bootstrap: str, timeout_s: float = 3.0, *, brokers: int = 0,
     except (OSError, ValueError) as exc:
         return f"kafka: {exc!r}"
 
-    async def probe() -> str:
-        admin = AIOKafkaAdminClient(
-            bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000),
-            **(security or {}))
-        try:
-            await asyncio.wait_for(admin.start(), timeout_s)
-            if brokers:
-                cluster = await asyncio.wait_for(admin.describe_cluster(), timeout_s)
-                seen = len(cluster.get("brokers", []))
-                if seen < brokers:
-                    return f"kafka: {seen} of {brokers} brokers registered"
-            else:
-                await asyncio.wait_for(admin.list_topics(), timeout_s)
-            if create_topic:
-                rf = min(max(brokers, 1), 3)
-                with contextlib.suppress(TopicAlreadyExistsError):
-                    await asyncio.wait_for(admin.create_topics(
-                        [NewTopic(_READY_TOPIC, 1, rf)]), timeout_s)
-                if await asyncio.wait_for(without_leaders(admin, [_READY_TOPIC]), timeout_s):
-                    return "kafka: no partition leader yet"
-            return ""
-        finally:
-            await admin.close()
+    async def probe(admin: AIOKafkaAdminClient) -> str:
+        if brokers:
+            seen = len((await admin.describe_cluster()).get("brokers", []))
+            if seen < brokers:
+                return f"kafka: {seen} of {brokers} brokers registered"
+        else:
+            await admin.list_topics()
+        if create_topic:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics([NewTopic(_READY_TOPIC, 1, min(max(brokers, 1), 3))])
+            if await without_leaders(admin, [_READY_TOPIC]):
+                return "kafka: no partition leader yet"
+        return ""
 
-    # Run in a thread with its own loop: callers may or may not be inside a running loop.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        try:
-            return pool.submit(asyncio.run, probe()).result(timeout=timeout_s * 5)
-        except (KafkaError, OSError, asyncio.TimeoutError, concurrent.futures.TimeoutError) as exc:
-            return f"kafka: {exc!r}"
+    try:
+        return run_admin(bootstrap, probe, timeout_s=timeout_s, security=security)
+    except (KafkaError, OSError, asyncio.TimeoutError, concurrent.futures.TimeoutError) as exc:
+        return f"kafka: {exc!r}"
 
 
 async def _warm_up(bootstrap: str, round_trips: int, deadline: float,
