@@ -158,7 +158,8 @@ class Lane(Service):  # type: ignore[misc]
         super().__init__()
         self.topic_specs = list(topics) if topics is not None else topic_specs(settings.lanes)
         """The topics ensured at start: by default those of the worker's lanes (a process with
-        fewer Kafka rights, e.g. a service, gives the ones it uses: docs/security.md)."""
+        fewer Kafka rights, e.g. a service, gives the ones it uses, or none when it ensured
+        them itself: docs/security.md)."""
         self.consumer_overrides = consumer_overrides or {}
         if max_records_per_fetch is not None:
             self.max_records_per_fetch = max_records_per_fetch
@@ -192,7 +193,8 @@ class Lane(Service):  # type: ignore[misc]
         return f"Lane[{self.name}]"
 
     async def on_start(self) -> None:
-        await ensure_topics(self.settings, self.topic_specs)
+        if self.topic_specs:
+            await ensure_topics(self.settings, self.topic_specs)
         # Renewed when the broker loses the producer's idempotence state (an expired producer
         # id, a topic deleted and re-created): the handle retires it and starts a new one.
         sender: BatchSender | TransactionalSender

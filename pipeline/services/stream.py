@@ -18,7 +18,6 @@ import orjson
 from aiokafka import TopicPartition
 
 from pipeline.kafka.lane import Lane, LaneContext, PartitionRecords
-from pipeline.kafka.topics import spec
 from pipeline.settings import Settings
 
 __all__ = ["BoundedStore", "ResultFollower", "follow_results"]
@@ -100,6 +99,6 @@ class ResultFollower:
 def follow_results(settings: Settings, name: str, topic: str,
                    on_result: Callable[[dict[str, Any]], None]) -> Lane:
     """A lane named ``name`` (group ``<app_id>-<name>``, member ``<worker_id>-<name>``) that
-    feeds the results of logical ``topic`` to ``on_result``; start it with ``await .start()``."""
-    return Lane(settings, name, ResultFollower(settings.topic(topic), on_result),
-                topics=[spec(topic)])
+    feeds the results of logical ``topic`` to ``on_result``; start it with ``await .start()``.
+    The caller ensures the topic exists (a service does, with its other topics, in one go)."""
+    return Lane(settings, name, ResultFollower(settings.topic(topic), on_result), topics=())
