@@ -115,8 +115,6 @@ def stack_user(
 ) -> None:
     """On a secure stack: create SCRAM-SHA-512 user NAME with a new password and the ACLs of
     ROLE for the current INFERLANE_* settings; print the exports that connect as it."""
-    import secrets
-
     from pipeline.dev.stack import LocalStack
     from pipeline.kafka.acls import acl_arguments
 
@@ -124,13 +122,9 @@ def stack_user(
     if stack is None or stack.secured is None:
         raise InferlaneError(f"no secure stack runs from {root}: `inferlane stack up --secure`")
     grants = _role_grants(role, lanes)
-    password = secrets.token_urlsafe(18)
-    tools = stack.tools
-    tools.add_scram_user(name, password)
-    for args in acl_arguments(f"User:{name}", grants):
-        tools.acls(*args)
+    env = stack.add_user(name, acl_arguments(f"User:{name}", grants))
     err_console.print(f"[green]user {name}[/]: SCRAM-SHA-512, {len(grants)} ACLs of role {role}")
-    _print_exports(stack.user_env(name, password))
+    _print_exports(env)
 
 
 @stack_app.command("down")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 import shutil
 import time
 from collections.abc import Callable
@@ -132,12 +131,10 @@ def _bench_user(stack: LocalStack, tag: str) -> dict[str, str]:
     """On a secure stack: a SCRAM user allowed everything on this run's topics, groups and
     transactional ids (``bench<tag>`` prefixes, :func:`~pipeline.bench.sut.impl_env`) and
     the environment that connects as it over TLS."""
-    password = secrets.token_urlsafe(18)
-    stack.tools.add_scram_user("bench", password)
-    stack.tools.acls("--add", "--allow-principal", "User:bench", "--operation", "All",
-                     "--resource-pattern-type", "prefixed", "--topic", f"bench{tag}",
-                     "--group", f"bench{tag}", "--transactional-id", f"bench{tag}")
-    return stack.user_env("bench", password)
+    return stack.add_user("bench", [[
+        "--add", "--allow-principal", "User:bench", "--operation", "All",
+        "--resource-pattern-type", "prefixed", "--topic", f"bench{tag}", "--group", f"bench{tag}",
+        "--transactional-id", f"bench{tag}"]])
 
 
 def _source(ctx: _Ctx, impl: str, settings: Settings, seed: int) -> RequestSource:

@@ -22,13 +22,14 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
@@ -337,6 +338,16 @@ class LocalStack:
                         "INFERLANE_KAFKA_SASL_USERNAME": self.secured.admin_user,
                         "INFERLANE_KAFKA_SASL_PASSWORD": self.secured.admin_password})
         return env
+
+    def add_user(self, name: str, acls: Iterable[Sequence[str]]) -> dict[str, str]:
+        """Create (or reset) SCRAM user ``name`` with a new password, add ``acls`` (each the
+        arguments of one ``kafka-acls.sh --add``) and return :meth:`user_env` of it."""
+        password = secrets.token_urlsafe(18)
+        tools = self.tools
+        tools.add_scram_user(name, password)
+        for args in acls:
+            tools.acls(*args)
+        return self.user_env(name, password)
 
     def user_env(self, name: str, password: str) -> dict[str, str]:
         """:meth:`StackEndpoints.env` for SCRAM user ``name`` of a secure stack, on its TLS

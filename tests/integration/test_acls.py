@@ -50,7 +50,7 @@ from tests.integration.conftest import (
     ready_settings,
     settings_from,
 )
-from tests.integration.test_fraud_lane import _read_all, archived
+from tests.integration.test_fraud_lane import _read_all, archived_lines
 
 WorkerFactory = Callable[..., WorkerProcess]
 WORKER_LANES = ("fraud", "reco", "archive", "batch")
@@ -99,11 +99,9 @@ def user_env(test_env: EnvFactory, stack: LocalStack, user: User, **overrides: s
 def new_user(stack: LocalStack, role: str, settings: Settings,
              lanes: tuple[str, ...] | None = None) -> User:
     """A SCRAM user of its own with the ACL set of ``role`` (as `inferlane acls` prints it)."""
-    user = User(f"{role}-{uuid.uuid4().hex[:8]}", f"pw-{secrets.token_urlsafe(12)}")
-    stack.tools.add_scram_user(user.name, user.password)
-    for args in acl_arguments(f"User:{user.name}", role_grants(role, settings, lanes)):
-        stack.tools.acls(*args)
-    return user
+    name = f"{role}-{uuid.uuid4().hex[:8]}"
+    env = stack.add_user(name, acl_arguments(f"User:{name}", role_grants(role, settings, lanes)))
+    return User(name, env["INFERLANE_KAFKA_SASL_PASSWORD"])
 
 
 def denials(stack: LocalStack, user: User) -> list[str]:
@@ -135,13 +133,8 @@ async def test_a_worker_with_its_acls_only_scores_and_archives_over_sasl_ssl(
     async with scores:
         report = await produce_transactions(producer, rate_per_s=500, count=300, seed=3)
         assert not await scores.wait_for(set(report.valid_ids), timeout_s=60)
-    objects: dict[str, list[bytes]] = {}
-    for _ in range(60):  # the archive closes a window after 1 s (test_env)
-        objects = await archived(admin, scores_topic)
-        if sum(len(lines) for lines in objects.values()) >= len(report.valid_ids):
-            break
-        await asyncio.sleep(0.5)
-    assert sum(len(lines) for lines in objects.values()) == len(report.valid_ids)
+    assert await archived_lines(admin, scores_topic, len(report.valid_ids)) == len(
+        report.valid_ids)
     worker.terminate(timeout_s=20)
     # The set is enough: not one request of the worker or the producer was denied.
     assert denials(secure_stack, worker_user) == []

@@ -5,6 +5,7 @@ naming its problem; the archive holds exactly the scores that were produced.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import time
 from collections.abc import Callable
@@ -142,6 +143,18 @@ async def archived(settings: Settings, topic: str) -> dict[str, list[bytes]]:
         async for key in store.list_keys(f"results/{topic}/"):
             objects[key] = gzip.decompress(await store.get(key)).splitlines()
     return objects
+
+
+async def archived_lines(settings: Settings, topic: str, expected: int) -> int:
+    """How many result lines the archive holds for ``topic``: as soon as ``expected``, else
+    after about 30 s (the archive closes a window after 1 s in test_env)."""
+    lines = 0
+    for _ in range(60):
+        lines = sum(len(found) for found in (await archived(settings, topic)).values())
+        if lines >= expected:
+            break
+        await asyncio.sleep(0.5)
+    return lines
 
 
 def offsets_by_partition(keys: list[str]) -> dict[int, list[tuple[int, int]]]:

@@ -30,7 +30,7 @@ from pipeline.settings import Settings
 from pipeline.training.synth import TransactionGenerator
 from schemas import DeadLetter
 from tests.integration.conftest import SASL_USER, EnvFactory, ready_settings, settings_from
-from tests.integration.test_fraud_lane import _read_all, archived
+from tests.integration.test_fraud_lane import _read_all, archived_lines
 
 WorkerFactory = Callable[[dict[str, str]], WorkerProcess]
 #: aiokafka's warning on every SASL/PLAIN authentication without TLS.
@@ -77,13 +77,8 @@ async def test_a_sasl_worker_with_s3_keys_scores_archives_and_logs_no_secret(
     async with scores:
         report = await produce_transactions(settings, rate_per_s=500, count=300, seed=3)
         assert not await scores.wait_for(set(report.valid_ids), timeout_s=60)
-    objects: dict[str, list[bytes]] = {}
-    for _ in range(60):  # the archive closes a window after 1 s (test_env)
-        objects = await archived(settings, scores_topic)
-        if sum(len(lines) for lines in objects.values()) >= len(report.valid_ids):
-            break
-        await asyncio.sleep(0.5)
-    assert sum(len(lines) for lines in objects.values()) == len(report.valid_ids)
+    assert await archived_lines(settings, scores_topic, len(report.valid_ids)) == len(
+        report.valid_ids)
     worker.terminate(timeout_s=20)
     log = worker.log_text()
     # aiokafka warns once per SASL/PLAIN connection without TLS: the worker connected with SASL.
